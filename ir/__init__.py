@@ -1,0 +1,26 @@
+"""kiln.ir: the thin layer kiln adds over `onnx_ir`.
+
+onnx_ir is the IR. This package only adds what passes need and onnx_ir lacks:
+`verify` (structural checks after every pass), `summary` (ops, parameters, bytes),
+shape helpers, and a networkx view for graph algorithms.
+"""
+
+from kiln.ir.graph import as_networkx
+from kiln.ir.io import load_model, save_model, to_bytes
+from kiln.ir.shapes import dims, infer_shapes, is_static
+from kiln.ir.summary import Summary, summary
+from kiln.ir.verify import VerificationError, verify
+
+__all__ = [
+    "Summary",
+    "VerificationError",
+    "as_networkx",
+    "dims",
+    "infer_shapes",
+    "is_static",
+    "load_model",
+    "save_model",
+    "summary",
+    "to_bytes",
+    "verify",
+]

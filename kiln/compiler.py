@@ -1,0 +1,170 @@
+"""`kiln.compile`: source -> export -> verified pass pipeline -> backend -> artifact dir.
+
+The artifact is built in a temporary sibling directory and renamed into place only
+after it has been written, reloaded and run once, so a failed or interrupted compile
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import kiln
+from kiln.backends import get_backend
+from kiln.errors import KilnError
+from kiln.ir import VerificationError, load_model, summary, verify
+from kiln.manifest import SCHEMA_VERSION, write_manifest
+from kiln.models import Loaded, Prepared, export_loaded, get_source, prepare, sample_inputs
+from kiln.models.cache import atomic_dir
+from kiln.passes.numerics import compare
+from kiln.passes.pipeline import run_pipeline
+from kiln.recipes import load_recipe
+from kiln.targets import get_target
+
+
+class CompileError(KilnError):
+    pass
+
+
+@dataclasses.dataclass
+class CompileResult:
+    path: Path
+    manifest: dict[str, Any]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _from_module(module, example_inputs, dynamic_shapes, workdir: Path) -> tuple[Prepared, dict]:
+    import torch
+
+    if not isinstance(example_inputs, dict):
+        raise CompileError("example_inputs must be a dict of input name -> tensor")
+    loaded = Loaded(module, example_inputs, dynamic_shapes, {"task": "custom"})
+    seconds = export_loaded(loaded, workdir)
+    meta = {"source": type(module).__name__, "task": "custom", "export_seconds": round(seconds, 1),
+            "sha256": hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in module.state_dict().values()
+                                              if isinstance(t, torch.Tensor))).hexdigest()}
+    feeds = {k: v.detach().numpy() for k, v in example_inputs.items()}
+    return Prepared(workdir / "model.onnx", meta, None), feeds
+
+
+def compile(  # noqa: A001
+    model,
+    output: str | Path,
+    *,
+    recipe: str | Path | None = None,
+    target: str = "cpu",
+    backend: str = "ort",
+    force: bool = False,
+    example_inputs: dict | None = None,
+    dynamic_shapes: dict | None = None,
+    progress: bool = True,
+    console=None,
+) -> CompileResult:
+    """Compile `model` (a kiln model name, a path to an .onnx file, or a torch.nn.Module
+    with `example_inputs`) into the artifact directory `output`."""
+    start = time.perf_counter()
+    # Validate everything cheap before any expensive work.
+    plan = load_recipe(recipe)
+    profile = get_target(target)
+    be = get_backend(backend)
+    output = Path(output)
+    if output.exists() and not force:
+        raise CompileError(f"{output} already exists (use --force to replace it)")
+
+    with tempfile.TemporaryDirectory(prefix="kiln-export-") as scratch:
+        feeds = None
+        if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
+            path = Path(model)
+            if not path.is_file():
+                raise CompileError(f"{path}: no such ONNX file")
+            prepared = Prepared(path, {"source": path.name, "task": "custom", "sha256": _file_sha256(path)}, None)
+        elif isinstance(model, str):
+            prepared = prepare(get_source(model), progress=progress, console=console)
+        else:
+            prepared, feeds = _from_module(model, example_inputs, dynamic_shapes, Path(scratch))
+
+        ir_model = load_model(prepared.path)
+        try:
+            verify(ir_model)
+        except VerificationError as exc:
+            raise CompileError(f"source model is invalid: {exc}") from exc
+        before = summary(ir_model)
+        if feeds is None:
+            feeds = sample_inputs(prepared.meta, before.inputs)
+        passes = plan.build() + be.lowering_passes(profile)
+        ir_model, records = run_pipeline(ir_model, passes, feeds, progress=progress, console=console)
+        after = summary(ir_model)
+
+        with atomic_dir(output) as tmp:
+            backend_info = be.write(ir_model, tmp, profile)
+            tokenizer = None
+            if prepared.tokenizer is not None:
+                shutil.copy(prepared.tokenizer, tmp / "tokenizer.json")
+                tokenizer = "tokenizer.json"
+            manifest = _manifest(prepared, plan, profile, backend_info, records, before, after, tokenizer)
+            manifest["compile"]["seconds"] = round(time.perf_counter() - start, 1)
+            write_manifest(tmp, manifest)
+            manifest["compile"]["artifact_check"] = _check_artifact(tmp, backend_info, ir_model, feeds)
+            manifest["compile"]["seconds"] = round(time.perf_counter() - start, 1)
+            write_manifest(tmp, manifest)
+    return CompileResult(output, manifest)
+
+
+def _check_artifact(directory: Path, backend_info: dict, model, feeds: dict[str, np.ndarray]) -> dict:
+    """Reload the written artifact with the backend's own session settings and compare it
+    with the pipeline's last stage on the sample inputs."""
+    from kiln.backends.ort import create_session
+    from kiln.passes.numerics import run_ort
+
+    session = create_session(directory, backend_info)
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(names, feeds)))
+    delta = compare(run_ort(model, feeds), got)
+    if delta["max_rel"] > 1e-3:
+        raise CompileError(f"the written artifact disagrees with the compiled graph: max_rel {delta['max_rel']:.3g}")
+    return {k: float(f"{v:.4g}") for k, v in delta.items()}
+
+
+def _manifest(prepared, plan, profile, backend_info, records, before, after, tokenizer) -> dict:
+    meta = prepared.meta
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "kiln_version": kiln.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "task": prepared.task,
+        "source": {k: v for k, v in meta.items() if k not in ("generation", "task")},
+        "recipe": plan.as_dict(),
+        "target": profile.as_dict(),
+        "backend": backend_info,
+        "io": {"inputs": after.inputs, "outputs": after.outputs},
+        "passes": records,
+        "summary": {
+            "source": {"nodes": before.nodes, "parameters": before.parameters, "parameter_bytes": before.parameter_bytes},
+            "artifact": {"nodes": after.nodes, "parameters": after.parameters, "parameter_bytes": after.parameter_bytes,
+                         "ops": after.ops, "bytes_by_dtype": after.bytes_by_dtype},
+        },
+        "tokenizer": tokenizer,
+        "compile": {"export_seconds": meta.get("export_seconds")},
+    }
+    if prepared.task == "causal-lm":
+        manifest["generation"] = {**meta.get("generation", {}), "max_new_tokens": 64, "do_sample": False}
+    elif prepared.task == "embedding":
+        manifest["embedding"] = {"pooling": meta.get("pooling", "mean"), "normalize": meta.get("normalize", True),
+                                 "max_sequence_length": meta.get("max_sequence_length", meta.get("max_position_embeddings"))}
+    return manifest

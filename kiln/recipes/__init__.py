@@ -1,0 +1,82 @@
+"""Recipes: named, validated lists of passes with parameters, written in TOML.
+
+    name = "fp32"
+    description = "..."
+    [[passes]]
+    name = "fold-constants"        # a registered pass
+    size_limit = 4096              # every other key is a parameter of that pass
+
+A recipe argument is either the name of a built-in preset (a .toml file in this folder)
+or a path to a .toml file. Every error names the recipe and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from kiln.errors import KilnError
+from kiln.passes.base import KilnPass
+from kiln.passes.registry import UnknownPassError, create_pass
+
+PRESETS_DIR = Path(__file__).parent
+DEFAULT = "fp32"
+
+
+class RecipeError(KilnError):
+    pass
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str
+    description: str
+    steps: list[tuple[str, dict]]
+    path: str | None = None
+
+    def build(self) -> list[KilnPass]:
+        passes = []
+        for index, (name, params) in enumerate(self.steps):
+            try:
+                passes.append(create_pass(name, params))
+            except UnknownPassError as exc:
+                raise RecipeError(f"recipe '{self.name}', pass #{index + 1}: {exc}") from exc
+        return passes
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "path": self.path,
+                "passes": [{"name": n, "params": p} for n, p in self.steps]}
+
+
+def presets() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.toml"))}
+
+
+def load_recipe(recipe: str | Path | None) -> Recipe:
+    """Parse and validate a recipe (preset name or .toml path); pass classes are resolved too."""
+    recipe = recipe or DEFAULT
+    path = Path(recipe)
+    if str(recipe) in presets():
+        path = presets()[str(recipe)]
+    elif path.suffix != ".toml" or not path.is_file():
+        raise RecipeError(
+            f"unknown recipe '{recipe}' (presets: {', '.join(presets())}; or a path to a .toml file)"
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"recipe {path}: invalid TOML: {exc}") from exc
+    name = data.get("name", path.stem)
+    entries = data.get("passes")
+    if not isinstance(entries, list) or not entries:
+        raise RecipeError(f"recipe '{name}': needs a non-empty [[passes]] list")
+    steps = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise RecipeError(f"recipe '{name}', pass #{index + 1}: needs a 'name' string")
+        params = {k: v for k, v in entry.items() if k != "name"}
+        steps.append((entry["name"], params))
+    result = Recipe(name, data.get("description", ""), steps, str(path))
+    result.build()  # validate pass names and parameters now, before any expensive work
+    return result

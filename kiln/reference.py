@@ -1,0 +1,47 @@
+"""PyTorch references for a compiled artifact: what the source model itself answers.
+
+Used by `kiln run --check`, the demo and the tests to show that an artifact keeps the
+source's behaviour. It loads the source model named in the manifest (the runtime
+itself never does).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kiln.errors import KilnError
+from kiln.models import SOURCES
+
+
+def _source(manifest: dict):
+    name = manifest.get("source", {}).get("source")
+    if name not in SOURCES:
+        raise KilnError(f"no PyTorch reference for source '{name}' (only named kiln models have one)")
+    return SOURCES[name].load()
+
+
+def reference_generate(manifest: dict, prompt_ids: list[int], max_new_tokens: int, loaded=None) -> list[int]:
+    """Greedy tokens from transformers `generate(do_sample=False)` (new tokens only)."""
+    model = (loaded or _source(manifest)).reference
+    gen = manifest.get("generation", {})
+    eos = gen.get("eos_token_ids") or None
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.int64),
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+            pad_token_id=gen.get("pad_token_id"),
+        )
+    return out[0, len(prompt_ids):].tolist()
+
+
+def reference_embed(manifest: dict, feeds: dict[str, np.ndarray], loaded=None) -> np.ndarray:
+    """Embeddings from the source model (with kiln's pooling wrapper) for the same token ids."""
+    module = (loaded or _source(manifest)).module
+    with torch.no_grad():
+        return module(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -1,0 +1,152 @@
+"""Export to ONNX through torch.export (`torch.onnx.export(..., dynamo=True)`), cached.
+
+The export is unoptimized (`optimize=False`): folding and cleanup are kiln passes, so
+their effect is measured and recorded. Exported graphs are cached under
+$KILN_CACHE/exports/<name>-<key>, where the key hashes the source weights, the torch and
+transformers versions and this module's EXPORT_VERSION; a hit skips loading the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from kiln.errors import KilnError
+from kiln.models.cache import atomic_dir, cache_dir
+from kiln.models.sources import Loaded, Source, quiet_third_party
+
+EXPORT_VERSION = "1"
+
+
+class ExportError(KilnError):
+    pass
+
+
+@dataclasses.dataclass
+class Prepared:
+    """An exported model on disk plus what the manifest needs to know about it."""
+
+    path: Path  # model.onnx
+    meta: dict[str, Any]
+    tokenizer: Path | None
+
+    @property
+    def task(self) -> str:
+        return self.meta.get("task", "custom")
+
+
+def export_loaded(loaded: Loaded, out_dir: Path) -> float:
+    """Export `loaded.module` to out_dir/model.onnx (+ model.onnx.data). Returns seconds."""
+    start = time.perf_counter()
+    quiet_third_party()
+    module = loaded.module.eval()
+    names = list(loaded.example_inputs)
+    output_names = list(getattr(module, "output_names", None) or [])
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                args=(),
+                kwargs=loaded.example_inputs,
+                dynamo=True,
+                optimize=False,
+                input_names=names,
+                dynamic_shapes=loaded.dynamic_shapes,
+                verbose=False,
+            )
+        _name_outputs(program.model, output_names)
+        program.save(str(out_dir / "model.onnx"), external_data=True)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"torch.export to ONNX failed: {msg}") from exc
+    return time.perf_counter() - start
+
+
+def _name_outputs(model, names: list[str]) -> None:
+    """Give the graph outputs their contract names.
+
+    Done here rather than with export's `output_names`, which can clash with an internal
+    value of the same name (BERT's `embeddings` module yields a value named 'embedding').
+    """
+    if not names:
+        return
+    taken = {v.name: v for n in model.graph for v in n.outputs}
+    taken.update({v.name: v for v in model.graph.inputs})
+    for value, name in zip(model.graph.outputs, names):
+        other = taken.get(name)
+        if other is not None and other is not value:
+            other.name = f"{name}_internal"
+        value.name = name
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "export": EXPORT_VERSION}
+
+
+def prepare(source: Source, *, progress: bool = True, console=None) -> Prepared:
+    """Fetch, load and export `source`, or take the cached export."""
+    source.fetch(progress=progress)
+    fingerprint = source.fingerprint()
+    key = hashlib.sha256(json.dumps({"fp": fingerprint, **_versions()}, sort_keys=True).encode()).hexdigest()[:16]
+    final = cache_dir("exports") / f"{source.name}-{key}"
+    if not (final / "meta.json").is_file():
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True, disable=not progress) as bar:
+            task = bar.add_task(f"loading {source.name}", total=2)
+            loaded = source.load()
+            bar.update(task, advance=1, description=f"exporting {source.name} (torch.export → ONNX)")
+            with atomic_dir(final) as tmp:
+                seconds = export_loaded(loaded, tmp)
+                meta = {"source": source.name, "description": source.description, "sha256": fingerprint,
+                        **loaded.meta, "export_seconds": round(seconds, 1), "versions": _versions()}
+                if loaded.tokenizer_json is not None:
+                    (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            bar.advance(task)
+    meta = json.loads((final / "meta.json").read_text())
+    tok = final / "tokenizer.json"
+    return Prepared(final / "model.onnx", meta, tok if tok.is_file() else None)
+
+
+def sample_inputs(meta: dict, signature: list[dict], seed: int = 0) -> dict[str, np.ndarray]:
+    """Fixed inputs for the pipeline's numeric checks: batch 2, sequence 12 for dynamic axes.
+
+    Token ids are drawn below the vocab size; masks pad the tail of the second row so the
+    masking path is exercised; token type ids and unknown integer inputs are zeros/small.
+    """
+    rng = np.random.default_rng(seed)
+    vocab = int(meta.get("vocab_size") or 2)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in signature:
+        shape = [d if isinstance(d, int) else (2 if i == 0 else 12) for i, d in enumerate(spec["shape"] or [])]
+        dtype = spec["dtype"]
+        name = spec["name"]
+        if dtype in ("int64", "int32"):
+            if "mask" in name:
+                arr = np.ones(shape, dtype=np.int64)
+                if arr.ndim == 2 and arr.shape[0] > 1 and arr.shape[1] > 4:
+                    arr[1, -4:] = 0
+            elif name == "input_ids":
+                arr = rng.integers(0, vocab, size=shape)
+            else:
+                arr = np.zeros(shape, dtype=np.int64)
+            feeds[name] = arr.astype(dtype)
+        elif dtype in ("float32", "float16", "float64"):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == "bool":
+            feeds[name] = np.ones(shape, dtype=bool)
+        else:
+            raise ExportError(f"cannot make a sample for input '{name}' of dtype {dtype}")
+    return feeds

@@ -1,0 +1,87 @@
+"""Numeric checks between pipeline stages.
+
+Outputs are compared on fixed sample inputs, run through ONNX Runtime's CPU provider
+with graph optimizations disabled (so kiln's graph is measured as written).
+
+Metrics (all computed per output, then the worst output is kept):
+- max_abs: max |new - ref|
+- max_rel: max |new - ref| / max |ref|  (scale-relative; element-wise rtol is meaningless
+           for logits near zero). Exact passes must keep this <= 1e-4.
+- kl:      mean over positions of KL(softmax(ref) || softmax(new)) on the last axis
+- top1:    fraction of positions whose argmax over the last axis is unchanged
+- cosine:  min over rows of cosine(ref, new), rows = all axes but the last
+Higher-is-better metrics (top1, cosine) have a budget that is a floor; the others a ceiling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from kiln.ir.io import to_bytes
+
+HIGHER_IS_BETTER = {"top1", "cosine"}
+
+
+def run_ort(model: ir.Model, feeds: dict[str, np.ndarray], threads: int = 0) -> dict[str, np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(to_bytes(model), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _metrics_one(ref: np.ndarray, new: np.ndarray) -> dict[str, float]:
+    if ref.shape != new.shape:
+        raise ValueError(f"output shape changed from {ref.shape} to {new.shape}")
+    if not np.issubdtype(ref.dtype, np.floating):
+        same = float(np.mean(ref == new)) if ref.size else 1.0
+        return {"max_abs": float(np.max(np.abs(ref.astype(np.int64) - new.astype(np.int64)))) if ref.size else 0.0,
+                "max_rel": 0.0 if same == 1.0 else 1.0}
+    ref64, new64 = ref.astype(np.float64), new.astype(np.float64)
+    diff = np.abs(ref64 - new64)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(ref64).max()) if ref.size else 0.0
+    out = {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs}
+    if ref.ndim >= 1 and ref.shape[-1] > 1:
+        rows_ref = ref64.reshape(-1, ref.shape[-1])
+        rows_new = new64.reshape(-1, ref.shape[-1])
+        norms = np.linalg.norm(rows_ref, axis=1) * np.linalg.norm(rows_new, axis=1)
+        cos = np.sum(rows_ref * rows_new, axis=1) / np.maximum(norms, 1e-30)
+        out["cosine"] = float(cos.min())
+        out["top1"] = float(np.mean(rows_ref.argmax(1) == rows_new.argmax(1)))
+        p, q = _softmax(rows_ref), _softmax(rows_new)
+        out["kl"] = float(np.mean(np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30)), axis=1)))
+    return out
+
+
+def compare(ref: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> dict[str, float]:
+    """Worst value of every metric across outputs (matched by name)."""
+    missing = sorted(set(ref) - set(new))
+    if missing:
+        raise ValueError(f"output '{missing[0]}' disappeared")
+    worst: dict[str, float] = {}
+    for name in ref:
+        for metric, value in _metrics_one(ref[name], new[name]).items():
+            if metric not in worst:
+                worst[metric] = value
+            elif metric in HIGHER_IS_BETTER:
+                worst[metric] = min(worst[metric], value)
+            else:
+                worst[metric] = max(worst[metric], value)
+    return worst
+
+
+def within_budget(metric: str, value: float, budget: float) -> bool:
+    return value >= budget if metric in HIGHER_IS_BETTER else value <= budget

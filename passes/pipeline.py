@@ -1,0 +1,137 @@
+"""The pipeline runner: run passes in order and make each one prove itself.
+
+For every pass it
+1. times the pass and keeps its stats and rejection reasons,
+2. checks the contract (a KilnPassResult, modified is a bool, `modified=False` only if the
+   graph is unchanged),
+3. runs `kiln.ir.verify`,
+4. runs the fixed sample inputs through ORT and compares with the stage before
+   (`delta`) and with the source (`delta_total`); exact passes must stay within their
+   budget (rtol 1e-4, scale-relative), lossy passes within their declared metric's budget.
+
+Any failure raises PipelineError naming the pass and the passes before it. The records
+(`{name, params, modified, stats, seconds, delta, ...}`) end up in the artifact manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kiln.errors import KilnError
+from kiln.ir import VerificationError, summary, verify
+from kiln.passes.base import KilnPass, KilnPassResult, fingerprint
+from kiln.passes.numerics import compare, run_ort, within_budget
+
+
+class PipelineError(KilnError):
+    pass
+
+
+def _round(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(f"{v:.4g}") for k, v in metrics.items()}
+
+
+def run_pipeline(
+    model: ir.Model,
+    passes: Sequence[KilnPass],
+    sample_inputs: dict[str, np.ndarray] | None,
+    *,
+    progress: bool = True,
+    console=None,
+) -> tuple[ir.Model, list[dict[str, Any]]]:
+    """Run `passes` over `model` in place. Returns (model, records).
+
+    With `sample_inputs=None` the numeric check is skipped and recorded as such.
+    """
+    records: list[dict[str, Any]] = []
+    source_outputs = run_ort(model, sample_inputs) if sample_inputs is not None else None
+    previous_outputs = source_outputs
+    done: list[str] = []
+
+    bar = (
+        Progress(TextColumn("[bold]passes[/]"), BarColumn(), TextColumn("{task.description}"),
+                 TimeElapsedColumn(), console=console, transient=True)
+        if progress else contextlib.nullcontext()
+    )
+    with bar:
+        task = bar.add_task("", total=len(passes)) if progress else None
+        for p in passes:
+            name = p.name or type(p).__name__
+            where = f"pass '{name}'" + (f" (after {', '.join(done)})" if done else " (first pass)")
+            if progress:
+                bar.update(task, description=name)
+            before = fingerprint(model)
+            start = time.perf_counter()
+            try:
+                result = p(model)
+            except KilnError:
+                raise
+            except Exception as exc:
+                raise PipelineError(f"{where} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            seconds = time.perf_counter() - start
+            if not isinstance(result, KilnPassResult):
+                raise PipelineError(f"{where} broke the contract: returned {type(result).__name__}, not KilnPassResult")
+            if not isinstance(result.modified, bool):
+                raise PipelineError(f"{where} broke the contract: 'modified' is not a bool")
+            model = result.model
+            changed = fingerprint(model) != before
+            if changed and not result.modified:
+                raise PipelineError(f"{where} broke the contract: reported modified=False but changed the graph")
+            try:
+                verify(model)
+            except VerificationError as exc:
+                raise PipelineError(f"{where} produced an invalid model: {exc}") from exc
+
+            record: dict[str, Any] = {
+                "name": name,
+                "params": p.params,
+                "modified": result.modified,
+                "stats": result.stats,
+                "seconds": round(seconds, 3),
+                "exact": p.exact,
+                "metric": p.metric,
+                "budget": p.budget,
+            }
+            if result.rejected:
+                record["rejected"] = result.rejected
+            if previous_outputs is None:
+                record["delta"] = None
+            elif not result.modified:
+                record["delta"] = {"max_abs": 0.0, "max_rel": 0.0}
+                record["delta_total"] = records[-1].get("delta_total", record["delta"]) if records else record["delta"]
+            else:
+                try:
+                    outputs = run_ort(model, sample_inputs)
+                    delta = compare(previous_outputs, outputs)
+                    total = compare(source_outputs, outputs)
+                except Exception as exc:
+                    raise PipelineError(f"{where} produced a model ORT cannot run: {_first_line(exc)}") from exc
+                record["delta"], record["delta_total"] = _round(delta), _round(total)
+                value = delta[p.metric]
+                if not within_budget(p.metric, value, p.budget):
+                    kind = "exact pass changed the outputs" if p.exact else "lossy pass exceeded its budget"
+                    raise PipelineError(f"{where}: {kind}: {p.metric} {value:.3g} vs budget {p.budget:g}")
+                previous_outputs = outputs
+            records.append(record)
+            done.append(name)
+            if progress:
+                bar.advance(task)
+    return model, records
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def describe(model: ir.Model) -> dict:
+    """Compact summary stored beside the records (nodes, params, bytes)."""
+    s = summary(model)
+    return {"nodes": s.nodes, "parameters": s.parameters, "parameter_bytes": s.parameter_bytes}

@@ -1,0 +1,85 @@
+"""The pass registry: the only global state in kiln's pass machinery.
+
+Built-in passes register with `@register_pass("name")` when their module is imported.
+Installed plugins declare an entry point in the `kiln.passes` group whose name is the
+pass name and whose object is a KilnPass subclass (or a module that registers passes).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+
+from kiln.errors import KilnError
+from kiln.passes.base import KilnPass
+
+_REGISTRY: dict[str, type[KilnPass]] = {}
+_BUILTIN_MODULES = (
+    "kiln.passes.fold_constants",
+    "kiln.passes.eliminate_dead_code",
+    "kiln.passes.eliminate_common_subexpressions",
+    "kiln.passes.simplify",
+)
+_loaded = False
+
+
+class UnknownPassError(KilnError):
+    pass
+
+
+def register_pass(name: str):
+    """Class decorator: make a KilnPass available to recipes under `name`."""
+
+    def decorator(cls: type[KilnPass]) -> type[KilnPass]:
+        if not (isinstance(cls, type) and issubclass(cls, KilnPass)):
+            raise TypeError(f"@register_pass('{name}') needs a KilnPass subclass, got {cls!r}")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing is not cls:
+            raise ValueError(f"pass name '{name}' is already registered by {existing.__module__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    for ep in importlib.metadata.entry_points(group="kiln.passes"):
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            raise KilnError(f"plugin pass '{ep.name}' ({ep.value}) failed to load: {exc}") from exc
+        if isinstance(obj, type) and issubclass(obj, KilnPass) and ep.name not in _REGISTRY:
+            register_pass(ep.name)(obj)
+
+
+def available_passes() -> dict[str, type[KilnPass]]:
+    _load_all()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> type[KilnPass]:
+    passes = available_passes()
+    if name not in passes:
+        raise UnknownPassError(f"unknown pass '{name}' (known: {', '.join(passes)})")
+    return passes[name]
+
+
+def create_pass(name: str, params: dict | None = None) -> KilnPass:
+    cls = get_pass(name)
+    params = dict(params or {})
+    allowed = cls.parameter_names()
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        takes = ", ".join(allowed) if allowed else "no parameters"
+        raise UnknownPassError(f"pass '{name}' has no parameter '{unknown[0]}' (it takes: {takes})")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise UnknownPassError(f"pass '{name}': invalid parameters: {exc}") from exc

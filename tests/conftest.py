@@ -1,0 +1,71 @@
+"""Shared fixtures. Exports are cached in $KILN_CACHE (content-addressed), so repeated
+runs reuse them; every test that mutates a model gets its own fresh copy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from kiln.ir import load_model, summary
+from kiln.models import get_source, prepare, sample_inputs
+from kiln.passes.numerics import compare, run_ort
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prepared():
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = prepare(get_source(name), progress=False)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def tiny_llama_ir(prepared) -> ir.Model:
+    return load_model(prepared("tiny-llama").path)
+
+
+@pytest.fixture
+def tiny_llama_feeds(prepared, tiny_llama_ir):
+    return sample_inputs(prepared("tiny-llama").meta, summary(tiny_llama_ir).inputs)
+
+
+def assert_same_outputs(before: ir.Model, after: ir.Model, feeds, rtol: float = 1e-4) -> dict:
+    delta = compare(run_ort(before, feeds), run_ort(after, feeds))
+    assert delta["max_rel"] <= rtol, delta
+    return delta
+
+
+def run_kiln(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the CLI in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def tiny_graph() -> ir.Model:
+    """y = Relu(x @ W + b), z = Identity(y); x: float[N, 4]."""
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["N", 4]))
+    w = ir.val("W", const_value=ir.tensor(np.arange(12, dtype=np.float32).reshape(4, 3) / 10))
+    b = ir.val("b", const_value=ir.tensor(np.ones(3, dtype=np.float32)))
+    mm = ir.node("MatMul", [x, w], num_outputs=1)
+    add = ir.node("Add", [mm.outputs[0], b], num_outputs=1)
+    relu = ir.node("Relu", [add.outputs[0]], num_outputs=1)
+    relu.outputs[0].name = "y"
+    for node in (mm, add, relu):
+        node.outputs[0].dtype = ir.DataType.FLOAT
+        node.outputs[0].shape = ir.Shape(["N", 3])
+    graph = ir.Graph([x], [relu.outputs[0]], nodes=[mm, add, relu], initializers=[w, b],
+                     opset_imports={"": 21}, name="tiny")
+    return ir.Model(graph, ir_version=10)
