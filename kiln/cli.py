@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kiln.errors import KilnError
@@ -287,11 +288,15 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C / SIGTERM into an exit code
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except KilnError as exc:
         if debug:
             raise
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[red]error:[/] interrupted; no artifact was written", highlight=False)
@@ -309,7 +314,7 @@ def main() -> None:
         if debug:
             raise
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        err.print(f"[red]error:[/] internal error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)",
+        err.print(f"[red]error:[/] internal error: {type(exc).__name__}: {escape(text)} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
 

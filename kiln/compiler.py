@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import inspect
 import shutil
 import tempfile
 import time
@@ -52,8 +53,12 @@ def _file_sha256(path: Path) -> str:
 def _from_module(module, example_inputs, dynamic_shapes, workdir: Path) -> tuple[Prepared, dict]:
     import torch
 
-    if not isinstance(example_inputs, dict):
-        raise CompileError("example_inputs must be a dict of input name -> tensor")
+    if isinstance(example_inputs, (tuple, list)):
+        # Positional inputs take the names of forward()'s parameters.
+        names = list(inspect.signature(module.forward).parameters)[: len(example_inputs)]
+        example_inputs = dict(zip(names, example_inputs))
+    if not isinstance(example_inputs, dict) or not example_inputs:
+        raise CompileError("a torch.nn.Module needs example_inputs: a tuple of tensors or a dict name -> tensor")
     loaded = Loaded(module, example_inputs, dynamic_shapes, {"task": "custom"})
     seconds = export_loaded(loaded, workdir)
     meta = {"source": type(module).__name__, "task": "custom", "export_seconds": round(seconds, 1),

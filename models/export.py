@@ -67,8 +67,10 @@ def export_loaded(loaded: Loaded, out_dir: Path) -> float:
         _name_outputs(program.model, output_names)
         program.save(str(out_dir / "model.onnx"), external_data=True)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"torch.export to ONNX failed: {msg}") from exc
+        # torch.onnx wraps the real failure; its own first line is generic.
+        root = exc.__cause__ or exc
+        msg = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+        raise ExportError(f"torch.export to ONNX failed: {type(root).__name__}: {msg}") from exc
     return time.perf_counter() - start
 
 

@@ -1,9 +1,10 @@
-"""Algebraic simplifications with onnxscript's default rewrite rules.
+"""Algebraic simplifications with onnxscript's default rewrite rules, plus Identity removal.
 
-    Identity(x) -> x;  Cast(Cast(x)) -> Cast(x);  Reshape(Reshape(x, s1), s2) -> Reshape(x, s2)
+    Mul(x, 1) -> x;  Add(x, 0) -> x;  Cast(Cast(x)) -> Cast(x);  Reshape(Reshape(x, s1), s2) -> Reshape(x, s2)
     Slice chains -> one Slice;  Expand / Reshape to the same shape -> x;  Min/Max -> Clip ...
+    Identity(x) -> x   (onnx_ir's identity elimination; graph outputs keep their names)
 
-These are onnxscript's general-purpose pattern rules (the set its `optimize()` uses);
+The pattern rules are onnxscript's general-purpose set (the one its `optimize()` uses);
 kiln counts how many fired. Exact: each rule preserves values bit for bit, except
 where a removed Cast pair round-tripped through a narrower type, which the rules check.
 Nodes left dead by a rewrite are removed here so the graph stays tidy.
@@ -12,7 +13,7 @@ Nodes left dead by a rewrite are removed here so the graph stays tidy.
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnx_ir.passes.common import IdentityEliminationPass, RemoveUnusedNodesPass
 from onnxscript import rewriter
 from onnxscript.rewriter import pattern
 
@@ -27,6 +28,9 @@ class SimplifyPass(KilnPass):
         before, nodes = fingerprint(model), count_nodes(model)
         rules = pattern.RewriteRuleSet(list(rewriter._DEFAULT_REWRITE_RULES))
         count = rules.apply_to_model(model)
+        identities = sum(n.op_type == "Identity" for n in ir.traversal.RecursiveGraphIterator(model.graph))
+        IdentityEliminationPass()(model)
+        identities -= sum(n.op_type == "Identity" for n in ir.traversal.RecursiveGraphIterator(model.graph))
         RemoveUnusedNodesPass()(model)
-        stats = {"rewrites": count, "nodes_removed": nodes - count_nodes(model)}
+        stats = {"rewrites": count, "identities_removed": identities, "nodes_removed": nodes - count_nodes(model)}
         return self.result(model, modified=fingerprint(model) != before, stats=stats)

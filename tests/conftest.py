@@ -31,6 +31,18 @@ def prepared():
     return get
 
 
+@pytest.fixture(scope="session")
+def plugin_path(tmp_path_factory) -> Path:
+    """tests/plugin_pkg installed as a real package (with its entry points) into a private dir."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "--target", str(target), str(REPO / "tests" / "plugin_pkg")],
+        check=True, capture_output=True,
+    )
+    return target
+
+
 @pytest.fixture
 def tiny_llama_ir(prepared) -> ir.Model:
     return load_model(prepared("tiny-llama").path)

@@ -1,0 +1,24 @@
+"""A plugin installed as a real package (entry point `kiln.passes`) runs from a TOML recipe."""
+
+import json
+
+from conftest import run_kiln
+
+
+def test_plugin_pass_runs_from_a_recipe_and_is_recorded(tmp_path, plugin_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "with-plugin"\n[[passes]]\nname = "fold-constants"\n'
+                      '[[passes]]\nname = "count-ops"\nop_type = "MatMul"\n')
+    out = tmp_path / "art"
+    proc = run_kiln("compile", "tiny-llama", "-r", str(recipe), "-o", str(out), "-q",
+                    env={"PYTHONPATH": str(plugin_path)})
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "kiln.json").read_text())
+    record = manifest["passes"][-1]
+    assert record["name"] == "count-ops"
+    assert record["params"] == {"op_type": "MatMul"}
+    assert record["stats"]["count"] >= 14  # 2 layers x 7 projections + lm head
+    assert manifest["recipe"]["name"] == "with-plugin"
+
+    listing = run_kiln("passes", env={"PYTHONPATH": str(plugin_path), "COLUMNS": "200"})
+    assert "count-ops" in listing.stdout and "kiln_plugin_example" in listing.stdout
