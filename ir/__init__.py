@@ -11,7 +11,12 @@ from kiln.ir.shapes import dims, infer_shapes, is_static
 from kiln.ir.summary import Summary, summary
 from kiln.ir.verify import VerificationError, verify
 
+# Model metadata key under which a KV-cache pass records the cache layout (JSON); the
+# compiler copies it into the manifest so that runtimes can drive the cache.
+KV_CACHE_METADATA = "kiln.kv_cache"
+
 __all__ = [
+    "KV_CACHE_METADATA",
     "Summary",
     "VerificationError",
     "as_networkx",

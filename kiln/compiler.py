@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import hashlib
 import inspect
+import json
 import shutil
 import tempfile
 import time
@@ -22,7 +23,7 @@ import numpy as np
 import kiln
 from kiln.backends import get_backend
 from kiln.errors import KilnError
-from kiln.ir import VerificationError, load_model, summary, verify
+from kiln.ir import KV_CACHE_METADATA, VerificationError, load_model, summary, verify
 from kiln.manifest import SCHEMA_VERSION, write_manifest
 from kiln.models import Loaded, Prepared, export_loaded, get_source, prepare, sample_inputs
 from kiln.models.cache import atomic_dir
@@ -113,7 +114,8 @@ def compile(  # noqa: A001
         if feeds is None:
             feeds = sample_inputs(prepared.meta, before.inputs)
         passes = plan.build() + be.lowering_passes(profile)
-        ir_model, records = run_pipeline(ir_model, passes, feeds, progress=progress, console=console)
+        run = run_pipeline(ir_model, passes, feeds, progress=progress, console=console)
+        ir_model, records, feeds = run.model, run.records, run.feeds
         after = summary(ir_model)
 
         with atomic_dir(output) as tmp:
@@ -122,7 +124,7 @@ def compile(  # noqa: A001
             if prepared.tokenizer is not None:
                 shutil.copy(prepared.tokenizer, tmp / "tokenizer.json")
                 tokenizer = "tokenizer.json"
-            manifest = _manifest(prepared, plan, profile, backend_info, records, before, after, tokenizer)
+            manifest = _manifest(ir_model, prepared, plan, profile, backend_info, records, before, after, tokenizer)
             manifest["compile"]["seconds"] = round(time.perf_counter() - start, 1)
             write_manifest(tmp, manifest)
             manifest["compile"]["artifact_check"] = _check_artifact(tmp, backend_info, ir_model, feeds)
@@ -146,7 +148,7 @@ def _check_artifact(directory: Path, backend_info: dict, model, feeds: dict[str,
     return {k: float(f"{v:.4g}") for k, v in delta.items()}
 
 
-def _manifest(prepared, plan, profile, backend_info, records, before, after, tokenizer) -> dict:
+def _manifest(model, prepared, plan, profile, backend_info, records, before, after, tokenizer) -> dict:
     meta = prepared.meta
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -167,6 +169,8 @@ def _manifest(prepared, plan, profile, backend_info, records, before, after, tok
         "tokenizer": tokenizer,
         "compile": {"export_seconds": meta.get("export_seconds")},
     }
+    if KV_CACHE_METADATA in model.metadata_props:
+        manifest["kv_cache"] = json.loads(model.metadata_props[KV_CACHE_METADATA])
     if prepared.task == "causal-lm":
         manifest["generation"] = {**meta.get("generation", {}), "max_new_tokens": 64, "do_sample": False}
     elif prepared.task == "embedding":

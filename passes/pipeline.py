@@ -16,6 +16,7 @@ Any failure raises PipelineError naming the pass and the passes before it. The r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,13 +26,20 @@ import onnx_ir as ir
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kiln.errors import KilnError
-from kiln.ir import VerificationError, summary, verify
+from kiln.ir import VerificationError, verify
 from kiln.passes.base import KilnPass, KilnPassResult, fingerprint
 from kiln.passes.numerics import compare, run_ort, within_budget
 
 
 class PipelineError(KilnError):
     pass
+
+
+@dataclasses.dataclass
+class PipelineRun:
+    model: ir.Model
+    records: list[dict[str, Any]]
+    feeds: dict[str, np.ndarray] | None  # sample inputs for the final model's signature
 
 
 def _round(metrics: dict[str, float]) -> dict[str, float]:
@@ -45,8 +53,8 @@ def run_pipeline(
     *,
     progress: bool = True,
     console=None,
-) -> tuple[ir.Model, list[dict[str, Any]]]:
-    """Run `passes` over `model` in place. Returns (model, records).
+) -> PipelineRun:
+    """Run `passes` over `model` in place. Returns the model, the records and the final feeds.
 
     With `sample_inputs=None` the numeric check is skipped and recorded as such.
     """
@@ -108,6 +116,7 @@ def run_pipeline(
                 record["delta_total"] = records[-1].get("delta_total", record["delta"]) if records else record["delta"]
             else:
                 try:
+                    sample_inputs = p.adapt_feeds(sample_inputs, model)
                     outputs = run_ort(model, sample_inputs)
                     delta = compare(previous_outputs, outputs)
                     total = compare(source_outputs, outputs)
@@ -123,15 +132,9 @@ def run_pipeline(
             done.append(name)
             if progress:
                 bar.advance(task)
-    return model, records
+    return PipelineRun(model, records, sample_inputs)
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def describe(model: ir.Model) -> dict:
-    """Compact summary stored beside the records (nodes, params, bytes)."""
-    s = summary(model)
-    return {"nodes": s.nodes, "parameters": s.parameters, "parameter_bytes": s.parameter_bytes}

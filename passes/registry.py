@@ -19,6 +19,7 @@ _BUILTIN_MODULES = (
     "kiln.passes.eliminate_dead_code",
     "kiln.passes.eliminate_common_subexpressions",
     "kiln.passes.simplify",
+    "kiln.passes.insert_kv_cache",
 )
 _loaded = False
 

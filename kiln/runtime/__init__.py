@@ -4,14 +4,14 @@
     art.generate("The capital of France is", max_new_tokens=16).text   # causal-lm
     art.embed(["hello world"])                                          # embedding
 
-Generation here recomputes the full sequence at every step (greedy); the KV-cache
-runtime replaces this once artifacts carry a cache.
+Artifacts with a KV cache (manifest `kv_cache`) decode one token per step through it;
+others recompute the full sequence per token. See kiln.runtime.generate for batching.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from kiln.backends.ort import create_session
 from kiln.errors import KilnError
 from kiln.manifest import read_manifest
+from kiln.runtime.generate import Model, SamplingParams, generate_batch, generate_stream, run_requests
 
 
 class ArtifactError(KilnError):
@@ -46,6 +47,7 @@ class Artifact:
         tok = self.manifest.get("tokenizer")
         self.tokenizer = Tokenizer.from_file(str(self.path / tok)) if tok else None
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self._model: Model | None = None
 
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -56,35 +58,64 @@ class Artifact:
     def encode(self, text: str) -> list[int]:
         return self._need_tokenizer().encode(text).ids
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
-        """Greedy decoding, one token at a time, stopping at an end-of-sequence token."""
+    def chat_prompt(self, user_message: str) -> str:
+        """The prompt text for one user turn, rendered with the model's chat template."""
+        template = self.manifest.get("generation", {}).get("chat_template")
+        if not template:
+            raise ArtifactError(f"{self.path}: the model has no chat template")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(template).render(messages=[{"role": "user", "content": user_message}],
+                                                add_generation_prompt=True)
+
+    def _lm(self) -> Model:
         if self.task != "causal-lm":
             raise ArtifactError(f"{self.path}: a {self.task} artifact does not generate text")
-        if not prompt_ids:
+        if self._model is None:
+            self._model = Model(self.session, self.manifest)
+        return self._model
+
+    def _params(self, max_new_tokens: int | None, **sampling) -> SamplingParams:
+        limit = max_new_tokens if max_new_tokens is not None else self.manifest.get("generation", {}).get("max_new_tokens", 64)
+        return SamplingParams(max_new_tokens=limit, **sampling)
+
+    def _ids(self, prompt: str | list[int]) -> list[int]:
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
             raise ArtifactError("the prompt is empty")
-        eos = set(self.manifest.get("generation", {}).get("eos_token_ids", []))
-        ids = list(prompt_ids)
-        for _ in range(max_new_tokens):
-            (logits,) = self.session.run(["logits"], {"input_ids": np.array([ids], dtype=np.int64)})
-            token = int(np.argmax(logits[0, -1]))
-            ids.append(token)
-            yield token
-            if token in eos:
-                return
+        return ids
 
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None,
-                 on_token: Callable[[int], None] | None = None) -> Generation:
-        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        limit = max_new_tokens if max_new_tokens is not None else self.manifest.get("generation", {}).get("max_new_tokens", 64)
-        eos = set(self.manifest.get("generation", {}).get("eos_token_ids", []))
+                 on_token: Callable[[int], None] | None = None, **sampling) -> Generation:
+        """Continue one prompt (greedy unless temperature > 0), streaming tokens to `on_token`."""
+        model, prompt_ids = self._lm(), self._ids(prompt)
         new: list[int] = []
-        for token in self.stream(prompt_ids, limit):
+        for token in generate_stream(model, prompt_ids, self._params(max_new_tokens, **sampling)):
             new.append(token)
             if on_token:
                 on_token(token)
+        return self._result(prompt_ids, new)
+
+    def generate_batch(self, prompts: list[str | list[int]], max_new_tokens: int | None = None,
+                       **sampling) -> list[Generation]:
+        """Static batching: all prompts padded into one batch."""
+        ids = [self._ids(p) for p in prompts]
+        outs = generate_batch(self._lm(), ids, self._params(max_new_tokens, **sampling))
+        return [self._result(p, o) for p, o in zip(ids, outs)]
+
+    def generate_continuous(self, prompts: list[str | list[int]], max_new_tokens: int | None = None,
+                            arrivals: list[int] | None = None, **sampling) -> list[Generation]:
+        """Continuous batching: request i joins at decode step arrivals[i]."""
+        ids = [self._ids(p) for p in prompts]
+        params = self._params(max_new_tokens, **sampling)
+        outs = run_requests(self._lm(), [(p, params) for p in ids], arrivals)
+        return [self._result(p, o) for p, o in zip(ids, outs)]
+
+    def _result(self, prompt_ids: list[int], new: list[int]) -> Generation:
+        eos = set(self._lm().eos)
         text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer else ""
-        reason = "eos" if new and new[-1] in eos else "length"
-        return Generation(prompt_ids, new, text, reason)
+        return Generation(prompt_ids, new, text, "eos" if new and new[-1] in eos else "length")
 
     # --- embeddings ---------------------------------------------------------------
     def embed(self, texts: list[str]) -> np.ndarray:

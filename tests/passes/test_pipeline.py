@@ -60,8 +60,8 @@ class Raises(KilnPass):
 
 
 def test_records_every_pass():
-    model, records = run_pipeline(tiny_graph(), [FoldConstantsPass(), ScaleWeights(1.0), EliminateDeadCodePass()],
-                                  FEEDS, progress=False)
+    records = run_pipeline(tiny_graph(), [FoldConstantsPass(), ScaleWeights(1.0), EliminateDeadCodePass()],
+                           FEEDS, progress=False).records
     assert [r["name"] for r in records] == ["fold-constants", "scale-weights", "eliminate-dead-code"]
     for r in records:
         assert set(r) >= {"name", "params", "modified", "stats", "seconds", "delta"}
@@ -76,8 +76,8 @@ def test_exact_pass_that_changes_outputs_stops_the_pipeline_naming_it():
 
 
 def test_lossy_pass_within_budget_records_its_metric():
-    _, records = run_pipeline(tiny_graph(), [ScaleWeights(1.001, exact=False, metric="cosine", budget=0.999)],
-                              FEEDS, progress=False)
+    records = run_pipeline(tiny_graph(), [ScaleWeights(1.001, exact=False, metric="cosine", budget=0.999)],
+                           FEEDS, progress=False).records
     assert records[0]["delta"]["cosine"] > 0.999
     assert records[0]["delta"]["max_rel"] > 1e-4  # would fail as an exact pass
 
@@ -89,7 +89,7 @@ def test_lossy_pass_over_budget_fails():
 
 def test_delta_total_accumulates_over_lossy_passes():
     lossy = dict(exact=False, metric="max_rel", budget=0.05)
-    _, records = run_pipeline(tiny_graph(), [ScaleWeights(1.01, **lossy), ScaleWeights(1.01, **lossy)], FEEDS, progress=False)
+    records = run_pipeline(tiny_graph(), [ScaleWeights(1.01, **lossy), ScaleWeights(1.01, **lossy)], FEEDS, progress=False).records
     assert records[1]["delta_total"]["max_rel"] > records[1]["delta"]["max_rel"]
 
 
@@ -108,5 +108,5 @@ def test_contract_violations_name_the_pass(bad, message):
 
 
 def test_without_samples_the_check_is_recorded_as_skipped():
-    _, records = run_pipeline(tiny_graph(), [ScaleWeights(2.0)], None, progress=False)
+    records = run_pipeline(tiny_graph(), [ScaleWeights(2.0)], None, progress=False).records
     assert records[0]["delta"] is None

@@ -1,0 +1,272 @@
+"""Generation over a causal-LM artifact, driven only by its manifest.
+
+With a KV cache (manifest `kv_cache`): prefill once, then one token per step through the
+cache. Without one: the full sequence is recomputed every step.
+
+Batching:
+- static (`generate_batch`): prompts are left-padded to one length; `attention_mask` marks
+  the padding and `position_ids` count only real tokens, so each row computes what it
+  would alone;
+- continuous (`ContinuousBatcher`): a request is prefilled alone when it joins, its cache
+  is left-padded to the batch's length and stacked in; finished rows leave between steps.
+  Masked cache slots get exactly zero attention weight, so a row's tokens are the same as
+  when it runs alone.
+
+Decoding: greedy by default; temperature / top-k / top-p sampling with a per-request seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] | None = None  # None = the manifest's eos ids
+
+
+def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    if params.temperature <= 0:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / params.temperature
+    order = np.argsort(-x)
+    if params.top_k > 0:
+        order = order[: params.top_k]
+    probs = np.exp(x[order] - x[order[0]])
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
+        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+    return int(rng.choice(order, p=probs))
+
+
+class Model:
+    """A causal-LM session plus its cache layout (from the manifest)."""
+
+    def __init__(self, session, manifest: dict):
+        self.session = session
+        self.manifest = manifest
+        self.kv = manifest.get("kv_cache")
+        self.output_names = [o.name for o in session.get_outputs()]
+        gen = manifest.get("generation", {})
+        self.eos = tuple(gen.get("eos_token_ids", []))
+        self.pad = gen.get("pad_token_id") if gen.get("pad_token_id") is not None else (self.eos[0] if self.eos else 0)
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        kv = self.kv
+        dtype = np.float16 if kv["dtype"] == "float16" else np.float32
+        shapes = [(batch, kv["kv_heads"], 0, kv["head_dim"]), (batch, kv["kv_heads"], 0, kv["value_head_dim"])]
+        return [np.zeros(shapes[j % 2], dtype=dtype) for j in range(2 * kv["num_layers"])]
+
+    def forward(self, input_ids, attention_mask, position_ids, cache):
+        """Returns (last-position logits [B, V], new cache)."""
+        if self.kv is None:
+            (logits,) = self.session.run(["logits"], {"input_ids": input_ids})
+            return logits[:, -1], None
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        for i in range(self.kv["num_layers"]):
+            feeds[f"past_key_values.{i}.key"] = cache[2 * i]
+            feeds[f"past_key_values.{i}.value"] = cache[2 * i + 1]
+        outs = self.session.run(self.output_names, feeds)
+        named = dict(zip(self.output_names, outs))
+        present = [named[f"present.{i}.{k}"] for i in range(self.kv["num_layers"]) for k in ("key", "value")]
+        return named["logits"][:, -1], present
+
+
+def left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return ids, mask, positions
+
+
+def generate_stream(model: Model, prompt: list[int], params: SamplingParams) -> Iterator[int]:
+    """One request, token by token."""
+    batcher = ContinuousBatcher(model)
+    rid = batcher.submit(prompt, params)
+    while batcher.busy:
+        for req_id, token in batcher.step():
+            if req_id == rid:
+                yield token
+
+
+def generate_batch(model: Model, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Static batching: all prompts left-padded and decoded together."""
+    stops = set(params.stop_token_ids if params.stop_token_ids is not None else model.eos)
+    rngs = [np.random.default_rng(params.seed) for _ in prompts]
+    if model.kv is None:
+        return [list(generate_stream(model, p, params)) for p in prompts]
+    ids, mask, positions = left_pad(prompts, model.pad)
+    logits, cache = model.forward(ids, mask, positions, model.empty_cache(len(prompts)))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    next_pos = positions[:, -1] + 1
+    for _ in range(params.max_new_tokens):
+        tokens = []
+        for row in range(len(prompts)):
+            token = choose(logits[row], params, rngs[row])
+            tokens.append(token)
+            if not done[row]:
+                outputs[row].append(token)
+                done[row] = token in stops or len(outputs[row]) >= params.max_new_tokens
+        if all(done):
+            break
+        mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+        logits, cache = model.forward(np.array(tokens, dtype=np.int64)[:, None], mask, next_pos[:, None], cache)
+        next_pos = next_pos + 1
+    return outputs
+
+
+@dataclasses.dataclass
+class _Row:
+    rid: int
+    params: SamplingParams
+    rng: np.random.Generator
+    tokens: list[int]  # prompt + generated (full recompute needs them all)
+    generated: int = 0
+    next_position: int = 0
+
+
+class ContinuousBatcher:
+    """Requests join and leave between decode steps; `step()` yields (request id, token)."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.waiting: list[_Row] = []
+        self.rows: list[_Row] = []
+        self.cache: list[np.ndarray] | None = None
+        self.mask: np.ndarray | None = None  # [B, T]
+        self.logits: np.ndarray | None = None  # [B, V] for each row's next token
+        self._next_id = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    def submit(self, prompt: list[int], params: SamplingParams | None = None) -> int:
+        if not prompt:
+            raise ValueError("empty prompt")
+        params = params or SamplingParams()
+        rid = self._next_id
+        self._next_id += 1
+        self.waiting.append(_Row(rid, params, np.random.default_rng(params.seed), list(prompt)))
+        return rid
+
+    def _admit(self, row: _Row) -> None:
+        m = self.model
+        ids = np.array([row.tokens], dtype=np.int64)
+        if m.kv is None:
+            logits, _ = m.forward(ids, None, None, None)
+            self.rows.append(row)
+            self.logits = logits if self.logits is None else np.concatenate([self.logits, logits])
+            return
+        mask = np.ones_like(ids)
+        positions = np.arange(ids.shape[1], dtype=np.int64)[None]
+        logits, cache = m.forward(ids, mask, positions, m.empty_cache(1))
+        row.next_position = ids.shape[1]
+        if not self.rows:
+            self.cache, self.mask, self.logits = cache, mask, logits
+        else:
+            t_old, t_new = self.mask.shape[1], mask.shape[1]
+            width = max(t_old, t_new)
+            self.cache = [np.concatenate([_pad_seq(a, width), _pad_seq(b, width)]) for a, b in zip(self.cache, cache)]
+            self.mask = np.concatenate([_pad_mask(self.mask, width), _pad_mask(mask, width)])
+            self.logits = np.concatenate([self.logits, logits])
+        self.rows.append(row)
+
+    def step(self) -> list[tuple[int, int]]:
+        """Admit waiting requests, choose one token per row, retire finished rows, decode."""
+        for row in self.waiting:
+            self._admit(row)
+        self.waiting = []
+        if not self.rows:
+            return []
+        emitted, keep = [], []
+        for i, row in enumerate(self.rows):
+            token = choose(self.logits[i], row.params, row.rng)
+            row.tokens.append(token)
+            row.generated += 1
+            emitted.append((row.rid, token))
+            stops = row.params.stop_token_ids if row.params.stop_token_ids is not None else self.model.eos
+            if token not in stops and row.generated < row.params.max_new_tokens:
+                keep.append(i)
+        self._retain(keep)
+        if self.rows:
+            self._decode()
+        return emitted
+
+    def _retain(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache = self.mask = self.logits = None
+            return
+        idx = np.array(keep)
+        self.logits = self.logits[idx]
+        if self.model.kv is None:
+            return
+        self.cache = [c[idx] for c in self.cache]
+        self.mask = self.mask[idx]
+        # Slots no remaining row attends to are dropped, keeping the cache short.
+        first = int(np.argmax(self.mask.any(axis=0)))
+        if first:
+            self.cache = [c[:, :, first:] for c in self.cache]
+            self.mask = self.mask[:, first:]
+
+    def _decode(self) -> None:
+        m = self.model
+        if m.kv is None:
+            self.logits = np.concatenate([m.forward(np.array([r.tokens], dtype=np.int64), None, None, None)[0]
+                                          for r in self.rows])
+            return
+        ids = np.array([[r.tokens[-1]] for r in self.rows], dtype=np.int64)
+        positions = np.array([[r.next_position] for r in self.rows], dtype=np.int64)
+        self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), dtype=np.int64)], axis=1)
+        self.logits, self.cache = m.forward(ids, self.mask, positions, self.cache)
+        for r in self.rows:
+            r.next_position += 1
+
+
+def _pad_seq(cache: np.ndarray, width: int) -> np.ndarray:
+    missing = width - cache.shape[2]
+    if missing == 0:
+        return cache
+    pad = np.zeros(cache.shape[:2] + (missing,) + cache.shape[3:], dtype=cache.dtype)
+    return np.concatenate([pad, cache], axis=2)
+
+
+def _pad_mask(mask: np.ndarray, width: int) -> np.ndarray:
+    missing = width - mask.shape[1]
+    return mask if missing == 0 else np.concatenate([np.zeros((mask.shape[0], missing), dtype=mask.dtype), mask], axis=1)
+
+
+def run_requests(model: Model, requests: list[tuple[list[int], SamplingParams]],
+                 arrivals: list[int] | None = None, on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Continuous batching driver: request i joins at step arrivals[i] (default: all at once)."""
+    arrivals = arrivals or [0] * len(requests)
+    batcher = ContinuousBatcher(model)
+    ids: dict[int, int] = {}
+    out: list[list[int]] = [[] for _ in requests]
+    step = 0
+    pending = sorted(range(len(requests)), key=lambda i: arrivals[i])
+    while pending or batcher.busy:
+        while pending and arrivals[pending[0]] <= step:
+            i = pending.pop(0)
+            ids[batcher.submit(*requests[i])] = i
+        for rid, token in batcher.step():
+            out[ids[rid]].append(token)
+            if on_token:
+                on_token(ids[rid], token)
+        step += 1
+    return out
