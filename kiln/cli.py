@@ -87,10 +87,12 @@ def compile_cmd(
     backend: str = typer.Option("ort", "--backend", "-b", help="Backend that writes the artifact."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, no summary."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="All stats, fusion coverage and reasons."),
 ):
     """Export MODEL, run the recipe's verified passes, and write the artifact directory."""
     import kiln
 
+    _state["verbose"] |= verbose
     result = kiln.compile(model, output, recipe=recipe, target=target, backend=backend, force=force,
                           progress=not quiet, console=err)
     if not quiet:
@@ -131,13 +133,37 @@ def passes_table(records: list[dict], verbose: bool) -> Table:
     return table
 
 
+def coverage(records: list[dict]) -> list[str]:
+    """Fusion coverage from the fusion passes' stats: '<op> fused/sites'."""
+    lines = []
+    for r in records:
+        s = r.get("stats", {})
+        if r["name"] == "fuse-attention" and s.get("attentions_seen"):
+            lines.append(f"attention {s['attentions_seen']}: GroupQueryAttention {s['gqa_fused']}, MultiHeadAttention {s['mha_fused']}")
+        elif r["name"] == "fuse-rms-norm" and s.get("norms_seen"):
+            lines.append(f"RMSNorm {s['rms_fused']}/{s['norms_seen']} (with residual add: {s['skip_fused']})")
+        elif r["name"] == "fuse-layer-norm" and s.get("residual_norms_seen"):
+            lines.append(f"SkipLayerNorm {s['skip_layer_norm_fused']}/{s['residual_norms_seen']}")
+        elif r["name"] == "fuse-gelu" and (s.get("gelu_sites") or s.get("bias_gelu_fused")):
+            lines.append(f"Gelu {s['gelu_fused']}/{s['gelu_sites']}, BiasGelu {s['bias_gelu_fused']}")
+        elif r["name"] == "insert-kv-cache":
+            lines.append(f"KV cache {s.get('kv_layers', 0)}/{s.get('attentions_seen', 0)} layers")
+    return lines
+
+
 def _print_summary(path: Path, manifest: dict) -> None:
     verbose = _state["verbose"]
     out.print(passes_table(manifest["passes"], verbose))
+    for r in manifest["passes"]:
+        for warning in r.get("warnings", []):
+            err.print(f"[yellow]warning:[/] {r['name']}: {escape(warning)}", highlight=False, soft_wrap=True)
     if verbose:
+        lines = coverage(manifest["passes"])
+        if lines:
+            out.print("fusion coverage: " + "; ".join(lines), highlight=False)
         for r in manifest["passes"]:
             for reason in r.get("rejected", []):
-                out.print(f"  [yellow]{r['name']}[/]: not applied: {reason}")
+                out.print(f"  [yellow]{r['name']}[/]: not applied: {escape(reason)}")
     s = manifest["summary"]
     out.print(
         f"[bold]{path}[/]: {_size(artifact_bytes(path))} on disk, "
@@ -244,8 +270,10 @@ def _check_embeddings(art, texts, vectors, required: bool):
 def inspect_cmd(
     path: Path = typer.Argument(..., help="Artifact directory or .onnx file."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="All pass stats."),
 ):
     """Show ops, parameters, bytes by dtype and (for artifacts) the passes applied with their deltas."""
+    _state["verbose"] |= verbose
     from kiln.ir import load_model, summary
     from kiln.manifest import read_manifest
 
@@ -303,14 +331,12 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors and unexpected failures
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+    except Exception as exc:  # usage errors (typer's click) and unexpected failures
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            err.print(f"[red]error:[/] {escape(exc.format_message())}{where}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
         if debug:
             raise
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -113,13 +113,15 @@ def compile(  # noqa: A001
         before = summary(ir_model)
         if feeds is None:
             feeds = sample_inputs(prepared.meta, before.inputs)
-        passes = plan.build() + be.lowering_passes(profile)
+        lowering = be.lowering_passes(profile) if plan.lower else []
+        passes = plan.build() + lowering
         run = run_pipeline(ir_model, passes, feeds, progress=progress, console=console)
         ir_model, records, feeds = run.model, run.records, run.feeds
         after = summary(ir_model)
 
         with atomic_dir(output) as tmp:
             backend_info = be.write(ir_model, tmp, profile)
+            backend_info["lowering"] = [p.name for p in lowering]
             tokenizer = None
             if prepared.tokenizer is not None:
                 shutil.copy(prepared.tokenizer, tmp / "tokenizer.json")

@@ -2,7 +2,8 @@
 
 A kiln pass is an `onnx_ir.passes.InPlacePass` whose `call` returns a `KilnPassResult`:
 the usual `PassResult(model, modified)` plus `stats` (counters of what it did) and
-`rejected` (one human-readable reason per candidate it chose not to rewrite).
+`rejected` (one human-readable reason per candidate it chose not to rewrite) and
+`warnings` (for the user: e.g. a fusion that fired on fewer layers than the model has).
 
 Every pass declares its numeric contract, which the pipeline checks on sample inputs:
 - exact passes (`exact = True`): outputs stay within `budget` (relative error, 1e-4);
@@ -26,6 +27,7 @@ import onnx_ir as ir
 class KilnPassResult(ir.passes.PassResult):
     stats: dict[str, int | float] = dataclasses.field(default_factory=dict)
     rejected: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 class KilnPass(ir.passes.InPlacePass):
@@ -54,8 +56,16 @@ class KilnPass(ir.passes.InPlacePass):
         modified: bool,
         stats: dict[str, int | float] | None = None,
         rejected: list[str] | None = None,
+        warnings: list[str] | None = None,
     ) -> KilnPassResult:
-        return KilnPassResult(model, bool(modified), dict(stats or {}), list(rejected or []))
+        return KilnPassResult(model, bool(modified), dict(stats or {}), list(rejected or []), list(warnings or []))
+
+    def coverage(self, what: str, fused: int, seen: int, reasons: list[str]) -> list[str]:
+        """A warning when a fusion fired on fewer sites than the model has, with the reasons."""
+        if fused >= seen:
+            return []
+        why = "; ".join(dict.fromkeys(reasons[:3])) or "no rule matched (pattern not recognised)"
+        return [f"{what} fused on {fused}/{seen}: {why}"]
 
     def adapt_feeds(self, feeds: dict, model: ir.Model) -> dict:
         """Sample inputs for the model this pass produced, given those of the model before.

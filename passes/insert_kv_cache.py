@@ -47,7 +47,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA as METADATA_KEY
 from kiln.passes.base import KilnPass
-from kiln.passes.numerics import compare, run_ort
+from kiln.passes.kv_layout import cache_feeds, decode_consistency
 from kiln.passes.registry import register_pass
 
 LAYOUT_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Cast", "Identity"}
@@ -237,6 +237,8 @@ class InsertKVCachePass(KilnPass):
         not_pad = tape.op("Cast", [tape.op("Unsqueeze", [mask_in, const(np.array([1, 2]))])],
                           attributes={"to": ir.DataType.BOOL})
         allowed = tape.op("And", [tape.op("Unsqueeze", [causal, const(np.array([0, 1]))]), not_pad])
+        mask_shape = ir.Shape([batch_sym, 1, seq, "total_sequence"])
+        allowed.dtype, allowed.shape = ir.DataType.BOOL, mask_shape
         masks: dict[ir.DataType, ir.Value] = {}
 
         def additive(dtype: ir.DataType) -> ir.Value:
@@ -244,6 +246,7 @@ class InsertKVCachePass(KilnPass):
                 np_dtype = dtype.numpy()
                 masks[dtype] = tape.op("Where", [allowed, const(np.array(0, dtype=np_dtype)),
                                                  const(np.array(np.finfo(np_dtype).min, dtype=np_dtype))])
+                masks[dtype].dtype, masks[dtype].shape = dtype, mask_shape
             return masks[dtype]
 
         batch_1d = tape.op("Shape", [ids], attributes={"start": 0, "end": 1})
@@ -302,7 +305,7 @@ class InsertKVCachePass(KilnPass):
             "static": False,
         }
         model.metadata_props[METADATA_KEY] = json.dumps(layout)
-        decode = self._decode_check(model)
+        decode = decode_consistency(model)
         stats = {"attentions_seen": len(softmaxes), "kv_layers": len(layers), "positions_replaced": positions,
                  "decode_check_max_rel": float(f"{decode:.3g}")}
         if decode > 1e-4:
@@ -360,46 +363,7 @@ class InsertKVCachePass(KilnPass):
                 replaced += 1
         return replaced, rejected
 
-    @staticmethod
-    def _decode_check(model: ir.Model, prefill: int = 5, steps: int = 3) -> float:
-        """Prefill `prefill` tokens, decode `steps` more one at a time; compare with one full pass."""
-        layout = json.loads(model.metadata_props[METADATA_KEY])
-        vocab = _dims(model.graph.outputs[0])[-1]
-        vocab = vocab if isinstance(vocab, int) else 2
-        rng = np.random.default_rng(1)
-        ids = rng.integers(0, vocab, size=(2, prefill + steps))
-        full = run_ort(model, cache_feeds(layout, ids, past_len=0))
-        name = model.graph.outputs[0].name
-        feeds = cache_feeds(layout, ids[:, :prefill], past_len=0)
-        out = run_ort(model, feeds)
-        pieces = [out[name]]
-        for step in range(steps):
-            t = prefill + step
-            feeds = {"input_ids": ids[:, t:t + 1], "attention_mask": np.ones((2, t + 1), dtype=np.int64),
-                     "position_ids": np.full((2, 1), t, dtype=np.int64)}
-            for i in range(layout["num_layers"]):
-                for kind in ("key", "value"):
-                    feeds[f"past_key_values.{i}.{kind}"] = out[f"present.{i}.{kind}"]
-            out = run_ort(model, feeds)
-            pieces.append(out[name])
-        return compare({name: full[name]}, {name: np.concatenate(pieces, axis=1)})["max_rel"]
-
     def adapt_feeds(self, feeds: dict[str, np.ndarray], model: ir.Model) -> dict[str, np.ndarray]:
         if METADATA_KEY not in model.metadata_props or "past_key_values.0.key" in feeds:
             return feeds
-        return cache_feeds(json.loads(model.metadata_props[METADATA_KEY]), feeds["input_ids"], past_len=0)
-
-
-def cache_feeds(layout: dict, input_ids: np.ndarray, past_len: int = 0) -> dict[str, np.ndarray]:
-    """Feeds for a prefill with an empty (or zero-filled) past, no padding."""
-    batch, seq = input_ids.shape
-    dtype = np.dtype(layout["dtype"] if layout["dtype"] != "float" else "float32")
-    feeds = {
-        "input_ids": input_ids.astype(np.int64),
-        "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64),
-        "position_ids": np.tile(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, 1)),
-    }
-    for i in range(layout["num_layers"]):
-        feeds[f"past_key_values.{i}.key"] = np.zeros((batch, layout["kv_heads"], past_len, layout["head_dim"]), dtype=dtype)
-        feeds[f"past_key_values.{i}.value"] = np.zeros((batch, layout["kv_heads"], past_len, layout["value_head_dim"]), dtype=dtype)
-    return feeds
+        return cache_feeds(json.loads(model.metadata_props[METADATA_KEY]), feeds["input_ids"])

@@ -109,6 +109,8 @@ def run_pipeline(
             }
             if result.rejected:
                 record["rejected"] = result.rejected
+            if result.warnings:
+                record["warnings"] = result.warnings
             if previous_outputs is None:
                 record["delta"] = None
             elif not result.modified:

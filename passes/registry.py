@@ -20,6 +20,10 @@ _BUILTIN_MODULES = (
     "kiln.passes.eliminate_common_subexpressions",
     "kiln.passes.simplify",
     "kiln.passes.insert_kv_cache",
+    "kiln.passes.fuse_rms_norm",
+    "kiln.passes.fuse_layer_norm",
+    "kiln.passes.fuse_gelu",
+    "kiln.passes.fuse_attention",
 )
 _loaded = False
 

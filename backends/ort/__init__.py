@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from kiln.ir.io import save_model
 from kiln.passes.base import KilnPass
+from kiln.passes.registry import create_pass
 from kiln.targets import Target
 
 MODEL_FILE = "model.onnx"
@@ -33,8 +34,9 @@ class OrtBackend:
     name = "ort"
 
     def lowering_passes(self, target: Target) -> list[KilnPass]:
-        """Passes that turn kiln's portable IR into ORT's fast forms for `target` (none yet)."""
-        return []
+        """Passes that turn kiln's portable IR into ORT's fused contrib ops for `target`."""
+        names = ["fuse-rms-norm", "fuse-layer-norm", "fuse-gelu", "fuse-attention", "simplify", "eliminate-dead-code"]
+        return [create_pass(n) for n in names]
 
     def write(self, model: ir.Model, directory: Path, target: Target) -> dict:
         save_model(model, directory / MODEL_FILE)

@@ -2,6 +2,7 @@
 
     name = "fp32"
     description = "..."
+    lower = true                   # then the backend's lowering passes (default: true)
     [[passes]]
     name = "fold-constants"        # a registered pass
     size_limit = 4096              # every other key is a parameter of that pass
@@ -34,6 +35,7 @@ class Recipe:
     description: str
     steps: list[tuple[str, dict]]
     path: str | None = None
+    lower: bool = True  # append the backend's lowering passes (fusions into its fast ops)
 
     def build(self) -> list[KilnPass]:
         passes = []
@@ -45,7 +47,7 @@ class Recipe:
         return passes
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "path": self.path,
+        return {"name": self.name, "description": self.description, "path": self.path, "lower": self.lower,
                 "passes": [{"name": n, "params": p} for n, p in self.steps]}
 
 
@@ -77,6 +79,9 @@ def load_recipe(recipe: str | Path | None) -> Recipe:
             raise RecipeError(f"recipe '{name}', pass #{index + 1}: needs a 'name' string")
         params = {k: v for k, v in entry.items() if k != "name"}
         steps.append((entry["name"], params))
-    result = Recipe(name, data.get("description", ""), steps, str(path))
+    lower = data.get("lower", True)
+    if not isinstance(lower, bool):
+        raise RecipeError(f"recipe '{name}': 'lower' must be true or false")
+    result = Recipe(name, data.get("description", ""), steps, str(path), lower)
     result.build()  # validate pass names and parameters now, before any expensive work
     return result

@@ -23,7 +23,9 @@ def test_artifact_layout_and_manifest(tmp_path, prepared):
     assert m["backend"]["session"]["providers"] == ["CPUExecutionProvider"]
     assert m["io"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}]
     assert m["io"]["outputs"][0]["name"] == "logits"
-    assert [r["name"] for r in m["passes"]] == [s["name"] for s in m["recipe"]["passes"]]
+    lowering = m["backend"]["lowering"]
+    assert lowering[:4] == ["fuse-rms-norm", "fuse-layer-norm", "fuse-gelu", "fuse-attention"]
+    assert [r["name"] for r in m["passes"]] == [s["name"] for s in m["recipe"]["passes"]] + lowering
     assert m["summary"]["artifact"]["nodes"] < m["summary"]["source"]["nodes"]
     assert m["generation"]["eos_token_ids"] == [256]
     assert m["compile"]["artifact_check"]["max_rel"] <= 1e-4

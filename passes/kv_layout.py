@@ -1,0 +1,49 @@
+"""Helpers shared by passes that produce or rewrite a KV-cache graph: feeds in the cache
+layout recorded under `kiln.kv_cache`, and the decode-consistency check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+
+from kiln.ir import KV_CACHE_METADATA
+from kiln.passes.numerics import compare, run_ort
+
+
+def cache_feeds(layout: dict, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for a prefill of `input_ids` with an empty past and no padding."""
+    batch, seq = input_ids.shape
+    dtype = np.float16 if layout["dtype"] == "float16" else np.float32
+    feeds = {
+        "input_ids": input_ids.astype(np.int64),
+        "attention_mask": np.ones((batch, seq), dtype=np.int64),
+        "position_ids": np.tile(np.arange(seq, dtype=np.int64), (batch, 1)),
+    }
+    for i in range(layout["num_layers"]):
+        feeds[f"past_key_values.{i}.key"] = np.zeros((batch, layout["kv_heads"], 0, layout["head_dim"]), dtype=dtype)
+        feeds[f"past_key_values.{i}.value"] = np.zeros((batch, layout["kv_heads"], 0, layout["value_head_dim"]), dtype=dtype)
+    return feeds
+
+
+def decode_consistency(model: ir.Model, prefill: int = 5, steps: int = 3) -> float:
+    """max_rel between one full prefill and prefill + `steps` single-token decodes through the cache."""
+    layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
+    vocab = model.graph.outputs[0].shape[-1] if model.graph.outputs[0].shape is not None else 2
+    vocab = vocab if isinstance(vocab, int) else 2
+    ids = np.random.default_rng(1).integers(0, vocab, size=(2, prefill + steps))
+    name = model.graph.outputs[0].name
+    full = run_ort(model, cache_feeds(layout, ids))
+    out = run_ort(model, cache_feeds(layout, ids[:, :prefill]))
+    pieces = [out[name]]
+    for step in range(steps):
+        t = prefill + step
+        feeds = {"input_ids": ids[:, t:t + 1], "attention_mask": np.ones((2, t + 1), dtype=np.int64),
+                 "position_ids": np.full((2, 1), t, dtype=np.int64)}
+        for i in range(layout["num_layers"]):
+            for kind in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kind}"] = out[f"present.{i}.{kind}"]
+        out = run_ort(model, feeds)
+        pieces.append(out[name])
+    return compare({name: full[name]}, {name: np.concatenate(pieces, axis=1)})["max_rel"]

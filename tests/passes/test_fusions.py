@@ -1,0 +1,91 @@
+"""ORT fusions: coverage on every layer, exactness, idempotence, and the reason when a site does not fuse."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from kiln.ir import load_model, summary
+from kiln.models import sample_inputs
+from kiln.passes import create_pass, run_pipeline
+from kiln.passes.numerics import compare, run_ort
+
+FP32 = ["fold-constants", "simplify", "eliminate-common-subexpressions", "fold-constants"]
+
+
+def _prepared_model(prepared, name, extra=()):
+    p = prepared(name)
+    model = load_model(p.path)
+    feeds = sample_inputs(p.meta, summary(model).inputs)
+    run = run_pipeline(model, [create_pass(n) for n in [*FP32, *extra]], feeds, progress=False)
+    return p.meta, run.model, run.feeds
+
+
+def _ops(model):
+    return summary(model).ops
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_rms_norm_and_gqa_fuse_on_every_layer(prepared, name):
+    meta, model, feeds = _prepared_model(prepared, name, ["insert-kv-cache"])
+    layers = meta["num_layers"]
+    before = run_ort(model, feeds)
+    rms = create_pass("fuse-rms-norm")(model)
+    assert rms.stats["norms_seen"] == rms.stats["rms_fused"] == 2 * layers + 1
+    assert rms.stats["skip_fused"] == 2 * layers
+    assert not rms.warnings
+    att = create_pass("fuse-attention")(model)
+    assert att.stats["gqa_fused"] == layers and att.stats["mha_fused"] == 0
+    assert att.stats["decode_check_max_rel"] < 1e-5
+    assert not att.warnings
+    ops = _ops(model)
+    assert ops["com.microsoft::GroupQueryAttention"] == layers
+    assert "Softmax" not in ops
+    assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-4
+    assert not create_pass("fuse-attention")(model).modified
+    assert not create_pass("fuse-rms-norm")(model).modified
+
+
+def test_bert_attention_becomes_mha_with_skip_layer_norm(prepared):
+    meta, model, feeds = _prepared_model(prepared, "tiny-bert")
+    before = run_ort(model, feeds)
+    ln = create_pass("fuse-layer-norm")(model)
+    assert ln.stats["skip_layer_norm_fused"] == ln.stats["residual_norms_seen"] == 2 * meta["num_layers"]
+    att = create_pass("fuse-attention")(model)
+    assert att.stats["mha_fused"] == meta["num_layers"] and att.stats["gqa_fused"] == 0
+    gelu = create_pass("fuse-gelu")(model)
+    assert gelu.stats["bias_gelu_fused"] == meta["num_layers"]
+    assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-4
+
+
+def test_attention_without_a_cache_is_not_gqa(prepared):
+    meta, model, _ = _prepared_model(prepared, "tiny-llama")
+    att = create_pass("fuse-attention")(model)
+    assert att.stats["gqa_fused"] == 0 and att.stats["mha_fused"] == meta["num_layers"]
+
+
+def test_unfusable_norm_is_a_warning_with_the_reason():
+    # RMSNorm with a non-constant epsilon: g * (x * 1/sqrt(mean(x^2) + eps_input))
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["B", 4]))
+    eps = ir.val("eps", ir.DataType.FLOAT, ir.Shape([]))
+    two = ir.val("two", const_value=ir.tensor(np.array(2.0, dtype=np.float32)))
+    axes = ir.val("axes", const_value=ir.tensor(np.array([-1], dtype=np.int64)))
+    pow_ = ir.node("Pow", [x, two], num_outputs=1)
+    mean = ir.node("ReduceMean", [pow_.outputs[0], axes], attributes={"keepdims": 1, "noop_with_empty_axes": 0}, num_outputs=1)
+    add = ir.node("Add", [mean.outputs[0], eps], num_outputs=1)
+    sqrt = ir.node("Sqrt", [add.outputs[0]], num_outputs=1)
+    rec = ir.node("Reciprocal", [sqrt.outputs[0]], num_outputs=1)
+    norm = ir.node("Mul", [x, rec.outputs[0]], num_outputs=1)
+    gamma = ir.val("gamma", const_value=ir.tensor(np.ones(4, dtype=np.float32)))
+    mul = ir.node("Mul", [norm.outputs[0], gamma], num_outputs=1)
+    mul.outputs[0].name = "y"
+    for n in (pow_, norm, mul):
+        n.outputs[0].dtype, n.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(["B", 4])
+    for n in (mean, add, sqrt, rec):
+        n.outputs[0].dtype, n.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(["B", 1])
+    g = ir.Graph([x, eps], [mul.outputs[0]], nodes=[pow_, mean, add, sqrt, rec, norm, mul], initializers=[two, axes, gamma],
+                 opset_imports={"": 20}, name="g")
+    result = create_pass("fuse-rms-norm")(ir.Model(g, ir_version=10))
+    assert not result.modified
+    assert result.stats["norms_seen"] == 1 and result.stats["rms_fused"] == 0
+    assert result.warnings and result.warnings[0].startswith("RMSNorm fused on 0/1: ")
+    assert "epsilon" in result.warnings[0].lower() or "constant" in result.warnings[0].lower(), result.warnings
