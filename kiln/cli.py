@@ -183,20 +183,31 @@ def run_cmd(
     text: Optional[list[str]] = typer.Option(None, "--text", help="Text to embed (encoder); repeat for a batch."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Override the artifact's thread count."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template (one user turn)."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     check: Optional[bool] = typer.Option(
         None, "--check/--no-check",
         help="Compare with the PyTorch source model: greedy tokens (LLM) or cosine (encoder). "
              "Default: on for encoders, off for LLMs (loading an LLM takes a while)."),
 ):
-    """Generate a continuation (LLM, greedy) or print embeddings (encoder)."""
+    """Generate a continuation (LLM: streamed, greedy unless --temperature) or print embeddings (encoder)."""
     from kiln.runtime import load
 
     art = load(artifact, threads=threads)
     if art.task == "causal-lm":
         if prompt is None:
             raise KilnError("this is an LLM artifact: give --prompt TEXT")
+        shown = prompt
+        if chat:
+            prompt, shown = art.chat_prompt(prompt), ""
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+        if check and temperature > 0:
+            raise KilnError("--check compares greedy tokens; it cannot be used with --temperature")
         if as_json:
-            gen = art.generate(prompt, max_new_tokens)
+            gen = art.generate(prompt, max_new_tokens, **sampling)
             payload = {"text": gen.text, "token_ids": gen.token_ids, "stop_reason": gen.stop_reason}
             if check:
                 payload["reference"] = _check_tokens(art, gen)
@@ -215,8 +226,8 @@ def run_cmd(
                 sys.stdout.flush()
                 printed = full
 
-        sys.stdout.write(prompt)
-        gen = art.generate(prompt, max_new_tokens, on_token=show)
+        sys.stdout.write(shown)
+        gen = art.generate(prompt, max_new_tokens, on_token=show, **sampling)
         sys.stdout.write("\n")
         if check:
             ref = _check_tokens(art, gen)
@@ -264,6 +275,31 @@ def _check_embeddings(art, texts, vectors, required: bool):
         return None  # automatic check: only where kiln knows the source model
     feeds = art.tokenize_batch(texts)
     return cosine(reference_embed(art.manifest, feeds), vectors)
+
+
+@app.command("bench")
+def bench_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=1, help="Prompt length (LLM)."),
+    new_tokens: int = typer.Option(128, "--new-tokens", min=2, help="Tokens to decode (LLM)."),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed repetitions after one warm-up; medians are reported."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Override the artifact's thread count."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Prefill tok/s, time to first token, decode tok/s and peak RSS (LLM); latency and throughput (encoder)."""
+    from kiln.bench import bench_encoder, bench_llm
+    from kiln.runtime import load
+
+    art = load(artifact, threads=threads)
+    result = bench_llm(art, prompt_tokens, new_tokens, repeats) if art.task == "causal-lm" else bench_encoder(art, repeats)
+    result["threads"] = threads or art.manifest["backend"]["session"].get("intra_op_num_threads")
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table("metric", "value", title=f"kiln bench {artifact}")
+    for k, v in result.items():
+        table.add_row(k, str(v))
+    out.print(table)
 
 
 @app.command("inspect")

@@ -29,9 +29,11 @@ The layout is stored in the model's metadata as `kiln.kv_cache` (JSON), which th
 copies into the manifest. The pass checks itself: prefill + step-by-step decode through
 the cache must reproduce full-sequence logits (stats: decode_check_max_rel).
 
-Preconditions: dims annotated by the exporter (the sequence dim of `input_ids` is the
-symbol S); one `input_ids` input. All attentions must be understood, else nothing changes
-and the reasons are raised. Not handled: models that already take a cache, sliding-window
+Preconditions: a causal LM: one input `input_ids` [batch, S] with S symbolic, a per-token
+first output, and (probed numerically) no dependence of earlier positions on later tokens.
+With `only_causal_lm=true` other models are skipped with the reason (so one recipe serves
+encoders and decoders); otherwise they are an error. Dims annotated by the exporter. All
+attentions must be understood, else nothing changes and the reasons are raised. Not handled: models that already take a cache, sliding-window
 or ALiBi masks (their mask is replaced by a plain causal one: wrong for them), cross-attention.
 """
 
@@ -48,6 +50,7 @@ from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA as METADATA_KEY
 from kiln.passes.base import KilnPass
 from kiln.passes.kv_layout import cache_feeds, decode_consistency
+from kiln.passes.numerics import run_ort
 from kiln.passes.registry import register_pass
 
 LAYOUT_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Cast", "Identity"}
@@ -196,16 +199,50 @@ def _ancestors_read_shape_of(value: ir.Value, inside: set[ir.Value]) -> bool:
     return False
 
 
+def _not_a_causal_lm(model: ir.Model) -> str | None:
+    """Why the graph is not a causal LM kiln can cache, or None.
+
+    Structure: one input `input_ids` [batch, sequence] and a first output per token.
+    Behaviour, probed numerically: changing the last token must not change the outputs
+    at earlier positions (an encoder's bidirectional attention would).
+    """
+    graph = model.graph
+    inputs = [v.name for v in graph.inputs]
+    if inputs != ["input_ids"]:
+        return f"expects exactly one input 'input_ids', found {inputs}"
+    ids_dims, out_dims = _dims(graph.inputs[0]), _dims(graph.outputs[0])
+    if not ids_dims or len(ids_dims) != 2 or not isinstance(ids_dims[1], str):
+        return "'input_ids' is not [batch, sequence] with a symbolic sequence"
+    if not out_dims or len(out_dims) < 2 or out_dims[1] != ids_dims[1]:
+        return f"the first output ({out_dims}) is not per token"
+    vocab = out_dims[-1] if isinstance(out_dims[-1], int) else 2
+    ids = np.random.default_rng(2).integers(0, vocab, size=(2, 6))
+    ids[1, :-1] = ids[0, :-1]
+    ids[1, -1] = (ids[0, -1] + 1) % vocab
+    out = next(iter(run_ort(model, {"input_ids": ids}).values()))
+    if not np.allclose(out[0, :-1], out[1, :-1], rtol=1e-5, atol=1e-5 * float(np.abs(out).max())):
+        return "outputs at earlier positions depend on later tokens (bidirectional attention)"
+    return None
+
+
 @register_pass("insert-kv-cache")
 class InsertKVCachePass(KilnPass):
+    def __init__(self, only_causal_lm: bool = False):
+        super().__init__()
+        self.only_causal_lm = only_causal_lm
+
     def call(self, model: ir.Model):
         graph = model.graph
         if METADATA_KEY in model.metadata_props:
             return self.result(model, modified=False, stats={"kv_layers": 0},
                                rejected=["the model already has a KV cache"])
-        ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
-        if ids is None or _dims(ids) is None or len(_dims(ids)) != 2 or not isinstance(_dims(ids)[1], str):
-            raise KVCacheError("insert-kv-cache needs an input 'input_ids' with a symbolic [batch, sequence] shape")
+        not_lm = _not_a_causal_lm(model)
+        if not_lm is not None:
+            if self.only_causal_lm:
+                return self.result(model, modified=False, stats={"kv_layers": 0},
+                                   rejected=[f"not a causal LM: {not_lm}; no cache inserted"])
+            raise KVCacheError(f"insert-kv-cache: not a causal LM: {not_lm}")
+        ids = graph.inputs[0]
         batch_sym, seq = _dims(ids)
         softmaxes = [n for n in graph if n.op_type == "Softmax"]
         found = [_analyse(s, seq) for s in softmaxes]

@@ -32,7 +32,7 @@ class Generation:
     prompt_ids: list[int]
     token_ids: list[int]  # new tokens only
     text: str  # decoded new tokens
-    stop_reason: str  # "eos" | "length"
+    stop_reason: str  # "stop" (a stop / end-of-sequence token) | "length"
 
 
 class Artifact:
@@ -90,19 +90,21 @@ class Artifact:
                  on_token: Callable[[int], None] | None = None, **sampling) -> Generation:
         """Continue one prompt (greedy unless temperature > 0), streaming tokens to `on_token`."""
         model, prompt_ids = self._lm(), self._ids(prompt)
+        params = self._params(max_new_tokens, **sampling)
         new: list[int] = []
-        for token in generate_stream(model, prompt_ids, self._params(max_new_tokens, **sampling)):
+        for token in generate_stream(model, prompt_ids, params):
             new.append(token)
             if on_token:
                 on_token(token)
-        return self._result(prompt_ids, new)
+        return self._result(prompt_ids, new, params)
 
     def generate_batch(self, prompts: list[str | list[int]], max_new_tokens: int | None = None,
                        **sampling) -> list[Generation]:
         """Static batching: all prompts padded into one batch."""
         ids = [self._ids(p) for p in prompts]
-        outs = generate_batch(self._lm(), ids, self._params(max_new_tokens, **sampling))
-        return [self._result(p, o) for p, o in zip(ids, outs)]
+        params = self._params(max_new_tokens, **sampling)
+        outs = generate_batch(self._lm(), ids, params)
+        return [self._result(p, o, params) for p, o in zip(ids, outs)]
 
     def generate_continuous(self, prompts: list[str | list[int]], max_new_tokens: int | None = None,
                             arrivals: list[int] | None = None, **sampling) -> list[Generation]:
@@ -110,12 +112,12 @@ class Artifact:
         ids = [self._ids(p) for p in prompts]
         params = self._params(max_new_tokens, **sampling)
         outs = run_requests(self._lm(), [(p, params) for p in ids], arrivals)
-        return [self._result(p, o) for p, o in zip(ids, outs)]
+        return [self._result(p, o, params) for p, o in zip(ids, outs)]
 
-    def _result(self, prompt_ids: list[int], new: list[int]) -> Generation:
-        eos = set(self._lm().eos)
+    def _result(self, prompt_ids: list[int], new: list[int], params: SamplingParams) -> Generation:
+        stops = set(params.stop_token_ids if params.stop_token_ids is not None else self._lm().eos)
         text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer else ""
-        return Generation(prompt_ids, new, text, "eos" if new and new[-1] in eos else "length")
+        return Generation(prompt_ids, new, text, "stop" if new and new[-1] in stops else "length")
 
     # --- embeddings ---------------------------------------------------------------
     def embed(self, texts: list[str]) -> np.ndarray:

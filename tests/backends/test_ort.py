@@ -21,8 +21,14 @@ def test_artifact_layout_and_manifest(tmp_path, prepared):
     assert m["recipe"]["name"] == "fp32"
     assert m["target"]["name"] == "cpu" and m["target"]["threads"] >= 1
     assert m["backend"]["session"]["providers"] == ["CPUExecutionProvider"]
-    assert m["io"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}]
-    assert m["io"]["outputs"][0]["name"] == "logits"
+    assert m["io"]["inputs"][:3] == [
+        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence"]},
+        {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+    ]
+    assert m["io"]["inputs"][3] == {"name": "past_key_values.0.key", "dtype": "float", "shape": ["batch", 2, "past_sequence", 16]}
+    assert [o["name"] for o in m["io"]["outputs"]] == ["logits"] + [f"present.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    assert m["kv_cache"]["num_layers"] == 2 and m["kv_cache"]["sequence_axis"] == 2
     lowering = m["backend"]["lowering"]
     assert lowering[:4] == ["fuse-rms-norm", "fuse-layer-norm", "fuse-gelu", "fuse-attention"]
     assert [r["name"] for r in m["passes"]] == [s["name"] for s in m["recipe"]["passes"]] + lowering
@@ -31,8 +37,12 @@ def test_artifact_layout_and_manifest(tmp_path, prepared):
     assert m["compile"]["artifact_check"]["max_rel"] <= 1e-4
     # the artifact opens in a plain ORT session, no kiln needed
     sess = ort.InferenceSession(str(tmp_path / "a" / "model.onnx"), providers=["CPUExecutionProvider"])
-    (logits,) = sess.run(None, {"input_ids": np.array([[1, 2, 3]], dtype=np.int64)})
-    assert logits.shape == (1, 3, 320)
+    empty = np.zeros((1, 2, 0, 16), dtype=np.float32)
+    feeds = {"input_ids": np.array([[1, 2, 3]], dtype=np.int64), "attention_mask": np.ones((1, 3), dtype=np.int64),
+             "position_ids": np.array([[0, 1, 2]], dtype=np.int64)}
+    feeds.update({f"past_key_values.{i}.{k}": empty for i in range(2) for k in ("key", "value")})
+    logits, present_key, *_ = sess.run(None, feeds)
+    assert logits.shape == (1, 3, 320) and present_key.shape == (1, 2, 3, 16)
 
 
 def test_compile_an_onnx_file(tmp_path, prepared):

@@ -1,23 +1,87 @@
+"""Generation through compiled artifacts (KV cache + fused GQA) against transformers."""
+
 import json
 
 import pytest
 
 import kiln
+from conftest import run_kiln
+from kiln.errors import KilnError
 from kiln.models import get_source
 from kiln.reference import reference_generate
-from conftest import run_kiln
+
+PROMPTS = ["Hello, world", "The quick brown fox jumps", "1 2 3 4", "a", "Once upon a time there was a very long prompt",
+           "zz", "What is 2+2?", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_greedy_tokens_match_transformers(tmp_path, prepared, name):
-    prepared(name)
-    result = kiln.compile(name, tmp_path / name, progress=False)
-    art = kiln.load(result.path)
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2", "tiny-qwen2"])
+def artifact(request, tmp_path_factory, prepared):
+    prepared(request.param)
+    path = tmp_path_factory.mktemp(request.param) / "a"
+    kiln.compile(request.param, path, progress=False)
+    return request.param, kiln.load(path)
+
+
+def test_artifact_has_a_fused_cache(artifact):
+    _, art = artifact
+    assert art.manifest["kv_cache"]["num_layers"] == 2
+    assert art.manifest["summary"]["artifact"]["ops"]["com.microsoft::GroupQueryAttention"] == 2
+
+
+def test_greedy_tokens_match_transformers(artifact):
+    name, art = artifact
     loaded = get_source(name).load()
-    for prompt in ["Hello, world", "The quick brown fox", "1 2 3 4"]:
+    for prompt in PROMPTS[:5]:
         gen = art.generate(prompt, 32)
-        ref = reference_generate(art.manifest, gen.prompt_ids, 32, loaded=loaded)
-        assert gen.token_ids == ref, prompt
+        assert gen.token_ids == reference_generate(art.manifest, gen.prompt_ids, 32, loaded=loaded), prompt
+
+
+def test_static_and_continuous_batching_match_solo_runs(artifact):
+    _, art = artifact
+    solo = [art.generate(p, 16).token_ids for p in PROMPTS]
+    assert len({len(art.encode(p)) for p in PROMPTS}) >= 6  # really different lengths
+    static = art.generate_batch(PROMPTS, 16)
+    assert [g.token_ids for g in static] == solo
+    # 8 concurrent requests that join at different decode steps
+    continuous = art.generate_continuous(PROMPTS, 16, arrivals=[0, 0, 1, 3, 3, 5, 9, 14])
+    assert [g.token_ids for g in continuous] == solo
+
+
+def test_sampling_is_seeded(artifact):
+    _, art = artifact
+    a = art.generate("Hello", 12, temperature=0.8, top_k=20, top_p=0.9, seed=7).token_ids
+    b = art.generate("Hello", 12, temperature=0.8, top_k=20, top_p=0.9, seed=7).token_ids
+    c = art.generate("Hello", 12, temperature=0.8, top_k=20, top_p=0.9, seed=8).token_ids
+    assert a == b and a != c
+    assert art.generate("Hello", 12, temperature=1.0, top_k=1).token_ids == art.generate("Hello", 12).token_ids
+
+
+def test_stop_tokens(artifact):
+    _, art = artifact
+    greedy = art.generate("Hello, world", 16).token_ids
+    stop = greedy[5]
+    stopped = art.generate("Hello, world", 16, stop_token_ids=(stop,))
+    assert stopped.token_ids == greedy[: greedy.index(stop) + 1]
+    assert stopped.stop_reason == "stop"
+    assert art.generate("Hello, world", 3).stop_reason == "length"
+
+
+def test_no_cache_recipe_generates_the_same(tmp_path, prepared):
+    prepared("tiny-llama")
+    recipe = tmp_path / "nocache.toml"
+    recipe.write_text('[[passes]]\nname = "fold-constants"\n')
+    plain = kiln.load(kiln.compile("tiny-llama", tmp_path / "p", recipe=recipe, progress=False).path)
+    assert "kv_cache" not in plain.manifest
+    cached = kiln.load(kiln.compile("tiny-llama", tmp_path / "c", progress=False).path)
+    assert plain.generate("Hello", 20).token_ids == cached.generate("Hello", 20).token_ids
+    assert [g.token_ids for g in plain.generate_batch(["Hello", "a b c"], 8)] == \
+        [cached.generate(p, 8).token_ids for p in ["Hello", "a b c"]]
+
+
+def test_chat_template_is_required_for_chat(artifact):
+    _, art = artifact
+    with pytest.raises(KilnError, match="no chat template"):
+        art.chat_prompt("hi")
 
 
 def test_run_json_prints_new_tokens_only(tmp_path, prepared):

@@ -66,15 +66,19 @@ def test_idempotent(decoder):
 
 
 def test_rejects_a_graph_without_attention():
-    model = tiny_graph()
-    model.graph.inputs[0].name = "input_ids"
-    model.graph.inputs[0].shape = ir.Shape(["batch", "sequence"])
+    # input_ids -> embedding lookup -> per-token output: causal, but nothing to cache
+    ids = ir.val("input_ids", ir.DataType.INT64, ir.Shape(["batch", "sequence"]))
+    table = ir.val("table", const_value=ir.tensor(np.eye(4, dtype=np.float32)))
+    gather = ir.node("Gather", [table, ids], num_outputs=1)
+    gather.outputs[0].name = "logits"
+    gather.outputs[0].dtype, gather.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(["batch", "sequence", 4])
+    g = ir.Graph([ids], [gather.outputs[0]], nodes=[gather], initializers=[table], opset_imports={"": 21}, name="g")
     with pytest.raises(KilnError, match="no attention"):
-        InsertKVCachePass()(model)
+        InsertKVCachePass()(ir.Model(g, ir_version=10))
 
 
 def test_rejects_a_model_without_input_ids():
-    with pytest.raises(KilnError, match="needs an input 'input_ids'"):
+    with pytest.raises(KilnError, match="expects exactly one input 'input_ids'"):
         InsertKVCachePass()(tiny_graph())
 
 
@@ -87,3 +91,36 @@ def test_pipeline_adapts_feeds_after_the_signature_changes(prepared):
     kv = run.records[-2]
     assert kv["delta"]["max_rel"] < 1e-5 and kv["delta_total"]["max_rel"] < 1e-5
     assert decode_consistency(run.model) < 1e-5
+
+
+def test_encoders_are_skipped_with_the_reason_when_optional(prepared):
+    p = prepared("tiny-bert")
+    model = load_model(p.path)
+    result = InsertKVCachePass(only_causal_lm=True)(model)
+    assert not result.modified
+    assert result.rejected[0].startswith("not a causal LM: expects exactly one input 'input_ids'")
+    with pytest.raises(KilnError, match="not a causal LM"):
+        InsertKVCachePass()(model)
+
+
+def test_bidirectional_attention_is_detected_numerically(tmp_path):
+    import torch
+
+    import kiln
+    from kiln.models.tiny import build
+
+    class PerToken(torch.nn.Module):  # a BERT that looks like an LM from outside
+        def __init__(self):
+            super().__init__()
+            self.bert = build("tiny-bert")
+
+        def forward(self, input_ids):
+            return self.bert(input_ids=input_ids).last_hidden_state
+
+    recipe = tmp_path / "kv.toml"
+    recipe.write_text('[[passes]]\nname = "insert-kv-cache"\n')
+    with pytest.raises(KilnError, match="bidirectional attention"):
+        kiln.compile(PerToken().eval(), tmp_path / "out", recipe=recipe, progress=False,
+                     example_inputs=(torch.ones(2, 8, dtype=torch.int64),),
+                     dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"}})
+    assert not (tmp_path / "out").exists()
