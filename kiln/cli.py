@@ -188,6 +188,7 @@ def run_cmd(
     top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k most likely tokens (0 = all)."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    num_beams: int = typer.Option(1, "--num-beams", min=1, help="Beam search with this many beams (not streamed)."),
     check: Optional[bool] = typer.Option(
         None, "--check/--no-check",
         help="Compare with the PyTorch source model: greedy tokens (LLM) or cosine (encoder). "
@@ -206,6 +207,13 @@ def run_cmd(
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
         if check and temperature > 0:
             raise KilnError("--check compares greedy tokens; it cannot be used with --temperature")
+        if num_beams > 1:
+            if temperature > 0:
+                raise KilnError("--num-beams and --temperature cannot be combined")
+            gen = art.beam_search(prompt, num_beams, max_new_tokens)
+            print(json.dumps({"text": gen.text, "token_ids": gen.token_ids, "stop_reason": gen.stop_reason})
+                  if as_json else shown + gen.text)
+            return
         if as_json:
             gen = art.generate(prompt, max_new_tokens, **sampling)
             payload = {"text": gen.text, "token_ids": gen.token_ids, "stop_reason": gen.stop_reason}

@@ -21,6 +21,11 @@ after RoPE (the Mul/Add that applies it is not a layout op) and before any GQA h
 computed from the input's sequence length are rebuilt from the value's annotated shape
 with the total length T.
 
+Static variant (`static_length=L`, for targets that need static shapes): the cache has a
+fixed length L; a new input cache_position[S] gives the slots the new tokens are written to
+(ScatterElements on the sequence axis), attention_mask is [B, L] and marks filled slots, and
+present.{i}.* is the whole updated cache.
+
 Positions are slots: causality compares cache slots, padding is attention_mask, and RoPE
 or learned position tables read position_ids, so left padding and rows that join a batch
 later (continuous batching) are exact.
@@ -227,9 +232,12 @@ def _not_a_causal_lm(model: ir.Model) -> str | None:
 
 @register_pass("insert-kv-cache")
 class InsertKVCachePass(KilnPass):
-    def __init__(self, only_causal_lm: bool = False):
+    def __init__(self, only_causal_lm: bool = False, static_length: int = 0):
         super().__init__()
+        if static_length < 0:
+            raise ValueError("static_length must be >= 0 (0: a growing cache)")
         self.only_causal_lm = only_causal_lm
+        self.static_length = static_length
 
     def call(self, model: ir.Model):
         graph = model.graph
@@ -255,9 +263,13 @@ class InsertKVCachePass(KilnPass):
 
         first = next(iter(graph))
         tape = ir.tape.Tape()
+        static = self.static_length
+        total_sym = static or "total_sequence"
         mask_in = ir.Value(name="attention_mask", type=ir.TensorType(ir.DataType.INT64),
-                           shape=ir.Shape([batch_sym, "total_sequence"]))
+                           shape=ir.Shape([batch_sym, total_sym]))
         pos_in = ir.Value(name="position_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([batch_sym, seq]))
+        # Static cache: the new tokens are written at slots `cache_position` of a fixed-size cache.
+        slot_in = ir.Value(name="cache_position", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([seq]))
 
         def const(array) -> ir.Value:
             return tape.op("Constant", [], attributes={"value": ir.tensor(np.asarray(array))})
@@ -267,14 +279,14 @@ class InsertKVCachePass(KilnPass):
         total_len = tape.op("Squeeze", [tape.op("Shape", [mask_in], attributes={"start": 1, "end": 2})])
         past_len = tape.op("Sub", [total_len, seq_len])
         one = const(np.int64(1))
-        q_slots = tape.op("Range", [past_len, total_len, one], name="kiln_query_slots")
+        q_slots = slot_in if static else tape.op("Range", [past_len, total_len, one], name="kiln_query_slots")
         k_slots = tape.op("Range", [const(np.int64(0)), total_len, one], name="kiln_key_slots")
         causal = tape.op("LessOrEqual", [tape.op("Unsqueeze", [k_slots, const(np.array([0]))]),
                                          tape.op("Unsqueeze", [q_slots, const(np.array([1]))])])
         not_pad = tape.op("Cast", [tape.op("Unsqueeze", [mask_in, const(np.array([1, 2]))])],
                           attributes={"to": ir.DataType.BOOL})
         allowed = tape.op("And", [tape.op("Unsqueeze", [causal, const(np.array([0, 1]))]), not_pad])
-        mask_shape = ir.Shape([batch_sym, 1, seq, "total_sequence"])
+        mask_shape = ir.Shape([batch_sym, 1, seq, total_sym])
         allowed.dtype, allowed.shape = ir.DataType.BOOL, mask_shape
         masks: dict[ir.DataType, ir.Value] = {}
 
@@ -302,16 +314,29 @@ class InsertKVCachePass(KilnPass):
             for kind, op in (("key", att.key), ("value", att.value)):
                 b, heads, _, head_dim = _dims(op.cut)
                 past = ir.Value(name=f"past_key_values.{i}.{kind}", type=ir.TensorType(op.cut.dtype),
-                                shape=ir.Shape([batch_sym, heads, "past_sequence", head_dim]))
-                concat = ir.node("Concat", [past, op.cut], attributes={"axis": 2}, num_outputs=1)
-                full = concat.outputs[0]
+                                shape=ir.Shape([batch_sym, heads, static or "past_sequence", head_dim]))
+                if static:  # write the new rows at cache_position: ScatterElements on the sequence axis
+                    where = ir.tape.Tape()
+                    index = where.op("Expand", [where.op("Reshape", [slot_in, where.op("Constant", [], attributes={
+                        "value": ir.tensor(np.array([1, 1, -1, 1], dtype=np.int64))})]), where.op("Shape", [op.cut])])
+                    writer = ir.node("ScatterElements", [past, index, op.cut], attributes={"axis": 2}, num_outputs=1)
+                    new_nodes = [*where.nodes, writer]
+                else:
+                    writer = ir.node("Concat", [past, op.cut], attributes={"axis": 2}, num_outputs=1)
+                    new_nodes = [writer]
+                full = writer.outputs[0]
                 full.name = f"present.{i}.{kind}"
-                full.dtype, full.shape = op.cut.dtype, ir.Shape([batch_sym, heads, "total_sequence", head_dim])
-                graph.insert_after(op.cut.producer(), concat) if op.cut.producer() is not None else graph.insert_before(first, concat)
+                full.dtype, full.shape = op.cut.dtype, ir.Shape([batch_sym, heads, total_sym, head_dim])
+                if op.cut.producer() is not None:
+                    graph.insert_after(op.cut.producer(), new_nodes)
+                else:
+                    graph.insert_before(first, new_nodes)
                 # Everything that read K (the chain and shape computations on it) now reads the
-                # full-length K; only the Concat itself reads the new tokens.
+                # full-length K; only the writer (and its index shape) reads the new tokens.
+                readers = {(n, j) for n in new_nodes for j, v in enumerate(n.inputs) if v is op.cut}
                 op.cut.replace_all_uses_with(full)
-                concat.replace_input_with(1, op.cut)
+                for n, j in readers:
+                    n.replace_input_with(j, op.cut)
                 graph.inputs.append(past)
                 graph.outputs.append(full)
                 self._retarget_shapes(graph, op, full, batch_1d, batch_sym, seq)
@@ -321,6 +346,8 @@ class InsertKVCachePass(KilnPass):
         graph.insert_before(first, tape.nodes)
         graph.inputs.insert(1, mask_in)
         graph.inputs.insert(2, pos_in)
+        if static:
+            graph.inputs.insert(3, slot_in)
         RemoveUnusedNodesPass()(model)
         positions, rejected = self._replace_positions(graph, pos_in)
         RemoveUnusedNodesPass()(model)
@@ -339,8 +366,15 @@ class InsertKVCachePass(KilnPass):
             "present": "present.{layer}.{key|value}",
             "attention_mask": "attention_mask: int64 [batch, past + sequence], 1 = real token, 0 = padding",
             "position_ids": "position_ids: int64 [batch, sequence], each token's position (count of real tokens before it)",
-            "static": False,
+            "static": bool(static),
         }
+        if static:
+            layout.update({
+                "max_length": static,
+                "attention_mask": "attention_mask: int64 [batch, max_length], 1 = a filled slot (including the new tokens)",
+                "cache_position": "cache_position: int64 [sequence], the slots the new tokens are written to",
+                "present": "present.{layer}.{key|value}: the whole cache, [batch, kv_heads, max_length, head_dim]",
+            })
         model.metadata_props[METADATA_KEY] = json.dumps(layout)
         decode = decode_consistency(model)
         stats = {"attentions_seen": len(softmaxes), "kv_layers": len(layers), "positions_replaced": positions,

@@ -16,14 +16,19 @@ def cache_feeds(layout: dict, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Feeds for a prefill of `input_ids` with an empty past and no padding."""
     batch, seq = input_ids.shape
     dtype = np.float16 if layout["dtype"] == "float16" else np.float32
+    length = layout.get("max_length", 0) if layout.get("static") else 0
     feeds = {
         "input_ids": input_ids.astype(np.int64),
         "attention_mask": np.ones((batch, seq), dtype=np.int64),
         "position_ids": np.tile(np.arange(seq, dtype=np.int64), (batch, 1)),
     }
+    if layout.get("static"):
+        feeds["attention_mask"] = np.zeros((batch, length), dtype=np.int64)
+        feeds["attention_mask"][:, :seq] = 1
+        feeds["cache_position"] = np.arange(seq, dtype=np.int64)
     for i in range(layout["num_layers"]):
-        feeds[f"past_key_values.{i}.key"] = np.zeros((batch, layout["kv_heads"], 0, layout["head_dim"]), dtype=dtype)
-        feeds[f"past_key_values.{i}.value"] = np.zeros((batch, layout["kv_heads"], 0, layout["value_head_dim"]), dtype=dtype)
+        feeds[f"past_key_values.{i}.key"] = np.zeros((batch, layout["kv_heads"], length, layout["head_dim"]), dtype=dtype)
+        feeds[f"past_key_values.{i}.value"] = np.zeros((batch, layout["kv_heads"], length, layout["value_head_dim"]), dtype=dtype)
     return feeds
 
 
@@ -41,6 +46,10 @@ def decode_consistency(model: ir.Model, prefill: int = 5, steps: int = 3) -> flo
         t = prefill + step
         feeds = {"input_ids": ids[:, t:t + 1], "attention_mask": np.ones((2, t + 1), dtype=np.int64),
                  "position_ids": np.full((2, 1), t, dtype=np.int64)}
+        if layout.get("static"):
+            feeds["attention_mask"] = np.zeros((2, layout["max_length"]), dtype=np.int64)
+            feeds["attention_mask"][:, : t + 1] = 1
+            feeds["cache_position"] = np.array([t], dtype=np.int64)
         for i in range(layout["num_layers"]):
             for kind in ("key", "value"):
                 feeds[f"past_key_values.{i}.{kind}"] = out[f"present.{i}.{kind}"]

@@ -20,7 +20,14 @@ from tokenizers import Tokenizer
 from kiln.backends.ort import create_session
 from kiln.errors import KilnError
 from kiln.manifest import read_manifest
-from kiln.runtime.generate import Model, SamplingParams, generate_batch, generate_stream, run_requests
+from kiln.runtime.generate import (
+    Model,
+    SamplingParams,
+    beam_search,
+    generate_batch,
+    generate_stream,
+    run_requests,
+)
 
 
 class ArtifactError(KilnError):
@@ -113,6 +120,13 @@ class Artifact:
         params = self._params(max_new_tokens, **sampling)
         outs = run_requests(self._lm(), [(p, params) for p in ids], arrivals)
         return [self._result(p, o, params) for p, o in zip(ids, outs)]
+
+    def beam_search(self, prompt: str | list[int], num_beams: int = 4, max_new_tokens: int | None = None,
+                    length_penalty: float = 1.0) -> Generation:
+        params = self._params(max_new_tokens)
+        prompt_ids = self._ids(prompt)
+        tokens = beam_search(self._lm(), prompt_ids, num_beams, params.max_new_tokens, length_penalty)
+        return self._result(prompt_ids, tokens, params)
 
     def _result(self, prompt_ids: list[int], new: list[int], params: SamplingParams) -> Generation:
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else self._lm().eos)

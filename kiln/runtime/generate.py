@@ -12,7 +12,8 @@ Batching:
   Masked cache slots get exactly zero attention weight, so a row's tokens are the same as
   when it runs alone.
 
-Decoding: greedy by default; temperature / top-k / top-p sampling with a per-request seed.
+Decoding: greedy by default; temperature / top-k / top-p sampling with a per-request seed;
+beam search (`beam_search`) over the cache, the beams being rows of one batch.
 """
 
 from __future__ import annotations
@@ -60,18 +61,35 @@ class Model:
         self.eos = tuple(gen.get("eos_token_ids", []))
         self.pad = gen.get("pad_token_id") if gen.get("pad_token_id") is not None else (self.eos[0] if self.eos else 0)
 
+    @property
+    def static(self) -> bool:
+        return bool(self.kv and self.kv.get("static"))
+
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         kv = self.kv
         dtype = np.float16 if kv["dtype"] == "float16" else np.float32
-        shapes = [(batch, kv["kv_heads"], 0, kv["head_dim"]), (batch, kv["kv_heads"], 0, kv["value_head_dim"])]
+        length = kv["max_length"] if self.static else 0
+        shapes = [(batch, kv["kv_heads"], length, kv["head_dim"]), (batch, kv["kv_heads"], length, kv["value_head_dim"])]
         return [np.zeros(shapes[j % 2], dtype=dtype) for j in range(2 * kv["num_layers"])]
 
     def forward(self, input_ids, attention_mask, position_ids, cache):
-        """Returns (last-position logits [B, V], new cache)."""
+        """Returns (last-position logits [B, V], new cache).
+
+        `attention_mask` covers the slots used so far including the new tokens ([B, P + S]);
+        for a static cache it is padded to the fixed length and the write slots are added.
+        """
         if self.kv is None:
             (logits,) = self.session.run(["logits"], {"input_ids": input_ids})
             return logits[:, -1], None
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self.static:
+            used, new, length = attention_mask.shape[1], input_ids.shape[1], self.kv["max_length"]
+            if used > length:
+                raise ValueError(f"the sequence ({used} tokens) exceeds the static cache length {length}")
+            mask = np.zeros((attention_mask.shape[0], length), dtype=np.int64)
+            mask[:, :used] = attention_mask
+            feeds["attention_mask"] = mask
+            feeds["cache_position"] = np.arange(used - new, used, dtype=np.int64)
         for i in range(self.kv["num_layers"]):
             feeds[f"past_key_values.{i}.key"] = cache[2 * i]
             feeds[f"past_key_values.{i}.value"] = cache[2 * i + 1]
@@ -178,6 +196,8 @@ class ContinuousBatcher:
         row.next_position = ids.shape[1]
         if not self.rows:
             self.cache, self.mask, self.logits = cache, mask, logits
+        elif m.static:
+            raise ValueError("continuous batching needs a growing cache; this artifact's cache is static")
         else:
             t_old, t_new = self.mask.shape[1], mask.shape[1]
             width = max(t_old, t_new)
@@ -220,7 +240,7 @@ class ContinuousBatcher:
         self.mask = self.mask[idx]
         # Slots no remaining row attends to are dropped, keeping the cache short.
         first = int(np.argmax(self.mask.any(axis=0)))
-        if first:
+        if first and not self.model.static:
             self.cache = [c[:, :, first:] for c in self.cache]
             self.mask = self.mask[:, first:]
 
@@ -270,3 +290,54 @@ def run_requests(model: Model, requests: list[tuple[list[int], SamplingParams]],
                 on_token(ids[rid], token)
         step += 1
     return out
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def beam_search(model: Model, prompt: list[int], num_beams: int, max_new_tokens: int,
+                length_penalty: float = 1.0, stop_token_ids: tuple[int, ...] | None = None) -> list[int]:
+    """Beam search as transformers does with early_stopping=True: a finished hypothesis is
+    scored sum(log p) / len**length_penalty (len = generated tokens); search ends when
+    `num_beams` hypotheses have finished or the length limit is reached."""
+    stops = set(stop_token_ids if stop_token_ids is not None else model.eos)
+    ids = np.array([prompt], dtype=np.int64)
+    logits, cache = model.forward(ids, np.ones_like(ids), np.arange(len(prompt))[None],
+                                  model.empty_cache(1) if model.kv else None)
+    beams: list[tuple[float, list[int]]] = [(0.0, [])]
+    finished: list[tuple[float, list[int]]] = []
+    logprobs = _log_softmax(logits)
+    for step in range(max_new_tokens):
+        candidates = []
+        for b, (score, tokens) in enumerate(beams):
+            top = np.argsort(-logprobs[b])[: 2 * num_beams]
+            candidates += [(score + float(logprobs[b, t]), b, int(t)) for t in top]
+        candidates.sort(key=lambda c: -c[0])
+        next_beams, parents = [], []
+        for score, parent, token in candidates:
+            tokens = beams[parent][1] + [token]
+            if token in stops:
+                finished.append((score / len(tokens) ** length_penalty, tokens))
+            else:
+                next_beams.append((score, tokens))
+                parents.append(parent)
+            if len(next_beams) == num_beams:
+                break
+        if len(finished) >= num_beams or step == max_new_tokens - 1:
+            break
+        beams = next_beams
+        new = np.array([[t[-1]] for _, t in beams], dtype=np.int64)
+        if model.kv:
+            cache = [c[parents] for c in cache]
+            length = len(prompt) + step + 1
+            logits, cache = model.forward(new, np.ones((len(beams), length), dtype=np.int64),
+                                          np.full((len(beams), 1), length - 1, dtype=np.int64), cache)
+        else:
+            full = np.array([prompt + t for _, t in beams], dtype=np.int64)
+            logits, _ = model.forward(full, None, None, None)
+        logprobs = _log_softmax(logits)
+    pool = finished + [(score / len(tokens) ** length_penalty, tokens) for score, tokens in next_beams]
+    return max(pool, key=lambda h: h[0])[1]

@@ -94,3 +94,34 @@ def test_run_json_prints_new_tokens_only(tmp_path, prepared):
     assert len(payload["token_ids"]) == 5
     assert payload["reference"]["identical"] is True
     assert set(payload) >= {"text", "token_ids"}
+
+
+def test_beam_search_matches_transformers(artifact):
+    import torch
+
+    name, art = artifact
+    model = get_source(name).load().reference
+    for prompt in PROMPTS[:3]:
+        gen = art.beam_search(prompt, num_beams=4, max_new_tokens=12)
+        ids = torch.tensor([gen.prompt_ids])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=4, max_new_tokens=12, do_sample=False,
+                             early_stopping=True, eos_token_id=art.manifest["generation"]["eos_token_ids"],
+                             pad_token_id=art.manifest["generation"]["pad_token_id"])
+        assert gen.token_ids == ref[0, len(gen.prompt_ids):].tolist(), prompt
+
+
+def test_static_cache_variant_generates_the_same(tmp_path, prepared, artifact):
+    name, dynamic = artifact
+    recipe = tmp_path / "static.toml"
+    recipe.write_text("\n".join(f'[[passes]]\nname = "{n}"' for n in ["fold-constants", "simplify", "eliminate-common-subexpressions"])
+                      + '\n[[passes]]\nname = "insert-kv-cache"\nstatic_length = 48\n')
+    static = kiln.load(kiln.compile(name, tmp_path / "s", recipe=recipe, progress=False).path)
+    layout = static.manifest["kv_cache"]
+    assert layout["static"] is True and layout["max_length"] == 48
+    assert {"name": "cache_position", "dtype": "int64", "shape": ["sequence"]} in static.manifest["io"]["inputs"]
+    assert static.manifest["io"]["inputs"][1]["shape"] == ["batch", 48]
+    for prompt in PROMPTS[:3]:
+        assert static.generate(prompt, 16).token_ids == dynamic.generate(prompt, 16).token_ids
+    assert [g.token_ids for g in static.generate_batch(PROMPTS[:3], 8)] == [dynamic.generate(p, 8).token_ids for p in PROMPTS[:3]]
+    with pytest.raises(ValueError, match="exceeds the static cache length 48"):
+        static.generate("x" * 40, 16)
