@@ -13,8 +13,12 @@ Step 2, kiln's GQA rule, on the graph written by insert-kv-cache:
                         attention_bias = mask)      -> output, present_key, present_value
   Padding and causality stay in kiln's additive mask (attention_bias, [B,1,S,T]); the op's
   own causal rule (query i sees slots <= P+i) is the same as kiln's, so the two agree.
-  RoPE stays outside the op (do_rotary=0). ORT's CPU kernel accepts S>1 with a non-empty
-  past only for batch 1; kiln's runtime prefills with an empty past, so it never asks.
+  RoPE on Q and K (onnxscript's rotary rule finds it) is absorbed into the op (do_rotary=1)
+  with cos/sin caches computed by evaluating the model's own cos/sin subgraph on positions
+  0..max_positions-1, and position_ids as the op's position input; otherwise RoPE stays
+  outside (do_rotary=0). ORT's CPU kernel accepts S>1 with a non-empty past only for batch
+  1, and with fused rotary it rotates a padded first prompt's cached K by slot; so the
+  layout gets `padded_prefill: false` and runtimes prefill one sequence at a time.
 Step 3, onnxscript's SDPA→MHA rule for the remaining SDPA nodes (K/V already repeated).
 
 Dims: B batch, S new tokens, P past, T = P + S, H query heads, Hkv kv heads, Dh head dim.
@@ -24,9 +28,13 @@ reason. ORT-specific: selected by the ORT backend's lowering.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
+from onnx_ir.passes.common import InlinePass
+from onnxscript.rewriter.ort_fusions.rotary_embedding import rotary_embedding_rules as rotary_rules
 from onnxscript.rewriter.ort_fusions.sdpa import sdpa_rules
 from onnxscript.rewriter.ort_fusions.sdpa_via_mha import _rules as sdpa_to_mha_rules
 
@@ -34,6 +42,7 @@ from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA
 from kiln.passes.base import KilnPass
 from kiln.passes.kv_layout import decode_consistency
+from kiln.passes.numerics import evaluate_subgraph
 from kiln.passes.registry import register_pass
 from kiln.passes.rewriting import apply_rules, count_ops
 
@@ -81,6 +90,9 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, query, key, value, past_key, past_value, mask, **_):
+        return self._gqa(op, query, key, value, past_key, past_value, mask, rotary=None)
+
+    def _gqa(self, op, query, key, value, past_key, past_value, mask, rotary):
         bsd = op.Constant(value=ir.tensor(np.array([0, 0, -1], dtype=np.int64)))
 
         def to_bsd(x):
@@ -92,26 +104,110 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         attrs = {"num_heads": self._heads, "kv_num_heads": self._kv_heads}
         if self._scale is not None:
             attrs["scale"] = self._scale
+        cos_cache, sin_cache, positions = rotary or (None, None, None)
+        if rotary:
+            attrs.update(do_rotary=1, rotary_interleaved=self._interleaved)
         out, present_key, present_value = op.GroupQueryAttention(
             to_bsd(query), to_bsd(key), to_bsd(value), past_key, past_value, seqlens, total,
-            None, None, None, mask, _domain="com.microsoft", _outputs=3, **attrs)
+            cos_cache, sin_cache, positions, mask, _domain="com.microsoft", _outputs=3, **attrs)
         bhsd = op.Constant(value=ir.tensor(np.array([0, 0, self._heads, self._head_dim], dtype=np.int64)))
         return op.Transpose(op.Reshape(out, bhsd), perm=[0, 2, 1, 3]), present_key, present_value
 
 
+class RotaryGroupQueryAttentionRule(GroupQueryAttentionRule):
+    """GQA that also absorbs RoPE on Q and K (do_rotary=1, cos/sin caches, position_ids)."""
+
+    def __init__(self, repeated: bool, max_positions: int):
+        pattern.RewriteRuleClassBase.__init__(self, "GQA-rotary" if repeated else "GQA-rotary-equal-heads",
+                                              remove_nodes=True)
+        self._repeated = repeated
+        self._max_positions = max_positions
+        self._caches: dict[tuple, tuple] = {}
+        self._cache_values: dict[int, tuple] = {}
+
+    def pattern(self, op, query, key, value, past_key, past_value, mask, cos, sin):
+        q_rope = op.RotaryEmbedding(query, cos, sin, _domain="ai.onnxruntime._fusion",
+                                    _allow_other_attributes=True, _outputs=["q_rope"])
+        k_rope = op.RotaryEmbedding(key, cos, sin, _domain="ai.onnxruntime._fusion",
+                                    _allow_other_attributes=True, _outputs=["k_rope"])
+        return super().pattern(op, q_rope, k_rope, value, past_key, past_value, mask)
+
+    def check(self, context, query, key, value, past_key, past_value, mask, attention, cos, sin, q_rope, **_):
+        result = super().check(context, q_rope, key, value, past_key, past_value, mask, attention)
+        if not result:
+            return result
+        positions = next((v for v in context.model.graph.inputs if v.name == "position_ids"), None)
+        if positions is None:
+            return result.fail("no position_ids input (run insert-kv-cache first)")
+        if self._head_dim % 16:
+            return result.fail(f"ORT's fused rotary needs a head size that is a multiple of 16, not {self._head_dim}")
+        self._interleaved = q_rope.producer().attributes.get_int("interleaved", 0)
+        key_ = (id(cos), id(sin))
+        if key_ not in self._caches:
+            try:
+                grid = np.arange(self._max_positions, dtype=np.int64)[None]
+                cos_v, sin_v = evaluate_subgraph(context.model, {positions: grid}, [cos, sin])
+            except Exception as exc:
+                return result.fail(f"cos/sin are not a function of position_ids alone ({exc})")
+            cos_v, sin_v = (np.asarray(a).reshape(self._max_positions, -1) for a in (cos_v, sin_v))
+            half = cos_v.shape[1] // 2
+            if self._interleaved:
+                cos_h, sin_h = cos_v[:, ::2], sin_v[:, ::2]
+                same = np.allclose(cos_v[:, 1::2], cos_h) and np.allclose(sin_v[:, 1::2], sin_h)
+            else:
+                cos_h, sin_h = cos_v[:, :half], sin_v[:, :half]
+                same = np.allclose(cos_v[:, half:], cos_h) and np.allclose(sin_v[:, half:], sin_h)
+            if not same or cos_v.shape[1] != self._head_dim:
+                return result.fail("cos/sin do not rotate the whole head in pairs (partial rotary)")
+            self._caches[key_] = (cos_h.astype(np.float32), sin_h.astype(np.float32))
+        self._cache = self._caches[key_]
+        self._positions = positions
+        return result
+
+    def rewrite(self, op, query, key, value, past_key, past_value, mask, **_):
+        # One cos/sin cache for all layers: the first rewrite (layer 0) creates it, later
+        # layers (after it in graph order) reuse its values.
+        key_ = id(self._cache)
+        if key_ not in self._cache_values:
+            self._cache_values[key_] = (op.Constant(value=ir.tensor(self._cache[0])),
+                                        op.Constant(value=ir.tensor(self._cache[1])))
+        cos_cache, sin_cache = self._cache_values[key_]
+        return self._gqa(op, query, key, value, past_key, past_value, mask,
+                         rotary=(cos_cache, sin_cache, self._positions))
+
+
 @register_pass("fuse-attention")
 class FuseAttentionPass(KilnPass):
+    def __init__(self, max_positions: int = 8192):
+        super().__init__()
+        self.max_positions = max_positions
+
     def call(self, model: ir.Model):
         seen = count_ops(model, "Softmax")
         has_cache = KV_CACHE_METADATA in model.metadata_props
         sdpa, sdpa_reasons = apply_rules(model, list(sdpa_rules.rules), expected=seen)
-        gqa, gqa_reasons = (apply_rules(model, [GroupQueryAttentionRule.rule(True), GroupQueryAttentionRule.rule(False)], expected=sdpa)
-                            if has_cache and sdpa else (0, []))
+        rotary = gqa = 0
+        gqa_reasons: list[str] = []
+        if has_cache and sdpa:
+            # RoPE becomes an intermediate RotaryEmbedding function, absorbed into GQA where possible.
+            apply_rules(model, list(rotary_rules.rules))
+            rotary, gqa_reasons = apply_rules(
+                model, [RotaryGroupQueryAttentionRule.rule(r, self.max_positions) for r in (True, False)], expected=sdpa)
+            plain, plain_reasons = apply_rules(
+                model, [GroupQueryAttentionRule.rule(r) for r in (True, False)], expected=sdpa - rotary)
+            gqa, gqa_reasons = rotary + plain, gqa_reasons + plain_reasons
+            InlinePass()(model)  # RoPE that was not absorbed goes back to plain ops
         mha, _ = apply_rules(model, list(sdpa_to_mha_rules.rules)) if sdpa > gqa else (0, [])
         if count_ops(model, "SDPA", "ai.onnxruntime._fusion"):
             raise KilnError("fuse-attention: an intermediate SDPA node could not be lowered to an ORT attention op")
-        stats = {"attentions_seen": seen, "sdpa_matched": sdpa, "gqa_fused": gqa, "mha_fused": mha}
+        stats = {"attentions_seen": seen, "sdpa_matched": sdpa, "gqa_fused": gqa, "gqa_with_rotary": rotary, "mha_fused": mha}
         warnings = self.coverage("attention", sdpa, seen, sdpa_reasons)
+        if rotary:
+            # ORT's fused rotary rotates the cached K of a padded first prompt by slot, not by
+            # position_ids: runtimes must prefill one sequence at a time (decode batches fine).
+            layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
+            layout["padded_prefill"] = False
+            model.metadata_props[KV_CACHE_METADATA] = json.dumps(layout)
         if has_cache:
             warnings += self.coverage("GroupQueryAttention", gqa, sdpa, gqa_reasons)
             if gqa:

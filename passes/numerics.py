@@ -85,3 +85,42 @@ def compare(ref: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> dict[str,
 
 def within_budget(metric: str, value: float, budget: float) -> bool:
     return value >= budget if metric in HIGHER_IS_BETTER else value <= budget
+
+
+def evaluate_subgraph(model: ir.Model, feeds: dict[ir.Value, np.ndarray], outputs: list[ir.Value]) -> list[np.ndarray]:
+    """Run only the nodes that compute `outputs` from `feeds` (and constants) with ORT.
+
+    Raises ValueError if an output depends on a graph input that is not fed.
+    """
+    import onnx
+
+    needed: list[ir.Node] = []
+    seen: set[ir.Node] = set()
+    initializers: dict[str, ir.Value] = {}
+    stack = list(outputs)
+    while stack:
+        value = stack.pop()
+        if value in feeds:
+            continue
+        producer = value.producer()
+        if producer is None:
+            if value.const_value is None:
+                raise ValueError(f"'{value.name}' depends on the unfed input '{value.name}'")
+            initializers[value.name] = value
+            continue
+        if producer not in seen:
+            seen.add(producer)
+            stack.extend(v for v in producer.inputs if v is not None)
+    order = {node: i for i, node in enumerate(model.graph)}
+    needed = sorted(seen, key=order.__getitem__)
+
+    def info(value: ir.Value) -> onnx.ValueInfoProto:
+        return onnx.helper.make_tensor_value_info(value.name, value.dtype.value, None)
+
+    graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(n) for n in needed], "subgraph", [info(v) for v in feeds], [info(v) for v in outputs],
+        initializer=[ir.serde.serialize_tensor(v.const_value) for v in initializers.values()])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()],
+                                   ir_version=model.ir_version)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run([v.name for v in outputs], {v.name: a for v, a in feeds.items()})

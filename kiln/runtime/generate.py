@@ -6,7 +6,8 @@ cache. Without one: the full sequence is recomputed every step.
 Batching:
 - static (`generate_batch`): prompts are left-padded to one length; `attention_mask` marks
   the padding and `position_ids` count only real tokens, so each row computes what it
-  would alone;
+  would alone (if the layout says `padded_prefill: false`, prompts are prefilled one by one
+  and then decoded together);
 - continuous (`ContinuousBatcher`): a request is prefilled alone when it joins, its cache
   is left-padded to the batch's length and stacked in; finished rows leave between steps.
   Masked cache slots get exactly zero attention weight, so a row's tokens are the same as
@@ -122,10 +123,11 @@ def generate_stream(model: Model, prompt: list[int], params: SamplingParams) -> 
 
 def generate_batch(model: Model, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
     """Static batching: all prompts left-padded and decoded together."""
+    if model.kv is None or model.kv.get("padded_prefill") is False:
+        # Prefill each prompt alone, decode together (the layout forbids padded prefill).
+        return run_requests(model, [(p, params) for p in prompts])
     stops = set(params.stop_token_ids if params.stop_token_ids is not None else model.eos)
     rngs = [np.random.default_rng(params.seed) for _ in prompts]
-    if model.kv is None:
-        return [list(generate_stream(model, p, params)) for p in prompts]
     ids, mask, positions = left_pad(prompts, model.pad)
     logits, cache = model.forward(ids, mask, positions, model.empty_cache(len(prompts)))
     outputs: list[list[int]] = [[] for _ in prompts]
