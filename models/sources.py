@@ -60,7 +60,10 @@ class Source:
 def quiet_third_party() -> None:
     """transformers and torch.onnx log progress bars and warnings that drown kiln's own output."""
     import logging
+    import os
 
+    # The GGUF loader draws its own tqdm bar; tqdm reads this when it is first imported.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

@@ -21,6 +21,7 @@ from kiln.backends.ort import create_session
 from kiln.errors import KilnError
 from kiln.manifest import read_manifest
 from kiln.runtime.generate import (
+    Generator,
     Model,
     SamplingParams,
     beam_search,
@@ -127,6 +128,10 @@ class Artifact:
         prompt_ids = self._ids(prompt)
         tokens = beam_search(self._lm(), prompt_ids, num_beams, params.max_new_tokens, length_penalty)
         return self._result(prompt_ids, tokens, params)
+
+    def generator(self) -> Generator:
+        """A continuous-batching generator over this artifact: submit(ids, SamplingParams), step(), cancel()."""
+        return Generator(self._lm())
 
     def _result(self, prompt_ids: list[int], new: list[int], params: SamplingParams) -> Generation:
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else self._lm().eos)

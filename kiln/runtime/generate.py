@@ -8,7 +8,7 @@ Batching:
   the padding and `position_ids` count only real tokens, so each row computes what it
   would alone (if the layout says `padded_prefill: false`, prompts are prefilled one by one
   and then decoded together);
-- continuous (`ContinuousBatcher`): a request is prefilled alone when it joins, its cache
+- continuous (`Generator`): a request is prefilled alone when it joins, its cache
   is left-padded to the batch's length and stacked in; finished rows leave between steps.
   Masked cache slots get exactly zero attention weight, so a row's tokens are the same as
   when it runs alone.
@@ -113,7 +113,7 @@ def left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray
 
 def generate_stream(model: Model, prompt: list[int], params: SamplingParams) -> Iterator[int]:
     """One request, token by token."""
-    batcher = ContinuousBatcher(model)
+    batcher = Generator(model)
     rid = batcher.submit(prompt, params)
     while batcher.busy:
         for req_id, token in batcher.step():
@@ -159,8 +159,9 @@ class _Row:
     next_position: int = 0
 
 
-class ContinuousBatcher:
-    """Requests join and leave between decode steps; `step()` yields (request id, token)."""
+class Generator:
+    """Continuous batching: requests join (`submit`) and leave (finish or `cancel`) between
+    decode steps; each `step()` returns one (request id, token) per running request."""
 
     def __init__(self, model: Model):
         self.model = model
@@ -183,6 +184,13 @@ class ContinuousBatcher:
         self._next_id += 1
         self.waiting.append(_Row(rid, params, np.random.default_rng(params.seed), list(prompt)))
         return rid
+
+    def cancel(self, rid: int) -> None:
+        """Remove a request (waiting or running) before its next step."""
+        self.waiting = [r for r in self.waiting if r.rid != rid]
+        keep = [i for i, r in enumerate(self.rows) if r.rid != rid]
+        if len(keep) != len(self.rows):
+            self._retain(keep)
 
     def _admit(self, row: _Row) -> None:
         m = self.model
@@ -277,7 +285,7 @@ def run_requests(model: Model, requests: list[tuple[list[int], SamplingParams]],
                  arrivals: list[int] | None = None, on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """Continuous batching driver: request i joins at step arrivals[i] (default: all at once)."""
     arrivals = arrivals or [0] * len(requests)
-    batcher = ContinuousBatcher(model)
+    batcher = Generator(model)
     ids: dict[int, int] = {}
     out: list[list[int]] = [[] for _ in requests]
     step = 0

@@ -125,3 +125,28 @@ def test_static_cache_variant_generates_the_same(tmp_path, prepared, artifact):
     assert [g.token_ids for g in static.generate_batch(PROMPTS[:3], 8)] == [dynamic.generate(p, 8).token_ids for p in PROMPTS[:3]]
     with pytest.raises(ValueError, match="exceeds the static cache length 48"):
         static.generate("x" * 40, 16)
+
+
+def test_generator_requests_join_and_leave(artifact):
+    from kiln.runtime.generate import SamplingParams
+
+    _, art = artifact
+    gen = art.generator()
+    params = SamplingParams(max_new_tokens=10)
+    a = gen.submit(art.encode(PROMPTS[0]), params)
+    out: dict[int, list[int]] = {a: []}
+    for _ in range(3):
+        for rid, token in gen.step():
+            out[rid].append(token)
+    b = gen.submit(art.encode(PROMPTS[1]), params)  # joins mid-flight
+    c = gen.submit(art.encode(PROMPTS[2]), params)
+    out[b], out[c] = [], []
+    for rid, token in gen.step():
+        out[rid].append(token)
+    gen.cancel(c)  # leaves early
+    while gen.busy:
+        for rid, token in gen.step():
+            out[rid].append(token)
+    assert out[a] == art.generate(PROMPTS[0], 10).token_ids
+    assert out[b] == art.generate(PROMPTS[1], 10).token_ids
+    assert out[c] == art.generate(PROMPTS[2], 1).token_ids
