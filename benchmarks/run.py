@@ -176,6 +176,7 @@ class LlamaCppSystem(System):
     def prefill(self, ids):
         # llama-cpp-python keeps no logits without logits_all; its own greedy generator
         # (top_k=1) evaluates the prompt, then one token per next().
+        self.llm.reset()  # otherwise generate() reuses the cached prefix of the previous round
         self.stream = self.llm.generate(ids, top_k=1, temp=0.0, reset=True)
         return next(self.stream)
 

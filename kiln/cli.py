@@ -310,6 +310,44 @@ def bench_cmd(
     out.print(table)
 
 
+@app.command("eval")
+def eval_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Reference artifact (e.g. the fp32 one): adds KL, top-1 agreement, cosine."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text file (default: the Lee news corpus from the gensim wheel)."),
+    context: int = typer.Option(512, "--context", min=2, help="LLM: tokens per window."),
+    stride: int = typer.Option(512, "--stride", min=1, help="LLM: tokens between window starts."),
+    windows: int = typer.Option(10, "--windows", min=1, help="LLM: number of windows."),
+    sentences: int = typer.Option(200, "--sentences", min=2, help="Encoder: number of sentences."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Perplexity, KL and top-1 agreement (LLM) or cosine and nearest-neighbour agreement (encoder)."""
+    import dataclasses
+
+    from kiln.evaluate import evaluate_encoder, evaluate_lm
+    from kiln.runtime import load
+
+    art = load(artifact)
+    ref = load(reference) if reference else None
+    if art.task == "causal-lm":
+        report = evaluate_lm(art, text, context, stride, windows, ref)
+        result = dataclasses.asdict(report) | {"ppl_increase": report.ppl_increase}
+    elif art.task == "embedding":
+        if ref is None:
+            raise KilnError("an encoder is evaluated against a reference: give --reference DIR")
+        result = dataclasses.asdict(evaluate_encoder(art, ref, text, sentences))
+    else:
+        raise KilnError(f"`kiln eval` does not know how to evaluate a '{art.task}' artifact")
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table("metric", "value", title=f"kiln eval {artifact}")
+    for k, v in result.items():
+        if v is not None:
+            table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    out.print(table)
+
+
 @app.command("inspect")
 def inspect_cmd(
     path: Path = typer.Argument(..., help="Artifact directory or .onnx file."),

@@ -112,7 +112,7 @@ def compile(  # noqa: A001
             raise CompileError(f"source model is invalid: {exc}") from exc
         before = summary(ir_model)
         if feeds is None:
-            feeds = sample_inputs(prepared.meta, before.inputs)
+            feeds = sample_inputs(prepared.meta, before.inputs, tokenizer=prepared.tokenizer)
         lowering = be.lowering_passes(profile) if plan.lower else []
         passes = plan.build() + lowering
         run = run_pipeline(ir_model, passes, feeds, progress=progress, console=console)

@@ -122,14 +122,25 @@ def prepare(source: Source, *, progress: bool = True, console=None) -> Prepared:
     return Prepared(final / "model.onnx", meta, tok if tok.is_file() else None)
 
 
-def sample_inputs(meta: dict, signature: list[dict], seed: int = 0) -> dict[str, np.ndarray]:
+SAMPLE_TEXT = ("The committee met on Tuesday to discuss the new budget. Most members agreed that the roads "
+               "needed repair before winter, but they could not agree on how to pay for it. ")
+
+
+def sample_inputs(meta: dict, signature: list[dict], seed: int = 0, tokenizer: Path | None = None) -> dict[str, np.ndarray]:
     """Fixed inputs for the pipeline's numeric checks: batch 2, sequence 12 for dynamic axes.
 
-    Token ids are drawn below the vocab size; masks pad the tail of the second row so the
-    masking path is exercised; token type ids and unknown integer inputs are zeros/small.
+    Token ids are real text when a tokenizer is given (lossy passes are judged on the
+    distributions a model produces on language, not on random ids), else drawn below the
+    vocab size; masks pad the tail of the second row so the masking path is exercised;
+    token type ids and unknown integer inputs are zeros.
     """
     rng = np.random.default_rng(seed)
     vocab = int(meta.get("vocab_size") or 2)
+    text_ids = None
+    if tokenizer is not None:
+        from tokenizers import Tokenizer
+
+        text_ids = Tokenizer.from_file(str(tokenizer)).encode(SAMPLE_TEXT).ids
     feeds: dict[str, np.ndarray] = {}
     for spec in signature:
         shape = [d if isinstance(d, int) else (2 if i == 0 else 12) for i, d in enumerate(spec["shape"] or [])]
@@ -142,6 +153,9 @@ def sample_inputs(meta: dict, signature: list[dict], seed: int = 0) -> dict[str,
                     arr[1, -4:] = 0
             elif name == "input_ids":
                 arr = rng.integers(0, vocab, size=shape)
+                if text_ids is not None and len(text_ids) >= arr.shape[-1] + arr.shape[0] * 5:
+                    for row in range(arr.shape[0]):  # different slices of the text per row
+                        arr[row] = text_ids[row * 5: row * 5 + arr.shape[-1]]
             else:
                 arr = np.zeros(shape, dtype=np.int64)
             feeds[name] = arr.astype(dtype)

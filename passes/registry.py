@@ -24,6 +24,8 @@ _BUILTIN_MODULES = (
     "kiln.passes.fuse_layer_norm",
     "kiln.passes.fuse_gelu",
     "kiln.passes.fuse_attention",
+    "kiln.passes.quantize_weights",
+    "kiln.passes.lower_matmul_nbits",
 )
 _loaded = False
 

@@ -26,13 +26,18 @@ def apply_rules(model: ir.Model, rules: list, *, expected: int | None = None) ->
     if expected is not None and count < expected:
         tracer = MatchingTracer()
         ruleset.apply_to_model(model, tracer=tracer)
+        found = []
         for rule, matches in tracer.best_matches_map.items():
             for match in matches:
                 if match.status is MatchStatus.SUCCESS:
                     continue
                 why = match.match_result.reason or match.status.name.lower().replace("_", " ")
                 node = match.root_node
-                reasons.append(f"{rule.name or type(rule).__name__} at {node.op_type} '{node.name}': {why}")
+                # A failed check (the pattern matched, a condition did not hold) explains more
+                # than a structural mismatch: list those first.
+                found.append((match.status is not MatchStatus.CONDITION_FAILED,
+                              f"{rule.name or type(rule).__name__} at {node.op_type} '{node.name}': {why}"))
+        reasons = [text for _, text in sorted(found, key=lambda f: f[0])]
     RemoveUnusedNodesPass()(model)
     return count, reasons
 

@@ -79,9 +79,21 @@ class Model:
         `attention_mask` covers the slots used so far including the new tokens ([B, P + S]);
         for a static cache it is padded to the fixed length and the write slots are added.
         """
+        logits, present = self._run(input_ids, attention_mask, position_ids, cache)
+        return logits[:, -1], present
+
+    def all_logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Logits at every position [B, S, V] for unpadded sequences, from an empty cache."""
+        batch, seq = input_ids.shape
+        if self.kv is None:
+            return self._run(input_ids, None, None, None)[0]
+        positions = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
+        return self._run(input_ids, np.ones_like(input_ids), positions, self.empty_cache(batch))[0]
+
+    def _run(self, input_ids, attention_mask, position_ids, cache):
         if self.kv is None:
             (logits,) = self.session.run(["logits"], {"input_ids": input_ids})
-            return logits[:, -1], None
+            return logits, None
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if self.static:
             used, new, length = attention_mask.shape[1], input_ids.shape[1], self.kv["max_length"]
@@ -97,7 +109,7 @@ class Model:
         outs = self.session.run(self.output_names, feeds)
         named = dict(zip(self.output_names, outs))
         present = [named[f"present.{i}.{k}"] for i in range(self.kv["num_layers"]) for k in ("key", "value")]
-        return named["logits"][:, -1], present
+        return named["logits"], present
 
 
 def left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -58,3 +58,14 @@ def test_unknown_model_lists_the_known_ones():
     with pytest.raises(UnknownModelError, match="unknown model 'gpt-5'.*minilm-l6"):
         get_source("gpt-5")
     assert {"smollm2-135m", "minilm-l6", "tiny-llama", "tiny-gpt2", "tiny-bert"} <= set(SOURCES)
+
+
+def test_sample_inputs_use_real_text_when_a_tokenizer_is_given(prepared):
+    from kiln.models.export import SAMPLE_TEXT
+    from tokenizers import Tokenizer
+
+    p = prepared("tiny-llama")
+    feeds = sample_inputs(p.meta, [{"name": "input_ids", "dtype": "int64", "shape": ["b", "s"]}], tokenizer=p.tokenizer)
+    text_ids = Tokenizer.from_file(str(p.tokenizer)).encode(SAMPLE_TEXT).ids
+    assert feeds["input_ids"][0].tolist() == text_ids[:12]
+    assert feeds["input_ids"][1].tolist() == text_ids[5:17]

@@ -1,0 +1,141 @@
+"""Quality evaluation of artifacts: `kiln eval DIR [--reference DIR]`.
+
+Causal LMs, over a text (default: the Lee news corpus shipped in the gensim wheel):
+- perplexity with a fixed context and stride: windows of `context` tokens start every
+  `stride` tokens; each window scores only the tokens the previous one did not (so a
+  stride equal to the context gives non-overlapping windows);
+- against a reference artifact on the same tokens: mean KL(reference || artifact) of the
+  next-token distributions and top-1 agreement, which catch argmax flips that PPL hides.
+Encoders, over sentences of the same text: cosine similarity to the reference embeddings
+(mean and min) and nearest-neighbour agreement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from kiln.errors import KilnError
+from kiln.models.fetch import fetch_wheel
+from kiln.runtime import Artifact
+from kiln.runtime.generate import Model
+
+GENSIM_WHEEL = "gensim==4.4.0"
+LEE_CORPUS = "gensim/test/test_data/lee_background.cor"
+
+
+def default_corpus() -> Path:
+    return fetch_wheel(GENSIM_WHEEL) / LEE_CORPUS
+
+
+@dataclasses.dataclass
+class LMReport:
+    tokens_scored: int
+    windows: int
+    perplexity: float
+    reference_perplexity: float | None = None
+    kl: float | None = None
+    top1_agreement: float | None = None
+
+    @property
+    def ppl_increase(self) -> float | None:
+        if self.reference_perplexity is None:
+            return None
+        return self.perplexity / self.reference_perplexity - 1
+
+
+def _read(path: Path) -> str:
+    if not path.is_file():
+        raise KilnError(f"{path}: no such text file")
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    if not text:
+        raise KilnError(f"{path}: the text is empty")
+    return text
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def _windows(n: int, context: int, stride: int, max_windows: int):
+    """(begin, end, first scored index within the window) for each window."""
+    prev_end, count = 0, 0
+    for begin in range(0, n - 1, stride):
+        end = min(begin + context, n)
+        first = max(prev_end - begin, 1)  # token 0 of the text has nothing to predict it
+        if first < end - begin:
+            yield begin, end, first
+            count += 1
+        prev_end = end
+        if end == n or count == max_windows:
+            return
+
+
+def evaluate_lm(art: Artifact, text_path: Path | None = None, context: int = 512, stride: int = 512,
+                max_windows: int = 10, reference: Artifact | None = None) -> LMReport:
+    if context < 2 or stride < 1 or stride > context:
+        raise KilnError("need context >= 2 and 1 <= stride <= context")
+    ids = np.array(art.encode(_read(text_path or default_corpus())), dtype=np.int64)
+    models = [Model(art.session, art.manifest)]
+    if reference is not None:
+        models.append(Model(reference.session, reference.manifest))
+    nll = [0.0, 0.0]
+    kl_sum, agree, scored, windows = 0.0, 0, 0, 0
+    for begin, end, first in _windows(len(ids), context, stride, max_windows):
+        window = ids[None, begin:end]
+        targets = window[0, first:]
+        logprobs = [_log_softmax(m.all_logits(window)[0, first - 1:-1]) for m in models]
+        for k, lp in enumerate(logprobs):
+            nll[k] -= float(lp[np.arange(len(targets)), targets].sum())
+        if reference is not None:
+            ref, new = logprobs[1], logprobs[0]
+            kl_sum += float(np.sum(np.exp(ref) * (ref - new)))
+            agree += int(np.sum(ref.argmax(-1) == new.argmax(-1)))
+        scored += len(targets)
+        windows += 1
+    if not scored:
+        raise KilnError("the text is too short to score a single token")
+    report = LMReport(scored, windows, math.exp(nll[0] / scored))
+    if reference is not None:
+        report.reference_perplexity = math.exp(nll[1] / scored)
+        report.kl = kl_sum / scored
+        report.top1_agreement = agree / scored
+    return report
+
+
+@dataclasses.dataclass
+class EncoderReport:
+    sentences: int
+    cosine_mean: float
+    cosine_min: float
+    nearest_neighbour_agreement: float
+
+
+def sentences(text: str, limit: int) -> list[str]:
+    parts = [p.strip() for p in re.split(r"(?<=[.!?])\s+", text) if len(p.strip().split()) >= 4]
+    return parts[:limit]
+
+
+def evaluate_encoder(art: Artifact, reference: Artifact, text_path: Path | None = None, limit: int = 200,
+                     batch: int = 32) -> EncoderReport:
+    sents = sentences(_read(text_path or default_corpus()), limit)
+    if len(sents) < 2:
+        raise KilnError("need at least two sentences of four words or more")
+    ours = np.concatenate([art.embed(sents[i:i + batch]) for i in range(0, len(sents), batch)])
+    ref = np.concatenate([reference.embed(sents[i:i + batch]) for i in range(0, len(sents), batch)])
+    cos = np.sum(ours * ref, axis=1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+
+    def neighbours(x):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        sim = x @ x.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(axis=1)
+
+    agreement = float(np.mean(neighbours(ours) == neighbours(ref)))
+    return EncoderReport(len(sents), float(cos.mean()), float(cos.min()), agreement)
