@@ -4,6 +4,7 @@
 
 Systems (peers that are not installed are skipped with a message):
   kiln-ort-fp32     kiln artifact, recipe fp32 (KV cache, GroupQueryAttention, SkipRMSNorm)
+  kiln-ort-int4     kiln artifact, recipe int4 (RTN int4 weights as MatMulNBits, int8 activations)
   ort-raw-fp32      the raw torch.export ONNX in plain ORT: no cache, full recompute per token
   pytorch-eager     transformers LlamaForCausalLM with its KV cache
   ort-genai-fp32/int4   onnxruntime-genai model builder output (needs onnxruntime-genai)
@@ -249,12 +250,14 @@ def build_systems(threads: int, workdir: Path) -> list[System]:
 
     source = get_source("smollm2-135m")
     prepared = prepare(source)
-    fp32 = workdir / "kiln-smollm2-fp32"
-    if not (fp32 / "kiln.json").exists():
-        kiln.compile("smollm2-135m", fp32, force=True)
+    systems: list[System] = []
+    for recipe in ("fp32", "int4"):
+        path = workdir / f"kiln-smollm2-{recipe}"
+        if not (path / "kiln.json").exists():
+            kiln.compile("smollm2-135m", path, recipe=recipe, force=True)
+        systems.append(KilnSystem(path, threads, f"kiln-ort-{recipe}"))
     loaded = source.load()
-    systems: list[System] = [KilnSystem(fp32, threads, "kiln-ort-fp32"), RawOrtSystem(prepared.path, threads),
-                             TorchSystem(loaded.reference, threads)]
+    systems += [RawOrtSystem(prepared.path, threads), TorchSystem(loaded.reference, threads)]
     try:
         import onnxruntime_genai  # noqa: F401
 
@@ -305,7 +308,7 @@ def run(systems: list[System], ids: list[int], new_tokens: int, repeats: int, ra
 
 
 def write_results(results: dict, args, machine: dict, versions: dict, path: Path) -> None:
-    kiln = results["kiln-ort-fp32"]
+    kilns = [k for k in results if k.startswith("kiln-")]
     lines = [
         "# Benchmark results",
         "",
@@ -319,15 +322,18 @@ def write_results(results: dict, args, machine: dict, versions: dict, path: Path
         "SmolLM2-135M-Instruct, batch 1, greedy, identical prompt token ids for every system. "
         f"{args.threads} threads each. Runs interleaved, one warm-up round, medians of {args.repeats}. "
         f"ort-raw-fp32 has no KV cache, so its decode is measured over {args.raw_new_tokens} tokens.",
-        "This is a shared 2-core VM: read the ratios, not the absolute numbers.",
+        "This is a shared 2-core VM: read the ratios, not the absolute numbers. "
+        "Ratios are kiln's tok/s divided by the system's (above 1: kiln is faster).",
         "",
-        "| system | size MB | TTFT s | prefill tok/s | decode tok/s | kiln decode ÷ system decode | kiln prefill ÷ system prefill | greedy tokens = PyTorch |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | size MB | TTFT s | prefill tok/s | decode tok/s | "
+        + " | ".join(f"{k} decode ratio | {k} prefill ratio" for k in kilns) + " | greedy tokens = PyTorch |",
+        "|---|---|---|---|---|" + "---|---|" * len(kilns) + "---|",
     ]
     for name, r in results.items():
+        ratios = " | ".join(f"{results[k]['decode_tok_s'] / r['decode_tok_s']:.2f}× | "
+                            f"{results[k]['prefill_tok_s'] / r['prefill_tok_s']:.2f}×" for k in kilns)
         lines.append(f"| {name} | {r['size_mb']} | {r['ttft_s']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | "
-                     f"{kiln['decode_tok_s'] / r['decode_tok_s']:.2f}× | {kiln['prefill_tok_s'] / r['prefill_tok_s']:.2f}× | "
-                     f"{r['same_greedy_tokens_as_pytorch']} |")
+                     f"{ratios} | {r['same_greedy_tokens_as_pytorch']} |")
     lines += ["", "Raw numbers: `benchmarks/results.json`.", ""]
     path.write_text("\n".join(lines))
 

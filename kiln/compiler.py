@@ -27,6 +27,7 @@ from kiln.ir import KV_CACHE_METADATA, VerificationError, load_model, summary, v
 from kiln.manifest import SCHEMA_VERSION, write_manifest
 from kiln.models import Loaded, Prepared, export_loaded, get_source, prepare, sample_inputs
 from kiln.models.cache import atomic_dir
+from kiln.models.sources import file_sha256
 from kiln.passes.numerics import compare
 from kiln.passes.pipeline import run_pipeline
 from kiln.recipes import load_recipe
@@ -41,14 +42,6 @@ class CompileError(KilnError):
 class CompileResult:
     path: Path
     manifest: dict[str, Any]
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _from_module(module, example_inputs, dynamic_shapes, workdir: Path) -> tuple[Prepared, dict]:
@@ -99,7 +92,7 @@ def compile(  # noqa: A001
             path = Path(model)
             if not path.is_file():
                 raise CompileError(f"{path}: no such ONNX file")
-            prepared = Prepared(path, {"source": path.name, "task": "custom", "sha256": _file_sha256(path)}, None)
+            prepared = Prepared(path, {"source": path.name, "task": "custom", "sha256": file_sha256(path)}, None)
         elif isinstance(model, str):
             prepared = prepare(get_source(model), progress=progress, console=console)
         else:

@@ -72,7 +72,7 @@ def quiet_third_party() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -185,9 +185,9 @@ SOURCES: dict[str, Source] = {
     s.name: s
     for s in [
         Source("smollm2-135m", "causal-lm", "SmolLM2-135M-Instruct (GGUF Q4_1 → fp32 Llama, 30 layers, GQA 9/3)",
-               SMOLLM2_WHEEL, lambda: _sha256(_smollm2_path()), _load_smollm2),
+               SMOLLM2_WHEEL, lambda: file_sha256(_smollm2_path()), _load_smollm2),
         Source("minilm-l6", "embedding", "all-MiniLM-L6-v2 sentence embeddings (BERT, 6 layers, mean pooling)",
-               MINILM_WHEEL, lambda: _sha256(_minilm_dir() / "model.safetensors"), _load_minilm),
+               MINILM_WHEEL, lambda: file_sha256(_minilm_dir() / "model.safetensors"), _load_minilm),
         *[
             Source(n, "embedding" if n == "tiny-bert" else "causal-lm", f"random-init {n} for tests",
                    None, (lambda n=n: tiny.fingerprint(n)), (lambda n=n: _load_tiny(n)))
