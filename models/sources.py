@@ -59,12 +59,15 @@ class Source:
 
 def quiet_third_party() -> None:
     """transformers and torch.onnx log progress bars and warnings that drown kiln's own output."""
+    import functools
     import logging
-    import os
 
-    # The GGUF loader draws its own tqdm bar; tqdm reads this when it is first imported.
-    os.environ.setdefault("TQDM_DISABLE", "1")
     import transformers
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from tqdm.auto import tqdm
+
+    # The GGUF loader draws its own tqdm bar, ignoring transformers' progress-bar switch.
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
