@@ -146,8 +146,8 @@ def coverage(records: list[dict]) -> list[str]:
             lines.append(f"SkipLayerNorm {s['skip_layer_norm_fused']}/{s['residual_norms_seen']}")
         elif r["name"] == "fuse-gelu" and (s.get("gelu_sites") or s.get("bias_gelu_fused")):
             lines.append(f"Gelu {s['gelu_fused']}/{s['gelu_sites']}, BiasGelu {s['bias_gelu_fused']}")
-        elif r["name"] == "insert-kv-cache":
-            lines.append(f"KV cache {s.get('kv_layers', 0)}/{s.get('attentions_seen', 0)} layers")
+        elif r["name"] == "insert-kv-cache" and r["modified"]:
+            lines.append(f"KV cache {s['kv_layers']}/{s['attentions_seen']} layers")
     return lines
 
 

@@ -24,6 +24,7 @@ _BUILTIN_MODULES = (
     "kiln.passes.fuse_layer_norm",
     "kiln.passes.fuse_gelu",
     "kiln.passes.fuse_attention",
+    "kiln.passes.pack_matmuls",
     "kiln.passes.quantize_weights",
     "kiln.passes.lower_matmul_nbits",
 )
