@@ -205,12 +205,17 @@ class FuseAttentionPass(KilnPass):
         if rotary:
             # ORT's fused rotary rotates the cached K of a padded first prompt by slot, not by
             # position_ids: runtimes must prefill one sequence at a time (decode batches fine).
+            # Positions past the cos/sin caches cannot be rotated: runtimes must stop there.
             layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
-            layout["padded_prefill"] = False
+            layout.update(padded_prefill=False, max_positions=self.max_positions)
             model.metadata_props[KV_CACHE_METADATA] = json.dumps(layout)
         if has_cache:
             warnings += self.coverage("GroupQueryAttention", gqa, sdpa, gqa_reasons)
             if gqa:
-                stats["decode_check_max_rel"] = float(f"{decode_consistency(model):.3g}")
+                decode = decode_consistency(model)
+                stats["decode_check_max_rel"] = float(f"{decode:.3g}")
+                if decode > 1e-4:
+                    raise KilnError(f"fuse-attention: decoding through the fused cache differs from full recompute "
+                                    f"(max_rel {decode:.3g})")
         return self.result(model, modified=sdpa > 0, stats=stats, rejected=sdpa_reasons + gqa_reasons,
                            warnings=warnings)

@@ -24,6 +24,12 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from kiln.errors import KilnError
+
+
+class GenerationError(KilnError, ValueError):
+    """A request the artifact cannot serve (too long for its cache, empty prompt, ...)."""
+
 
 @dataclasses.dataclass
 class SamplingParams:
@@ -95,10 +101,13 @@ class Model:
             (logits,) = self.session.run(["logits"], {"input_ids": input_ids})
             return logits, None
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        limit = self.kv.get("max_positions")
+        if limit is not None and int(position_ids.max()) >= limit:
+            raise GenerationError(f"position {int(position_ids.max())} is past the model's rotary cache ({limit} positions)")
         if self.static:
             used, new, length = attention_mask.shape[1], input_ids.shape[1], self.kv["max_length"]
             if used > length:
-                raise ValueError(f"the sequence ({used} tokens) exceeds the static cache length {length}")
+                raise GenerationError(f"the sequence ({used} tokens) exceeds the static cache length {length}")
             mask = np.zeros((attention_mask.shape[0], length), dtype=np.int64)
             mask[:, :used] = attention_mask
             feeds["attention_mask"] = mask
@@ -190,7 +199,7 @@ class Generator:
 
     def submit(self, prompt: list[int], params: SamplingParams | None = None) -> int:
         if not prompt:
-            raise ValueError("empty prompt")
+            raise GenerationError("empty prompt")
         params = params or SamplingParams()
         rid = self._next_id
         self._next_id += 1
@@ -219,7 +228,7 @@ class Generator:
         if not self.rows:
             self.cache, self.mask, self.logits = cache, mask, logits
         elif m.static:
-            raise ValueError("continuous batching needs a growing cache; this artifact's cache is static")
+            raise GenerationError("continuous batching needs a growing cache; this artifact's cache is static")
         else:
             t_old, t_new = self.mask.shape[1], mask.shape[1]
             width = max(t_old, t_new)

@@ -150,3 +150,18 @@ def test_generator_requests_join_and_leave(artifact):
     assert out[a] == art.generate(PROMPTS[0], 10).token_ids
     assert out[b] == art.generate(PROMPTS[1], 10).token_ids
     assert out[c] == art.generate(PROMPTS[2], 1).token_ids
+
+
+def test_positions_past_the_rotary_cache_are_refused(tmp_path, prepared):
+    from kiln.errors import KilnError
+
+    prepared("tiny-llama")
+    recipe = tmp_path / "short.toml"
+    recipe.write_text("\n".join(f'[[passes]]\nname = "{n}"' for n in ["fold-constants", "simplify", "eliminate-common-subexpressions",
+                                                                   "insert-kv-cache"])
+                      + '\n[[passes]]\nname = "fuse-attention"\nmax_positions = 24\n')
+    art = kiln.load(kiln.compile("tiny-llama", tmp_path / "a", recipe=recipe, progress=False).path)
+    assert art.manifest["kv_cache"]["max_positions"] == 24
+    assert len(art.generate("Hello", 10).token_ids) == 10
+    with pytest.raises(KilnError, match="past the model's rotary cache"):
+        art.generate("Hello, world and more", 20)

@@ -1,5 +1,4 @@
 import networkx as nx
-import numpy as np
 
 from conftest import tiny_graph
 from kiln.ir import as_networkx, dims, infer_shapes, is_static, summary
@@ -17,7 +16,6 @@ def test_summary_counts_ops_parameters_and_bytes():
 
 def test_summary_of_a_real_export(tiny_llama_ir, prepared):
     s = summary(tiny_llama_ir)
-    import torch
 
     from kiln.models.tiny import build
 

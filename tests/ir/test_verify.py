@@ -1,4 +1,3 @@
-import numpy as np
 import onnx_ir as ir
 import pytest
 

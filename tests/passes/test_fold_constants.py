@@ -8,7 +8,6 @@ from kiln.passes.fold_constants import FoldConstantsPass
 def _graph_with_constant_chain(scale_size: int = 3) -> ir.Model:
     """y = x + (c1 * c2) with c1, c2 constants: the Mul folds."""
     model = tiny_graph()
-    x = model.graph.inputs[0]
     relu = list(model.graph)[-1]
     c1 = ir.val("c1", const_value=ir.tensor(np.full(scale_size, 2.0, dtype=np.float32)))
     c2 = ir.val("c2", const_value=ir.tensor(np.full(scale_size, 3.0, dtype=np.float32)))
