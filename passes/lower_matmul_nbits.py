@@ -108,8 +108,6 @@ class LowerMatMulNBitsPass(KilnPass):
             model, [MatMulNBitsRule.rule(self.accuracy_level, z) for z in (True, False)], expected=seen)
         if lowered:
             LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1024)(model)
-            for name in [k for k, v in model.graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-                model.graph.initializers.pop(name)
         stats = {"quantized_matmuls_seen": seen, "lowered": lowered}
         return self.result(model, modified=lowered > 0, stats=stats, rejected=reasons if lowered < seen else [],
                            warnings=self.coverage("MatMulNBits", lowered, seen, reasons))

@@ -79,6 +79,4 @@ class PackMatMulsPass(KilnPass):
                 packed += len(nodes)
         if groups:
             RemoveUnusedNodesPass()(model)
-            for name in [k for k, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-                graph.initializers.pop(name)
         return self.result(model, modified=groups > 0, stats={"groups": groups, "matmuls_packed": packed})

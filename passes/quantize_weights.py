@@ -22,6 +22,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
@@ -136,11 +137,7 @@ class QuantizeWeightsPass(KilnPass):
             bytes_after += q.size * self.bits // 8 + scale.nbytes + (zero.size * self.bits // 8 if zero is not None else 0)
         if quantized:
             _require_opset(model, 21)
-            from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-            RemoveUnusedNodesPass()(model)
-            for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-                graph.initializers.pop(name)
+            RemoveUnusedNodesPass()(model)  # the fp32 weights (and Transposes) no longer read
         stats = {"matmuls_quantized": quantized, "matmuls_skipped": skipped,
                  "weight_mb_before": round(bytes_before / 1e6, 2), "weight_mb_after": round(bytes_after / 1e6, 2)}
         return self.result(model, modified=quantized > 0, stats=stats, rejected=rejected)
