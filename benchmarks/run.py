@@ -29,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.bench import TEXT  # the same prompt text as `kiln bench`
+
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ("The history of the region is long and varied. Farmers settled the river valleys, "
-        "traders crossed the mountains, and towns grew where the roads met. Over the centuries "
-        "the people built schools, markets and libraries, and wrote down what they learned. ")
 
 
 class System:

@@ -22,7 +22,7 @@ import numpy as np
 from kiln.errors import KilnError
 from kiln.models.fetch import fetch_wheel
 from kiln.runtime import Artifact
-from kiln.runtime.generate import Model
+from kiln.runtime.generate import Model, log_softmax
 
 GENSIM_WHEEL = "gensim==4.4.0"
 LEE_CORPUS = "gensim/test/test_data/lee_background.cor"
@@ -57,12 +57,6 @@ def _read(path: Path) -> str:
     return text
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
 def _windows(n: int, context: int, stride: int, max_windows: int):
     """(begin, end, first scored index within the window) for each window."""
     prev_end, count = 0, 0
@@ -90,7 +84,7 @@ def evaluate_lm(art: Artifact, text_path: Path | None = None, context: int = 512
     for begin, end, first in _windows(len(ids), context, stride, max_windows):
         window = ids[None, begin:end]
         targets = window[0, first:]
-        logprobs = [_log_softmax(m.all_logits(window)[0, first - 1:-1]) for m in models]
+        logprobs = [log_softmax(m.all_logits(window)[0, first - 1:-1]) for m in models]
         for k, lp in enumerate(logprobs):
             nll[k] -= float(lp[np.arange(len(targets)), targets].sum())
         if reference is not None:

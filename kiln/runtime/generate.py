@@ -323,7 +323,7 @@ def run_requests(model: Model, requests: list[tuple[list[int], SamplingParams]],
     return out
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
@@ -340,7 +340,7 @@ def beam_search(model: Model, prompt: list[int], num_beams: int, max_new_tokens:
                                   model.empty_cache(1) if model.kv else None)
     beams: list[tuple[float, list[int]]] = [(0.0, [])]
     finished: list[tuple[float, list[int]]] = []
-    logprobs = _log_softmax(logits)
+    logprobs = log_softmax(logits)
     for step in range(max_new_tokens):
         candidates = []
         for b, (score, tokens) in enumerate(beams):
@@ -369,6 +369,6 @@ def beam_search(model: Model, prompt: list[int], num_beams: int, max_new_tokens:
         else:
             full = np.array([prompt + t for _, t in beams], dtype=np.int64)
             logits, _ = model.forward(full, None, None, None)
-        logprobs = _log_softmax(logits)
+        logprobs = log_softmax(logits)
     pool = finished + [(score / len(tokens) ** length_penalty, tokens) for score, tokens in next_beams]
     return max(pool, key=lambda h: h[0])[1]
