@@ -5,7 +5,13 @@ import json
 
 import pytest
 
-from kiln.manifest import SCHEMA_PATH, SCHEMA_VERSION, ManifestError, check_manifest, read_manifest
+from kiln.manifest import (
+    SCHEMA_PATH,
+    SCHEMA_VERSION,
+    ManifestError,
+    check_manifest,
+    read_manifest,
+)
 
 LLM = {
     "schema_version": SCHEMA_VERSION,
