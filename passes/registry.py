@@ -27,6 +27,10 @@ _BUILTIN_MODULES = (
     "kiln.passes.pack_matmuls",
     "kiln.passes.quantize_weights",
     "kiln.passes.lower_matmul_nbits",
+    "kiln.passes.factorize_low_rank",
+    "kiln.passes.prune_mlp",
+    "kiln.passes.prune_heads",
+    "kiln.passes.drop_layers",
 )
 _loaded = False
 

@@ -1,0 +1,201 @@
+"""Low-rank factorization of linear layers by truncated SVD (plain, or activation-aware).
+
+    MatMul(X[..., K], W[K, N])  ->  MatMul(MatMul(X, A[K, r]), B[r, N])        W ≈ A·B
+
+Plain SVD: W = U Σ Vᵀ, A = U_r Σ_r^½, B = Σ_r^½ V_rᵀ (balanced factors, so a later int4 pass
+sees factors of similar scale). Activation-aware (`activation_aware=true`, the default; SVD-LLM
+whitening): with G = XᵀX/n from calibration text (Cholesky G = S Sᵀ), factor Sᵀ W = U Σ Vᵀ and
+take A = S⁻ᵀ U_r Σ_r^½, so the truncation minimises the error of the layer's *output* on real
+activations: ‖X W − X A B‖² / n = Σ_{i>r} σ_i² exactly; `stats` report it relative to ‖X W‖².
+
+Rank per layer, one of:
+- `rank=r`: the same rank everywhere;
+- `energy=e`: the smallest r keeping a fraction e of Σσ² (of the output energy when activation-aware);
+- `target_params=f` (or `target_mb=M`): one energy threshold for all layers, the highest whose
+  model has at most f × the model's parameters (embeddings included; a tied table counts once),
+  found by bisection; `target_mb` converts megabytes of weights at the model's bytes per parameter.
+Ranks are rounded up to a multiple of `rank_multiple`. A layer is factored only where it removes
+parameters and FLOPs: r·(K + N) < K·N; otherwise it stays dense.
+
+The factors are ordinary constant MatMuls, so pack-matmuls, insert-kv-cache and quantize-weights
+apply to them afterwards (put this pass before those in a recipe).
+
+Lossy: declares `metric` (default KL of the next-token distribution; `cosine` suits encoders) and a
+`budget`. Stats: params_before/after/removed, layers factored, rank range, output-energy error
+(mean and max over layers). Not handled: weights read through a Transpose (a tied LM head), the
+layer producing a graph output unless `include_lm_head`, Gemm, non-constant weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from kiln.errors import KilnError
+from kiln.passes.base import KilnPass
+from kiln.passes.calibration import collect, require
+from kiln.passes.registry import register_pass
+from kiln.passes.structure import (check_metric, check_target, linear_layers, param_count, params_to_keep,
+                                   remove_unused_initializers, unique_name, weight_of)
+
+
+def whitening(gram: np.ndarray, rows: int) -> np.ndarray:
+    """S with S Sᵀ = XᵀX/n (+ a small ridge so that S is invertible)."""
+    g = gram / max(rows, 1)
+    ridge = 1e-6 * float(np.mean(np.diag(g))) + 1e-12
+    for _ in range(8):
+        try:
+            return np.linalg.cholesky(g + ridge * np.eye(len(g)))
+        except np.linalg.LinAlgError:
+            ridge *= 10
+    raise KilnError("factorize-low-rank: activation covariance is not positive definite")
+
+
+class _Candidate:
+    """One linear layer and the SVD that factors it."""
+
+    def __init__(self, node: ir.Node, w: np.ndarray, s: np.ndarray | None):
+        self.node, self.k, self.n = node, w.shape[0], w.shape[1]
+        w64 = w.astype(np.float64)
+        m = s.T @ w64 if s is not None else w64
+        self.u, self.sigma, self.vt = np.linalg.svd(m, full_matrices=False)
+        self.s = s
+        energy = np.square(self.sigma)
+        self.total = float(energy.sum())
+        self.kept = np.cumsum(energy) / max(self.total, 1e-300)  # kept[r-1]: fraction kept at rank r
+
+    def breakeven(self) -> int:
+        return self.k * self.n // (self.k + self.n)
+
+    def rank_for_energy(self, energy: float, multiple: int) -> int:
+        r = int(np.searchsorted(self.kept, energy - 1e-12) + 1)
+        return min(-(-r // multiple) * multiple, len(self.sigma))
+
+    def cost(self, r: int) -> int:
+        return r * (self.k + self.n) if 0 < r and r * (self.k + self.n) < self.k * self.n else self.k * self.n
+
+    def factored(self, r: int) -> bool:
+        return 0 < r and r * (self.k + self.n) < self.k * self.n
+
+    def error(self, r: int) -> float:
+        """Relative output energy lost at rank r (0 when kept dense)."""
+        if not self.factored(r):
+            return 0.0
+        return float(1 - self.kept[r - 1])
+
+    def factors(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        root = np.sqrt(self.sigma[:r])
+        a = self.u[:, :r] * root
+        if self.s is not None:
+            a = np.linalg.solve(self.s.T, a)
+        b = root[:, None] * self.vt[:r]
+        return a.astype(np.float32), b.astype(np.float32)
+
+
+@register_pass("factorize-low-rank")
+class FactorizeLowRankPass(KilnPass):
+    exact = False
+    uses_calibration = True
+
+    def __init__(self, target_params: float = 0.0, target_mb: float = 0.0, energy: float = 0.0, rank: int = 0,
+                 activation_aware: bool = True, include_lm_head: bool = False, min_elements: int = 4096,
+                 rank_multiple: int = 8, metric: str = "kl", budget: float = 1.0):
+        super().__init__()
+        check_target(target_params, target_mb)
+        if not 0 <= energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        if rank < 0 or rank_multiple < 1:
+            raise ValueError("rank must be >= 0 and rank_multiple >= 1")
+        chosen = sum(bool(x) for x in (target_params or target_mb, energy, rank))
+        if chosen != 1:
+            raise ValueError("give exactly one of target_params / target_mb, energy, rank")
+        check_metric(metric)
+        self.target_params, self.target_mb, self.energy, self.rank = target_params, target_mb, energy, rank
+        self.activation_aware, self.include_lm_head = activation_aware, include_lm_head
+        self.min_elements, self.rank_multiple = min_elements, rank_multiple
+        self.metric, self.budget = metric, budget
+
+    def call(self, model: ir.Model):
+        graph = model.graph
+        before = param_count(model)
+        nodes = [n for n in linear_layers(model, include_outputs=self.include_lm_head)
+                 if weight_of(n).size >= self.min_elements]
+        if not nodes:
+            return self.result(model, modified=False, stats={"params_before": before, "params_after": before,
+                                                             "params_removed": 0}, rejected=["no linear layer to factor"])
+        whiten: dict[str, np.ndarray] = {}
+        if self.activation_aware:
+            feeds = require(self.calibration, "factorize-low-rank (activation_aware=true)")
+            names = list(dict.fromkeys(n.inputs[0].name for n in nodes))
+            stats = collect(model, feeds, names, gram=names)
+            whiten = {name: whitening(st.gram, st.rows) for name, st in stats.items()}
+        cands = [_Candidate(n, weight_of(n), whiten.get(n.inputs[0].name)) for n in nodes]
+        dense = sum(c.k * c.n for c in cands)
+        rest = before - dense
+
+        if self.rank:
+            ranks = [min(self.rank, len(c.sigma)) for c in cands]
+        elif self.energy:
+            ranks = [c.rank_for_energy(self.energy, self.rank_multiple) for c in cands]
+        else:
+            keep = params_to_keep(model, self.target_params, self.target_mb)
+            ranks = self._ranks_for_target(cands, rest, keep)
+        stats = self._apply(graph, cands, ranks)
+        if stats["layers_factored"]:
+            remove_unused_initializers(model)
+        after = param_count(model)
+        stats = {"params_before": before, "params_after": after, "params_removed": before - after,
+                 "fraction_kept": round(after / before, 4), **stats}
+        rejected = [f"{c.node.name}: rank {r} would not save parameters (break-even {c.breakeven()}); kept dense"
+                    for c, r in zip(cands, ranks) if not c.factored(r)][:20]
+        return self.result(model, modified=stats["layers_factored"] > 0, stats=stats, rejected=rejected)
+
+    def _ranks_for_target(self, cands: list[_Candidate], rest: int, keep: int) -> list[int]:
+        def ranks_at(tau: float) -> list[int]:
+            return [c.rank_for_energy(tau, self.rank_multiple) for c in cands]
+
+        def total(ranks: list[int]) -> int:
+            return rest + sum(c.cost(r) for c, r in zip(cands, ranks))
+
+        lowest = total([self.rank_multiple] * len(cands))
+        if lowest > keep:
+            raise KilnError(f"factorize-low-rank: cannot reach {keep:,} parameters: even rank {self.rank_multiple} "
+                            f"everywhere leaves {lowest:,}")
+        lo, hi = 0.0, 1.0  # total(ranks_at(lo)) <= keep
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if total(ranks_at(mid)) <= keep:
+                lo = mid
+            else:
+                hi = mid
+        return ranks_at(lo)
+
+    def _apply(self, graph: ir.Graph, cands: list[_Candidate], ranks: list[int]) -> dict:
+        factored, errors, used = 0, [], []
+        for c, r in zip(cands, ranks):
+            if not c.factored(r):
+                continue
+            a, b = c.factors(r)
+            node = c.node
+            base = node.inputs[1].name or node.name
+            va = ir.val(unique_name(graph, f"{base}.lowrank_a"), const_value=ir.tensor(a))
+            vb = ir.val(unique_name(graph, f"{base}.lowrank_b"), const_value=ir.tensor(b))
+            graph.register_initializer(va)
+            graph.register_initializer(vb)
+            x = node.inputs[0]
+            first = ir.node("MatMul", [x, va], num_outputs=1, name=f"{node.name}.lowrank")
+            mid = first.outputs[0]
+            mid.dtype = x.dtype
+            if x.shape is not None:
+                mid.shape = ir.Shape([*list(x.shape)[:-1], r])
+            graph.insert_before(node, first)
+            node.replace_input_with(0, mid)
+            node.replace_input_with(1, vb)
+            factored += 1
+            errors.append(c.error(r))
+            used.append(r)
+        return {"layers_factored": factored, "layers_dense": len(cands) - factored,
+                "rank_min": min(used, default=0), "rank_max": max(used, default=0),
+                "output_error_mean": round(float(np.mean(errors)), 5) if errors else 0.0,
+                "output_error_max": round(float(np.max(errors)), 5) if errors else 0.0,
+                "activation_aware": int(bool(self.activation_aware))}
