@@ -12,7 +12,7 @@ await main(USAGE, { threads: { type: "string" }, json: { type: "boolean" } }, as
   if (args.length < 2) throw new KilnError(`give an artifact directory and at least one text (usage: ${USAGE})`);
   const [dir, ...texts] = args;
   const art = await Artifact.load(dir, { threads: positiveInt(opts.threads, "--threads") });
-  if (art.task !== "embedding") throw new KilnError(`${dir}: a ${art.task} artifact does not produce embeddings (use generate.js)`);
+  if (art.task !== "embedding") throw new KilnError(`${dir}: a ${art.task} artifact does not produce embeddings${art.task === "causal-lm" ? " (use generate.js)" : ""}`);
   const vectors = await art.embed(texts);
   if (opts.json) {
     const rows = vectors.map((v) => Array.from(v));

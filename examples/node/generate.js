@@ -17,7 +17,7 @@ await main(USAGE, {
   if (args.length !== 2) throw new KilnError(`give an artifact directory and a prompt (usage: ${USAGE})`);
   const [dir, prompt] = args;
   const art = await Artifact.load(dir, { threads: positiveInt(opts.threads, "--threads") });
-  if (art.task !== "causal-lm") throw new KilnError(`${dir}: a ${art.task} artifact does not generate text (use embed.js)`);
+  if (art.task !== "causal-lm") throw new KilnError(`${dir}: a ${art.task} artifact does not generate text${art.task === "embedding" ? " (use embed.js)" : ""}`);
   const maxNewTokens = positiveInt(opts["max-new-tokens"], "--max-new-tokens") ?? 64;
   if (opts.json) {
     const started = performance.now();
