@@ -81,3 +81,26 @@ def tiny_graph() -> ir.Model:
     graph = ir.Graph([x], [relu.outputs[0]], nodes=[mm, add, relu], initializers=[w, b],
                      opset_imports={"": 21}, name="tiny")
     return ir.Model(graph, ir_version=10)
+
+
+CLEANUP = ["fold-constants", "simplify", "eliminate-common-subexpressions", "fold-constants"]
+
+
+@pytest.fixture
+def cleaned(prepared):
+    """name -> (meta, model after the cleanup passes, sample feeds, calibration feeds)."""
+    from kiln.passes import create_pass, run_pipeline
+
+    def get(name: str):
+        p = prepared(name)
+        model = load_model(p.path)
+        feeds = sample_inputs(p.meta, summary(model).inputs)
+        model = run_pipeline(model, [create_pass(n) for n in CLEANUP], feeds, progress=False).model
+        rng = np.random.default_rng(1)
+        vocab = p.meta.get("vocab_size", 256)
+        calib = [{k: (rng.integers(0, min(vocab, 256), size=(1, 32)) if k == "input_ids" else
+                      np.ones((1, 32), dtype=v.dtype) if "mask" in k else np.zeros((1, 32), dtype=v.dtype))
+                  for k, v in feeds.items()} for _ in range(4)]
+        return p.meta, model, feeds, calib
+
+    return get

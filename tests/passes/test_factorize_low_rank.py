@@ -1,0 +1,95 @@
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from conftest import assert_same_outputs
+from kiln.errors import KilnError
+from kiln.passes import create_pass
+from kiln.passes.calibration import CalibrationError
+from kiln.passes.factorize_low_rank import FactorizeLowRankPass
+from kiln.passes.insert_kv_cache import InsertKVCachePass
+from kiln.passes.kv_layout import decode_consistency
+from kiln.passes.numerics import compare, run_ort
+from kiln.passes.structure import param_count
+
+
+def _linear(w: np.ndarray) -> ir.Model:
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["N", w.shape[0]]))
+    wv = ir.val("W", const_value=ir.tensor(w.astype(np.float32)))
+    mm = ir.node("MatMul", [x, wv], num_outputs=1)
+    mm.outputs[0].name, mm.outputs[0].dtype, mm.outputs[0].shape = "y", ir.DataType.FLOAT, ir.Shape(["N", w.shape[1]])
+    g = ir.Graph([x], [mm.outputs[0]], nodes=[mm], initializers=[wv], opset_imports={"": 21}, name="g")
+    return ir.Model(g, ir_version=10)
+
+
+def _clone(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+@pytest.mark.parametrize("aware", [False, True])
+def test_a_low_rank_weight_is_factored_exactly(aware):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 4)) @ rng.standard_normal((4, 96))
+    model = _linear(w)
+    before = _clone(model)
+    p = FactorizeLowRankPass(energy=1.0, rank_multiple=1, activation_aware=aware, min_elements=1, include_lm_head=True)
+    p.calibration = [{"x": rng.standard_normal((128, 64)).astype(np.float32)}]
+    result = p(model)
+    assert result.stats["layers_factored"] == 1 and result.stats["rank_max"] == 4
+    assert result.stats["params_after"] == 4 * (64 + 96)
+    assert_same_outputs(before, model, {"x": rng.standard_normal((3, 64)).astype(np.float32)}, rtol=1e-5)
+
+
+def test_activation_aware_beats_plain_svd_on_correlated_inputs():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 64))
+    mix = rng.standard_normal((64, 64)) * np.logspace(0, -3, 64)[None]  # strongly anisotropic activations
+    x = (rng.standard_normal((512, 64)) @ mix.T).astype(np.float32)
+    errors = {}
+    for aware in (False, True):
+        model = _linear(w)
+        p = FactorizeLowRankPass(rank=16, activation_aware=aware, min_elements=1, include_lm_head=True)
+        p.calibration = [{"x": x}]
+        p(model)
+        y = run_ort(model, {"x": x})["y"]
+        errors[aware] = np.linalg.norm(y - x @ w) / np.linalg.norm(x @ w)
+    assert errors[True] < 0.5 * errors[False]
+
+
+def test_target_params_then_kv_cache_and_decode(cleaned):
+    kls = {}
+    for aware in (False, True):
+        meta, model, feeds, calib = cleaned("tiny-llama")
+        total = param_count(model)
+        before = run_ort(model, feeds)
+        p = FactorizeLowRankPass(target_params=0.95, min_elements=1, rank_multiple=4, activation_aware=aware)
+        p.calibration = calib
+        result = p(model)
+        kept = result.stats["params_after"] / total
+        assert 0.90 <= kept <= 0.95, result.stats
+        assert result.stats["params_removed"] == total - param_count(model)
+        kls[aware] = compare(before, run_ort(model, feeds))["kl"]
+        assert InsertKVCachePass()(model).modified
+        assert decode_consistency(model) < 1e-4
+    assert kls[True] < kls[False]  # whitening by the activations loses less at the same size
+
+
+def test_never_factors_where_it_would_not_save():
+    model = _linear(np.random.default_rng(0).standard_normal((64, 64)))
+    p = FactorizeLowRankPass(rank=40, activation_aware=False, min_elements=1, include_lm_head=True)  # break-even is 32
+    result = p(model)
+    assert not result.modified and "kept dense" in result.rejected[0]
+
+
+def test_invalid_parameters_and_missing_calibration():
+    with pytest.raises(KilnError, match="exactly one of"):
+        create_pass("factorize-low-rank", {"energy": 0.9, "rank": 8})
+    with pytest.raises(KilnError, match="target_params must be in"):
+        create_pass("factorize-low-rank", {"target_params": 1.5})
+    with pytest.raises(KilnError, match="metric must be one of"):
+        create_pass("factorize-low-rank", {"rank": 8, "metric": "bleu"})
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        FactorizeLowRankPass(rank=8, min_elements=1, include_lm_head=True)(_linear(np.ones((64, 64))))
+    model = _linear(np.random.default_rng(0).standard_normal((64, 64)))
+    with pytest.raises(KilnError, match="cannot reach"):
+        FactorizeLowRankPass(target_params=0.05, activation_aware=False, min_elements=1, include_lm_head=True)(model)
