@@ -43,11 +43,11 @@ import onnx_ir as ir
 
 from kiln.errors import KilnError
 from kiln.passes.base import KilnPass
-from kiln.passes.calibration import collect, require
+from kiln.passes.calibration import require
 from kiln.passes.prune_mlp import refit as refit_rows
 from kiln.passes.registry import register_pass
 from kiln.passes.structure import (Attention, _dims, bias_of, check_metric, check_target, const_array,
-                                   find_attentions, linear_output, param_count, params_to_keep,
+                                   find_attentions, grams, linear_output, param_count, params_to_keep,
                                    refresh_shapes, remove_unused_initializers, set_const_input, short_feed,
                                    unique_name, weight_of)
 
@@ -332,7 +332,7 @@ class PruneHeadsPass(KilnPass):
             raise KilnError("prune-heads: unit='group' needs the same kv head count in every layer")
         feeds = require(self.calibration, "prune-heads")
         names = list(dict.fromkeys(a.o.inputs[0].name for a in atts))
-        stats = collect(model, feeds, names, gram=names)
+        stats = grams(model, feeds, names)
         energies = [self._head_energy(a, stats[a.o.inputs[0].name]) for a in atts]
         plans = self._plan(model, atts, energies, keep_total, before)
         layouts = []

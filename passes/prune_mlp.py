@@ -34,7 +34,7 @@ from kiln.errors import KilnError
 from kiln.passes.base import KilnPass
 from kiln.passes.calibration import collect, require
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import (MLP, check_metric, check_target, const_array, find_mlps, param_count,
+from kiln.passes.structure import (MLP, check_metric, check_target, const_array, find_mlps, grams, param_count,
                                    params_to_keep, remove_unused_initializers, set_const_input, weight_of)
 
 
@@ -86,7 +86,7 @@ class PruneMLPPass(KilnPass):
             return self.result(model, modified=False, stats=base, rejected=["nothing to prune (ratio=0, no target)"])
         feeds = require(self.calibration, "prune-mlp")
         names = [m.inter.name for m in mlps]
-        stats = collect(model, feeds, names, gram=names if self.refit else ())
+        stats = grams(model, feeds, names) if self.refit else collect(model, feeds, names)
         scores = [stats[m.inter.name].sq_sum * np.square(weight_of(m.down).astype(np.float64)).sum(1) for m in mlps]
         costs = [_channel_cost(m) for m in mlps]
         if self.ratio:

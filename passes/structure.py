@@ -502,3 +502,33 @@ def check_metric(metric: str) -> None:
     known = ("kl", "cosine", "max_rel", "max_abs", "top1")
     if metric not in known:
         raise ValueError(f"metric must be one of {', '.join(known)}, got '{metric}'")
+
+
+@dataclasses.dataclass
+class Gram:
+    """Σ xᵀx over the rows of a captured value (last axis = channels), and the row count."""
+
+    gram: np.ndarray
+    rows: int
+
+    @property
+    def sq_sum(self) -> np.ndarray:
+        return np.diag(self.gram).copy()
+
+
+def grams(model: ir.Model, feeds, names: Sequence[str]) -> dict[str, Gram]:
+    """Gram matrices of the named values over the calibration feeds: float32 products per
+    feed (fast BLAS), accumulated in float64."""
+    from kiln.passes.calibration import capture
+
+    out: dict[str, Gram] = {}
+    for arrays in capture(model, feeds, list(dict.fromkeys(names))):
+        for name, x in arrays.items():
+            x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+            g = (x.T @ x).astype(np.float64)
+            if name in out:
+                out[name].gram += g
+                out[name].rows += x.shape[0]
+            else:
+                out[name] = Gram(g, x.shape[0])
+    return out
