@@ -532,3 +532,42 @@ def grams(model: ir.Model, feeds, names: Sequence[str]) -> dict[str, Gram]:
             else:
                 out[name] = Gram(g, x.shape[0])
     return out
+
+
+AMOUNT_KNOBS = ("target_params", "target_mb", "ratio", "energy", "rank", "layers", "drop")
+
+
+def retarget_steps(steps: list[tuple[str, dict]], target_params: float | None = None,
+                   target_mb: float | None = None) -> list[tuple[str, dict]]:
+    """A recipe's steps with a whole-model target (`kiln compile --target-params/--target-size`)
+    given to its structural pass, replacing that pass's own amount (ratio, energy, rank, ...).
+
+    The recipe must hold exactly one pass that takes `target_params` (each pass's target is
+    relative to the model it sees, so two would compound)."""
+    from kiln.errors import KilnError
+    from kiln.passes.registry import get_pass
+
+    if target_params is None and target_mb is None:
+        return steps
+    check_target(target_params or 0.0, target_mb or 0.0)
+    takes = [i for i, (name, _) in enumerate(steps) if "target_params" in get_pass(name).parameter_names()]
+    if len(takes) != 1:
+        which = ", ".join(steps[i][0] for i in takes) or "none"
+        raise KilnError(f"--target-params/--target-size need a recipe with exactly one structural pass "
+                        f"(this one has: {which}); set targets per pass in the recipe instead")
+    out = [(name, dict(params)) for name, params in steps]
+    name, params = out[takes[0]]
+    for knob in AMOUNT_KNOBS:
+        params.pop(knob, None)
+    params["target_params" if target_params is not None else "target_mb"] = (
+        target_params if target_params is not None else target_mb)
+    return out
+
+
+def parse_size_mb(text: str) -> float:
+    """'60MB' / '60 MB' / '0.5GB' / '60' (MB) -> megabytes."""
+    t = text.strip().upper().replace(" ", "")
+    for suffix, scale in (("GB", 1000.0), ("MB", 1.0), ("KB", 1e-3), ("G", 1000.0), ("M", 1.0)):
+        if t.endswith(suffix):
+            return float(t[: -len(suffix)]) * scale
+    return float(t)
