@@ -88,15 +88,34 @@ def compile_cmd(
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, no summary."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="All stats, fusion coverage and reasons."),
+    calibration: Optional[Path] = typer.Option(
+        None, "--calibration", help="Text file for data-aware passes (default: kiln's calibration text, "
+                                    "disjoint from the evaluation corpus)."),
+    max_ppl_increase: Optional[str] = typer.Option(
+        None, "--max-ppl-increase", help="LLM quality budget, e.g. 5% or 0.05: perplexity on held-out text, "
+                                         "checked after every lossy pass; over budget = no artifact."),
+    min_cosine: Optional[float] = typer.Option(
+        None, "--min-cosine", help="Encoder quality budget: mean cosine of the outputs to the source's."),
 ):
     """Export MODEL, run the recipe's verified passes, and write the artifact directory."""
     import kiln
 
     _state["verbose"] |= verbose
     result = kiln.compile(model, output, recipe=recipe, target=target, backend=backend, force=force,
-                          progress=not quiet, console=err)
+                          calibration=calibration, max_ppl_increase=_fraction(max_ppl_increase, "--max-ppl-increase"),
+                          min_cosine=min_cosine, progress=not quiet, console=err)
     if not quiet:
         _print_summary(result.path, result.manifest)
+
+
+def _fraction(text: str | None, option: str) -> float | None:
+    """'5%' -> 0.05, '0.05' -> 0.05."""
+    if text is None:
+        return None
+    try:
+        return float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not a number or a percentage", param_hint=option) from None
 
 
 def _fmt_delta(delta: dict | None) -> str:
@@ -164,6 +183,10 @@ def _print_summary(path: Path, manifest: dict) -> None:
         for r in manifest["passes"]:
             for reason in r.get("rejected", []):
                 out.print(f"  [yellow]{r['name']}[/]: not applied: {escape(reason)}")
+    quality = manifest["compile"].get("quality_budget")
+    if quality:
+        out.print(f"quality budget {quality['metric']} {quality['limit']:g}: source {quality['source']}, "
+                  f"artifact {quality['final']}", highlight=False)
     s = manifest["summary"]
     out.print(
         f"[bold]{path}[/]: {_size(artifact_bytes(path))} on disk, "

@@ -30,6 +30,7 @@ from kiln.models.cache import atomic_dir
 from kiln.models.sources import file_sha256
 from kiln.passes.numerics import compare
 from kiln.passes.pipeline import run_pipeline
+from kiln.passes.quality import QualityBudget
 from kiln.recipes import load_recipe
 from kiln.targets import get_target
 
@@ -72,16 +73,30 @@ def compile(  # noqa: A001
     force: bool = False,
     example_inputs: dict | None = None,
     dynamic_shapes: dict | None = None,
+    calibration: str | Path | None = None,
+    max_ppl_increase: float | None = None,
+    min_cosine: float | None = None,
     progress: bool = True,
     console=None,
 ) -> CompileResult:
     """Compile `model` (a kiln model name, a path to an .onnx file, or a torch.nn.Module
-    with `example_inputs`) into the artifact directory `output`."""
+    with `example_inputs`) into the artifact directory `output`.
+
+    `calibration` is a text file for data-aware passes (default: kiln's calibration corpus,
+    which is disjoint from the evaluation corpus). `max_ppl_increase` (LLMs, e.g. 0.05 for
+    +5%) and `min_cosine` (encoders) are quality budgets measured on held-out text after
+    every lossy pass; the first pass over budget fails the compile and nothing is written."""
     start = time.perf_counter()
     # Validate everything cheap before any expensive work.
     plan = load_recipe(recipe)
     profile = get_target(target)
     be = get_backend(backend)
+    if max_ppl_increase is not None and min_cosine is not None:
+        raise CompileError("give one quality budget: --max-ppl-increase (LLMs) or --min-cosine (encoders)")
+    if max_ppl_increase is not None and not max_ppl_increase >= 0:
+        raise CompileError(f"--max-ppl-increase must be a fraction >= 0 (e.g. 0.05 or 5%), not {max_ppl_increase}")
+    if min_cosine is not None and not -1 <= min_cosine <= 1:
+        raise CompileError(f"--min-cosine must lie in [-1, 1], not {min_cosine}")
     output = Path(output)
     if output.exists() and not force:
         raise CompileError(f"{output} already exists (use --force to replace it)")
@@ -108,7 +123,10 @@ def compile(  # noqa: A001
             feeds = sample_inputs(prepared.meta, before.inputs, tokenizer=prepared.tokenizer)
         lowering = be.lowering_passes(profile) if plan.lower else []
         passes = plan.build() + lowering
-        run = run_pipeline(ir_model, passes, feeds, progress=progress, console=console)
+        calib, calib_info = _calibration(passes, prepared, before.inputs, feeds, calibration)
+        quality = _quality_budget(prepared, before.inputs, max_ppl_increase, min_cosine)
+        run = run_pipeline(ir_model, passes, feeds, calibration=calib, quality=quality, progress=progress,
+                           console=console)
         ir_model, records, feeds = run.model, run.records, run.feeds
         after = summary(ir_model)
 
@@ -120,10 +138,48 @@ def compile(  # noqa: A001
                 shutil.copy(prepared.tokenizer, tmp / "tokenizer.json")
                 tokenizer = "tokenizer.json"
             manifest = _manifest(ir_model, prepared, plan, profile, backend_info, records, before, after, tokenizer)
+            if calib_info:
+                manifest["compile"]["calibration"] = calib_info
+            if run.quality:
+                manifest["compile"]["quality_budget"] = run.quality
             manifest["compile"]["artifact_check"] = _check_artifact(tmp, backend_info, ir_model, feeds)
             manifest["compile"]["seconds"] = round(time.perf_counter() - start, 1)
             write_manifest(tmp, manifest)
     return CompileResult(output, manifest)
+
+
+def _calibration(passes, prepared: Prepared, signature, feeds, text) -> tuple[list | None, dict | None]:
+    """Calibration feeds when some pass is data-aware: windows of real text, or the sample
+    inputs when kiln has no tokenizer for the model (recorded, as they are a poor sample)."""
+    if not any(p.uses_calibration for p in passes):
+        return None, None
+    from kiln.corpus import calibration_corpus, text_feeds
+
+    if prepared.tokenizer is None:
+        return [feeds], {"text": None, "note": "no tokenizer: calibrated on the sample inputs only"}
+    path = Path(text) if text else calibration_corpus()
+    calib = text_feeds(prepared.tokenizer, signature, path)
+    return calib, {"text": path.name, "windows": len(calib), "tokens": int(sum(f["input_ids"].size for f in calib))}
+
+
+def _quality_budget(prepared: Prepared, signature, max_ppl_increase, min_cosine) -> QualityBudget | None:
+    """Held-out windows of the evaluation corpus (never the calibration text)."""
+    if max_ppl_increase is None and min_cosine is None:
+        return None
+    from kiln.corpus import default_corpus, text_feeds
+
+    if max_ppl_increase is not None and prepared.task != "causal-lm":
+        raise CompileError(f"--max-ppl-increase needs a causal LM; this model's task is {prepared.task} "
+                           "(use --min-cosine for encoders)")
+    if min_cosine is not None and prepared.task == "causal-lm":
+        raise CompileError("--min-cosine is for encoders; use --max-ppl-increase for causal LMs")
+    if prepared.tokenizer is None:
+        raise CompileError("a quality budget needs the model's tokenizer (kiln has none for this source)")
+    if max_ppl_increase is not None:
+        return QualityBudget("ppl_increase", max_ppl_increase, text_feeds(prepared.tokenizer, signature,
+                                                                         default_corpus(), samples=4, length=256))
+    return QualityBudget("cosine", min_cosine, text_feeds(prepared.tokenizer, signature, default_corpus(),
+                                                         samples=16, length=128))
 
 
 def _check_artifact(directory: Path, backend_info: dict, model, feeds: dict[str, np.ndarray]) -> dict:

@@ -19,17 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.corpus import default_corpus, read_text
 from kiln.errors import KilnError
-from kiln.models.fetch import fetch_wheel
 from kiln.runtime import Artifact
-from kiln.runtime.generate import Model, log_softmax
-
-GENSIM_WHEEL = "gensim==4.4.0"
-LEE_CORPUS = "gensim/test/test_data/lee_background.cor"
-
-
-def default_corpus() -> Path:
-    return fetch_wheel(GENSIM_WHEEL) / LEE_CORPUS
+from kiln.passes.numerics import log_softmax
+from kiln.runtime.generate import Model
 
 
 @dataclasses.dataclass
@@ -46,15 +40,6 @@ class LMReport:
         if self.reference_perplexity is None:
             return None
         return self.perplexity / self.reference_perplexity - 1
-
-
-def _read(path: Path) -> str:
-    if not path.is_file():
-        raise KilnError(f"{path}: no such text file")
-    text = path.read_text(encoding="utf-8", errors="replace").strip()
-    if not text:
-        raise KilnError(f"{path}: the text is empty")
-    return text
 
 
 def _windows(n: int, context: int, stride: int, max_windows: int):
@@ -75,7 +60,7 @@ def evaluate_lm(art: Artifact, text_path: Path | None = None, context: int = 512
                 max_windows: int = 10, reference: Artifact | None = None) -> LMReport:
     if context < 2 or stride < 1 or stride > context:
         raise KilnError("need context >= 2 and 1 <= stride <= context")
-    ids = np.array(art.encode(_read(text_path or default_corpus())), dtype=np.int64)
+    ids = np.array(art.encode(read_text(text_path or default_corpus())), dtype=np.int64)
     models = [Model(art.session, art.manifest)]
     if reference is not None:
         models.append(Model(reference.session, reference.manifest))
@@ -118,7 +103,7 @@ def sentences(text: str, limit: int) -> list[str]:
 
 def evaluate_encoder(art: Artifact, reference: Artifact, text_path: Path | None = None, limit: int = 200,
                      batch: int = 32) -> EncoderReport:
-    sents = sentences(_read(text_path or default_corpus()), limit)
+    sents = sentences(read_text(text_path or default_corpus()), limit)
     if len(sents) < 2:
         raise KilnError("need at least two sentences of four words or more")
     ours = np.concatenate([art.embed(sents[i:i + batch]) for i in range(0, len(sents), batch)])

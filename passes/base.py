@@ -35,6 +35,10 @@ class KilnPass(ir.passes.InPlacePass):
     exact: ClassVar[bool] = True
     metric: ClassVar[str] = "max_rel"
     budget: float = 1e-4
+    # Data-aware passes set this; the pipeline then sets `self.calibration` (a list of feed
+    # dicts for the current model, see kiln.passes.calibration) before calling the pass.
+    uses_calibration: ClassVar[bool] = False
+    calibration: list | None = None
 
     @classmethod
     def parameter_names(cls) -> list[str]:

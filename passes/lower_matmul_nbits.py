@@ -1,26 +1,36 @@
-"""Lower weight-only quantized MatMuls to ONNX Runtime's MatMulNBits.
+"""Lower weight-only quantized MatMuls and embedding tables to ONNX Runtime's contrib ops.
 
     MatMul(A[..., K], DequantizeLinear(Wq[K, N], scale[K/bs, N], zp?, axis=0, block_size=bs))
+    MatMul(A[..., K], Transpose(DequantizeLinear(Wq[N, K], scale[N, K/bs], zp?, axis=1, block_size=bs)))
   ->
-    MatMulNBits(A, B[N, K/bs, bs·bits/8] uint8, scales[N·K/bs], zero_points, K, N, bits, block_size=bs)
-                                                                             (com.microsoft)
+    MatMulNBits(A, B[N, K/bs, bs·bits/8] uint8, scales[N, K/bs], zero_points, K, N, bits, block_size=bs)
+
+    Gather(DequantizeLinear(Eq[V, H], scale[V, H/bs], zp?, axis=1, block_size=bs), ids[...])
+  ->
+    Reshape(GatherBlockQuantized(B[V, H/bs, bs·bits/8], ids, Reshape(scale, [V, H/bs, 1]), zp?,
+                                 quantize_axis=2, block_size=bs, bits), [...ids, H])    (com.microsoft)
 
 Packing follows ORT: per output channel n, along K, two 4-bit values per byte (even index in
 the low nibble); values are unsigned with a zero point per block (signed int4 q is stored as
-q + 8 with zero point 8); K is padded to a whole block with the zero point. Exact: the kernel
+q + 8 with zero point 8); K is padded to a whole block with the zero point. A tied embedding
+(one DequantizeLinear read by the Gather and, transposed, by the LM head) packs to the same
+B bytes in both ops, and the two are merged into one initializer, so the artifact stores the
+table once; GatherBlockQuantized reads the head's scales through a Reshape (folded by ORT
+at load). Exact: the kernel
 dequantizes to the same values (accuracy_level sets the activation precision ORT may use:
 0 = fp32, 4 = int8 activations, faster and no longer exact).
 
-Not handled (left as DequantizeLinear + MatMul, which ORT also runs): per-channel scales
+Not handled (left as DequantizeLinear, which ORT also runs): per-channel scales
 (block_size 0), block sizes ORT does not support (< 16 or not a power of two), non-constant
-weights. ORT-specific: selected by the ORT backend's lowering.
+weights, tables whose H is not a whole number of blocks. ORT-specific: selected by the ORT
+backend's lowering.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import LiftConstantsToInitializersPass
+from onnx_ir.passes.common import DeduplicateHashedInitializersPass, LiftConstantsToInitializersPass
 from onnxscript.rewriter import pattern
 
 from kiln.passes.base import KilnPass
@@ -50,45 +60,115 @@ def pack(q: np.ndarray, zero: np.ndarray | None, scale: np.ndarray, bits: int, b
     else:
         b = per_channel
         zero_points = zp.T.astype(np.uint8).reshape(-1)
-    return b, scale.T.astype(np.float32).reshape(-1), zero_points
+    return np.ascontiguousarray(b), np.ascontiguousarray(scale.T, dtype=np.float32).reshape(-1), zero_points
+
+
+def _check_weight(q, scale, zero, dq, axis: int) -> tuple[pattern.MatchResult, int]:
+    result = pattern.MatchResult()
+    if q.const_value is None or scale.const_value is None or (zero is not None and zero.const_value is None):
+        return result.fail("the quantized weight is not constant"), 0
+    if q.const_value.dtype not in _SIGNED and q.const_value.dtype not in _UNSIGNED:
+        return result.fail(f"4- or 8-bit weights only, not {q.const_value.dtype}"), 0
+    if len(q.shape) != 2 or dq.attributes.get_int("axis", 1) != axis:
+        return result.fail(f"the weight is not 2-D quantized along axis {axis}"), 0
+    block = dq.attributes.get_int("block_size", 0)
+    if block < 16 or block & (block - 1):
+        return result.fail(f"block size {block} is not a power of two >= 16 (per-channel scales stay QDQ)"), 0
+    return result, block
+
+
+def _pack(q, scale, zero, block: int, transposed: bool):
+    """MatMulNBits (B, scales [N, blocks], zero_points, bits, signed) from a DQ's constants."""
+    dtype = q.const_value.dtype
+    signed = dtype in _SIGNED
+    bits = _SIGNED.get(dtype) or _UNSIGNED[dtype]
+    qa, sa = q.const_value.numpy(), scale.const_value.numpy()
+    za = zero.const_value.numpy() if zero is not None else None
+    if transposed:  # [N, K] -> [K, N]
+        qa, sa, za = qa.T, sa.T, (za.T if za is not None else None)
+    b, scales, zero_points = pack(qa, za, sa, bits, block, signed)
+    return b, scales.reshape(qa.shape[1], -1), zero_points, bits, signed
 
 
 class MatMulNBitsRule(pattern.RewriteRuleClassBase):
-    def __init__(self, accuracy_level: int, zero_point: bool):
-        super().__init__("MatMulNBits" + ("" if zero_point else "-symmetric"))
-        self._accuracy_level = accuracy_level
-        self._zero_point = zero_point
+    def __init__(self, accuracy_level: int, zero_point: bool, transposed: bool):
+        super().__init__("MatMulNBits" + ("" if zero_point else "-symmetric") + ("-transposed" if transposed else ""))
+        self._accuracy_level, self._zero_point, self._transposed = accuracy_level, zero_point, transposed
 
     def pattern(self, op, a, q, scale, zero):
         inputs = (q, scale, zero) if self._zero_point else (q, scale)
         w = op.DequantizeLinear(*inputs, _allow_other_attributes=True, _outputs=["weight"])
+        if self._transposed:
+            w = op.Transpose(w, perm=[1, 0])
         return op.MatMul(a, w)
 
     def check(self, context, a, q, scale, zero=None, weight=None, **_):
-        result = pattern.MatchResult()
-        dq = weight.producer()
-        if q.const_value is None or scale.const_value is None or (zero is not None and zero.const_value is None):
-            return result.fail("the quantized weight is not constant")
-        if q.const_value.dtype not in _SIGNED and q.const_value.dtype not in _UNSIGNED:
-            return result.fail(f"MatMulNBits takes 4- or 8-bit weights, not {q.const_value.dtype}")
-        if len(q.shape) != 2 or dq.attributes.get_int("axis", 1) != 0:
-            return result.fail("the weight is not [K, N] quantized along K")
-        block = dq.attributes.get_int("block_size", 0)
-        if block < 16 or block & (block - 1):
-            return result.fail(f"block size {block} is not a power of two >= 16 (per-channel scales stay QDQ)")
-        self._block = block
+        result, self._block = _check_weight(q, scale, zero, weight.producer(), 1 if self._transposed else 0)
         return result
 
     def rewrite(self, op, a, q, scale, zero=None, **_):
-        dtype = q.const_value.dtype
-        signed = dtype in _SIGNED
-        bits = _SIGNED.get(dtype) or _UNSIGNED[dtype]
-        k, n = q.shape
-        b, scales, zero_points = pack(q.const_value.numpy(), zero.const_value.numpy() if zero is not None else None,
-                                      scale.const_value.numpy(), bits, self._block, signed)
+        b, scales, zero_points, bits, _ = _pack(q, scale, zero, self._block, self._transposed)
+        k, n = (q.shape[1], q.shape[0]) if self._transposed else (q.shape[0], q.shape[1])
         return op.MatMulNBits(a, op.Constant(value=ir.tensor(b)), op.Constant(value=ir.tensor(scales)),
                               op.Constant(value=ir.tensor(zero_points)), K=k, N=n, bits=bits,
                               block_size=self._block, accuracy_level=self._accuracy_level, _domain="com.microsoft")
+
+
+class GatherBlockQuantizedRule(pattern.RewriteRuleClassBase):
+    def __init__(self, zero_point: bool):
+        super().__init__("GatherBlockQuantized" + ("" if zero_point else "-symmetric"))
+        self._zero_point = zero_point
+
+    def pattern(self, op, ids, q, scale, zero):
+        inputs = (q, scale, zero) if self._zero_point else (q, scale)
+        table = op.DequantizeLinear(*inputs, _allow_other_attributes=True, _outputs=["table"])
+        return op.Gather(table, ids, _allow_other_attributes=True, _outputs=["gathered"])
+
+    def check(self, context, ids, q, scale, zero=None, table=None, gathered=None, **_):
+        result, self._block = _check_weight(q, scale, zero, table.producer(), 1)
+        if not result:
+            return result
+        if gathered.producer().attributes.get_int("axis", 0) != 0:
+            return result.fail("Gather is not along axis 0")
+        if q.shape[1] % self._block:
+            return result.fail(f"hidden size {q.shape[1]} is not a whole number of blocks of {self._block}")
+        if ids.shape is None:
+            return result.fail("the indices' rank is unknown")
+        return result
+
+    def rewrite(self, op, ids, q, scale, zero=None, **_):
+        b, scales, _, bits, signed = _pack(q, scale, zero, self._block, transposed=True)
+        v, h = q.shape
+        blocks = h // self._block
+        offset = 1 << (bits - 1)
+        if zero is not None:
+            zp = zero.const_value.numpy().astype(np.int32) + (offset if signed else 0)
+        else:
+            zp = np.full((v, blocks), offset, dtype=np.int32)
+        scales3 = op.Reshape(op.Constant(value=ir.tensor(scales)), op.Constant(value=ir.tensor(np.array([v, blocks, 1]))))
+        gathered = op.GatherBlockQuantized(
+            op.Constant(value=ir.tensor(b)), ids, scales3, op.Constant(value=ir.tensor(zp.astype(np.uint8)[..., None])),
+            gather_axis=0, quantize_axis=2, block_size=self._block, bits=bits, _domain="com.microsoft")
+        shape = np.array([0] * len(ids.shape) + [h], dtype=np.int64)  # 0 keeps the index dims
+        return op.Reshape(gathered, op.Constant(value=ir.tensor(shape)))
+
+
+def _one_dequantize_per_reader(graph: ir.Graph) -> int:
+    """Give each reader of a shared DequantizeLinear (a tied table: Gather + LM head) its own
+    copy, because a rewrite may not swallow a value that something outside the match reads."""
+    copies = 0
+    for node in list(graph):
+        if node.op_type != "DequantizeLinear":
+            continue
+        for use in list(node.outputs[0].uses())[1:]:
+            clone = ir.node("DequantizeLinear", list(node.inputs),
+                            attributes={k: a.value for k, a in node.attributes.items()}, num_outputs=1)
+            clone.outputs[0].dtype, clone.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+            clone.outputs[0].name = f"{node.outputs[0].name}.{copies}"
+            graph.insert_after(node, clone)
+            use.node.replace_input_with(use.idx, clone.outputs[0])
+            copies += 1
+    return copies
 
 
 @register_pass("lower-matmul-nbits")
@@ -102,12 +182,21 @@ class LowerMatMulNBitsPass(KilnPass):
             self.exact, self.metric, self.budget = False, "kl", 1e-2
 
     def call(self, model: ir.Model):
-        seen = sum(1 for n in model.graph if n.op_type == "DequantizeLinear"
-                   and any(u.node.op_type == "MatMul" for u in n.outputs[0].uses()))
-        lowered, reasons = apply_rules(
-            model, [MatMulNBitsRule.rule(self.accuracy_level, z) for z in (True, False)], expected=seen)
-        if lowered:
+        split = _one_dequantize_per_reader(model.graph)
+        readers = [u.node for n in model.graph if n.op_type == "DequantizeLinear" for u in n.outputs[0].uses()]
+        readers += [u.node for r in readers if r.op_type == "Transpose" for u in r.outputs[0].uses()]
+        seen = sum(r.op_type == "MatMul" for r in readers)
+        tables = sum(r.op_type == "Gather" for r in readers)
+        rules = [MatMulNBitsRule.rule(self.accuracy_level, z, t) for z in (True, False) for t in (False, True)]
+        lowered, reasons = apply_rules(model, rules, expected=seen)
+        gathers, gather_reasons = apply_rules(model, [GatherBlockQuantizedRule.rule(z) for z in (True, False)],
+                                              expected=tables)
+        if lowered or gathers:
             LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1024)(model)
-        stats = {"quantized_matmuls_seen": seen, "lowered": lowered}
-        return self.result(model, modified=lowered > 0, stats=stats, rejected=reasons if lowered < seen else [],
-                           warnings=self.coverage("MatMulNBits", lowered, seen, reasons))
+            # A tied table packs to the same bytes for MatMulNBits and GatherBlockQuantized: keep one.
+            DeduplicateHashedInitializersPass()(model)
+        stats = {"quantized_matmuls_seen": seen, "lowered": lowered, "tables_seen": tables, "tables_lowered": gathers}
+        rejected = (reasons if lowered < seen else []) + (gather_reasons if gathers < tables else [])
+        warnings = (self.coverage("MatMulNBits", lowered, seen, reasons)
+                    + self.coverage("GatherBlockQuantized", gathers, tables, gather_reasons))
+        return self.result(model, modified=bool(lowered or gathers or split), stats=stats, rejected=rejected, warnings=warnings)

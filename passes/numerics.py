@@ -35,6 +35,12 @@ def run_ort(model: ir.Model, feeds: dict[str, np.ndarray], threads: int = 0) -> 
     return dict(zip(names, session.run(names, feeds)))
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)

@@ -9,6 +9,10 @@ For every pass it
    (`delta`) and with the source (`delta_total`); exact passes must stay within their
    budget (rtol 1e-4, scale-relative), lossy passes within their declared metric's budget.
 
+With a quality budget (`kiln.passes.quality`), the source is measured once and the model
+again after every lossy pass that changed it; the value goes into that pass's record and
+the first pass over the limit stops the pipeline.
+
 Any failure raises PipelineError naming the pass and the passes before it. The records
 (`{name, params, modified, stats, seconds, delta, ...}`) end up in the artifact manifest.
 """
@@ -29,6 +33,7 @@ from kiln.errors import KilnError
 from kiln.ir import VerificationError, verify
 from kiln.passes.base import KilnPass, KilnPassResult, fingerprint
 from kiln.passes.numerics import compare, run_ort, within_budget
+from kiln.passes.quality import QualityBudget
 
 
 class PipelineError(KilnError):
@@ -40,6 +45,7 @@ class PipelineRun:
     model: ir.Model
     records: list[dict[str, Any]]
     feeds: dict[str, np.ndarray] | None  # sample inputs for the final model's signature
+    quality: dict[str, Any] | None = None  # {"metric", "limit", "source", "final"} with a budget
 
 
 def _round(metrics: dict[str, float]) -> dict[str, float]:
@@ -51,14 +57,22 @@ def run_pipeline(
     passes: Sequence[KilnPass],
     sample_inputs: dict[str, np.ndarray] | None,
     *,
+    calibration: list[dict[str, np.ndarray]] | None = None,
+    quality: QualityBudget | None = None,
     progress: bool = True,
     console=None,
 ) -> PipelineRun:
     """Run `passes` over `model` in place. Returns the model, the records and the final feeds.
 
     With `sample_inputs=None` the numeric check is skipped and recorded as such.
+    `calibration` (feed dicts of real text) is handed to data-aware passes and adapted
+    through signature-changing passes like the sample inputs.
     """
     records: list[dict[str, Any]] = []
+    quality_summary = None
+    if quality is not None:
+        measured = quality.measure(model)
+        quality_summary = {"metric": quality.metric, "limit": quality.limit, "source": measured, "final": measured}
     source_outputs = run_ort(model, sample_inputs) if sample_inputs is not None else None
     previous_outputs = source_outputs
     done: list[str] = []
@@ -76,6 +90,8 @@ def run_pipeline(
             if progress:
                 bar.update(task, description=name)
             before = fingerprint(model)
+            if p.uses_calibration:
+                p.calibration = calibration
             start = time.perf_counter()
             try:
                 result = p(model)
@@ -90,6 +106,10 @@ def run_pipeline(
                 raise PipelineError(f"{where} broke the contract: 'modified' is not a bool")
             model = result.model
             changed = fingerprint(model) != before
+            if changed and calibration is not None:
+                calibration = [p.adapt_feeds(f, model) for f in calibration]
+            if changed and quality is not None:
+                quality.feeds = [p.adapt_feeds(f, model) for f in quality.feeds]
             if changed and not result.modified:
                 raise PipelineError(f"{where} broke the contract: reported modified=False but changed the graph")
             try:
@@ -130,11 +150,19 @@ def run_pipeline(
                     kind = "exact pass changed the outputs" if p.exact else "lossy pass exceeded its budget"
                     raise PipelineError(f"{where}: {kind}: {p.metric} {value:.3g} vs budget {p.budget:g}")
                 previous_outputs = outputs
+                if quality is not None and not p.exact:
+                    try:
+                        values = quality.measure(model)
+                    except Exception as exc:
+                        raise PipelineError(f"{where}: the quality check could not run: {_first_line(exc)}") from exc
+                    record["quality"] = quality_summary["final"] = values
+                    if quality.violated(values):
+                        raise PipelineError(f"{where}: {quality.describe(values)}")
             records.append(record)
             done.append(name)
             if progress:
                 bar.advance(task)
-    return PipelineRun(model, records, sample_inputs)
+    return PipelineRun(model, records, sample_inputs, quality_summary)
 
 
 def _first_line(exc: BaseException) -> str:

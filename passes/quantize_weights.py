@@ -1,85 +1,58 @@
-"""Weight-only round-to-nearest (RTN) quantization of MatMul weights, in standard ONNX (QDQ).
+"""Weight-only quantization of MatMul weights and embedding tables, in standard ONNX (QDQ).
 
-    MatMul(A[..., K], W[K, N])                      (W a constant, possibly through a Transpose)
-  ->
-    MatMul(A, DequantizeLinear(Wq[K, N], scale[K/bs, N], zero_point?, axis=0, block_size=bs))
+    MatMul(A[..., K], W[K, N])          ->  MatMul(A, DequantizeLinear(Wq[K, N], s[K/bs, N], zp?, axis=0, block_size=bs))
+    MatMul(A, Transpose(W[N, K]))       ->  MatMul(A, Transpose(DequantizeLinear(Wq[N, K], s[N, K/bs], zp?, axis=1, block_size=bs)))
+    Gather(E[V, H], ids)                ->  Gather(DequantizeLinear(Eq[V, H], s[V, H/bs], zp?, axis=1, block_size=bs), ids)
 
-Dims: K input features, N output features, bs block size along K (0 = one scale per output
-channel). `bits` 4 (int4/uint4) or 8 (int8/uint8); `symmetric` gives signed values and no zero
-point, else unsigned with a zero point per block. The canonical form is plain ONNX (opset 21
-blocked DequantizeLinear), so the IR stays portable; backends lower it (ORT: MatMulNBits).
-The LM head (the MatMul that produces the logits output) is quantized only when
-`include_lm_head` is true; with tied embeddings it reads the table through a Transpose, and
-the Gather on the same table keeps reading the fp32 table.
+Dims: K input features, N output features, V vocabulary, H hidden, bs the block size along
+the reduction axis (0 = one block spanning it, i.e. per output channel). Blocks always run
+along K, so a tied embedding (one table read by the Gather and, transposed, by the LM head)
+is quantized once and both readers share the same DequantizeLinear: backends can then keep
+one copy of the table (ORT: MatMulNBits and GatherBlockQuantized on the same bytes).
 
-Lossy: declares KL divergence of the next-token distribution (mean over sample positions)
-with a `budget`. Not handled: MatMuls whose weight is an activation, weights with more than
-two dims, Gemm (the exporter emits MatMul), embeddings (Gather).
+Methods (`method`): "rtn" (round to nearest) or "gptq" (error feedback through the inverse
+Hessian of the layer's calibration inputs; see `kiln.passes.quantization`). `bits` 4 or 8;
+`symmetric` gives signed values without zero point, else unsigned with one per block.
+
+Mixed precision (`max_bits_per_weight` > 0): every weight's sensitivity is measured as its
+relative output error at `bits` on the calibration inputs (‖X(W−Ŵ)‖²/‖XW‖²); the most
+sensitive weights move to 8 bits, most sensitive first, while the average stored bits per
+weight (values + fp32 scales + zero points) stays within the limit.
+
+Which weights: constant 2-D float initializers of at least `min_elements` elements whose
+every reader is one of the three forms above. The LM head (a MatMul producing a graph
+output) only with `include_lm_head`; embedding tables (Gather) only with `include_embedding`.
+
+Lossy: declares KL divergence of the output distribution (mean over sample positions)
+with a `budget`. Not handled: weights with more than two dims, Gemm (the exporter emits
+MatMul), weights read in other ways (the reason is recorded).
 """
 
 from __future__ import annotations
 
-import ml_dtypes
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
+from kiln.passes.quantization import DTYPES, bits_per_weight, dequantize, gptq, output_error, rtn
 from kiln.passes.registry import register_pass
 
-_DTYPES = {(4, True): (ir.DataType.INT4, ml_dtypes.int4, -8, 7), (4, False): (ir.DataType.UINT4, ml_dtypes.uint4, 0, 15),
-           (8, True): (ir.DataType.INT8, np.int8, -128, 127), (8, False): (ir.DataType.UINT8, np.uint8, 0, 255)}
+METHODS = ("rtn", "gptq")
 
 
-def quantize_rtn(w: np.ndarray, bits: int, block: int, symmetric: bool):
-    """w [K, N] -> (q [K, N], scale [K/block, N], zero_point [K/block, N] or None); blocks along K."""
-    k, n = w.shape
-    bs = block or k
-    blocks = -(-k // bs)
-    padded = np.zeros((blocks * bs, n), dtype=np.float32)
-    padded[:k] = w
-    g = padded.reshape(blocks, bs, n)
-    _, np_dtype, lo, hi = _DTYPES[(bits, symmetric)]
-    if symmetric:
-        scale = np.abs(g).max(axis=1) / hi
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        q = np.clip(np.round(g / scale[:, None]), lo, hi)
-        zero = None
-    else:
-        gmin, gmax = np.minimum(g.min(axis=1), 0), np.maximum(g.max(axis=1), 0)
-        scale = ((gmax - gmin) / (hi - lo)).astype(np.float32)
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        zero = np.clip(np.round(lo - gmin / scale), lo, hi)
-        q = np.clip(np.round(g / scale[:, None]) + zero[:, None], lo, hi)
-        zero = zero.astype(np_dtype)
-    q = q.reshape(blocks * bs, n)[:k].astype(np_dtype)
-    return q, scale, zero
-
-
-def dequantize(q, scale, zero, block: int) -> np.ndarray:
-    k = q.shape[0]
-    bs = block or k
-    s = np.repeat(scale, bs, axis=0)[:k]
-    z = np.repeat(zero.astype(np.float32), bs, axis=0)[:k] if zero is not None else 0.0
-    return (q.astype(np.float32) - z) * s
-
-
-def _weight(node: ir.Node) -> tuple[np.ndarray, bool] | None:
-    """The constant [K, N] weight of a MatMul, and whether it is read through a Transpose."""
-    w = node.inputs[1]
-    if w is None:
-        return None
-    producer = w.producer()
-    transposed = False
-    if producer is not None and producer.op_type == "Transpose":
-        perm = producer.attributes.get_ints("perm", None)
-        if perm not in (None, [1, 0], (1, 0)):
-            return None
-        w, transposed = producer.inputs[0], True
-    if w.const_value is None or len(w.const_value.shape) != 2:
-        return None
-    array = w.const_value.numpy()
-    return (array.T if transposed else array), transposed
+@dataclasses.dataclass
+class _Weight:
+    value: ir.Value
+    transposed: bool  # stored [N, K] (read through Transpose, or an embedding table [V, H])
+    uses: list[tuple[ir.Node, int]]  # (reader, input index) to re-point at the dequantized weight
+    inputs: list[ir.Value]  # the MatMuls' activations (for calibration)
+    kinds: set[str]
+    bits: int = 0
+    error: float = 0.0
 
 
 @register_pass("quantize-weights")
@@ -87,60 +60,177 @@ class QuantizeWeightsPass(KilnPass):
     exact = False
     metric = "kl"
 
-    def __init__(self, bits: int = 4, block_size: int = 32, symmetric: bool = True, include_lm_head: bool = True,
-                 min_elements: int = 4096, budget: float = 0.1):
+    def __init__(self, bits: int = 4, block_size: int = 32, symmetric: bool = True, method: str = "rtn",
+                 include_lm_head: bool = True, include_embedding: bool = True, max_bits_per_weight: float = 0.0,
+                 damp: float = 0.01, min_elements: int = 4096, budget: float = 0.1):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError("bits must be 4 or 8")
         if block_size < 0 or (block_size and (block_size < 16 or block_size & (block_size - 1))):
             raise ValueError("block_size must be 0 (per channel) or a power of two >= 16")
-        self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
-        self.include_lm_head, self.min_elements, self.budget = include_lm_head, min_elements, budget
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}")
+        if max_bits_per_weight and not bits < max_bits_per_weight <= 8 + 64 / max(block_size, 16):
+            raise ValueError("max_bits_per_weight must lie between bits and 8 (plus scales), or be 0 (off)")
+        if not 0 <= damp < 1:
+            raise ValueError("damp must be in [0, 1)")
+        self.bits, self.block_size, self.symmetric, self.method = bits, block_size, symmetric, method
+        self.include_lm_head, self.include_embedding = include_lm_head, include_embedding
+        self.max_bits_per_weight, self.damp, self.min_elements, self.budget = max_bits_per_weight, damp, min_elements, budget
+        self.uses_calibration = method == "gptq" or bool(max_bits_per_weight)
 
     def call(self, model: ir.Model):
         graph = model.graph
-        quantized = skipped = 0
-        bytes_before = bytes_after = 0
         rejected: list[str] = []
-        for node in list(graph):
-            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-                continue
-            found = _weight(node)
-            if found is None:
-                continue
-            w, transposed = found
-            if w.size < self.min_elements:
-                skipped += 1
-                continue
-            if not self.include_lm_head and any(o.is_graph_output() for o in node.outputs):
-                rejected.append(f"{node.name}: LM head left in fp32 (include_lm_head=false)")
-                skipped += 1
-                continue
-            dtype = _DTYPES[(self.bits, self.symmetric)][0]
-            q, scale, zero = quantize_rtn(w.astype(np.float32), self.bits, self.block_size, self.symmetric)
-            base = node.inputs[1].name or node.name
-            tensors = {f"{base}.q{self.bits}": ir.tensor(q, dtype=dtype), f"{base}.scale": ir.tensor(scale)}
-            if zero is not None:
-                tensors[f"{base}.zero_point"] = ir.tensor(zero, dtype=dtype)
-            inputs = [ir.val(_unique(graph, name), const_value=t) for name, t in tensors.items()]
-            for v in inputs:
-                graph.register_initializer(v)
-            attrs = {"axis": 0}
-            if self.block_size:
-                attrs["block_size"] = self.block_size
-            dq = ir.node("DequantizeLinear", inputs, attributes=attrs, num_outputs=1)
-            dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(w.shape))
-            graph.insert_before(node, dq)
-            node.replace_input_with(1, dq.outputs[0])
-            quantized += 1
-            bytes_before += w.size * 4
-            bytes_after += q.size * self.bits // 8 + scale.nbytes + (zero.size * self.bits // 8 if zero is not None else 0)
-        if quantized:
+        weights = [w for v in list(graph.initializers.values()) if (w := self._candidate(v, rejected)) is not None]
+        grams = self._grams(model, weights) if self.uses_calibration and weights else {}
+
+        quantized = {}
+        for w in weights:
+            gram = _sum([grams[v.name] for v in w.inputs if v.name in grams])
+            quantized[id(w)] = self._quantize(w, self.bits, gram)
+        if self.max_bits_per_weight:
+            self._promote(weights, quantized, grams, rejected)
+
+        bytes_before = bytes_after = 0
+        first = next(iter(graph), None)
+        for w in weights:
+            q, scale, zero = quantized[id(w)][:3]
+            bytes_before += q.size * 4
+            bytes_after += q.size * w.bits // 8 + scale.nbytes + (zero.size * w.bits // 8 if zero is not None else 0)
+            dq = self._dequantize_node(graph, w, q, scale, zero)
+            if first is not None:
+                graph.insert_before(first, dq)
+            else:
+                graph.append(dq)
+            for node, index in w.uses:
+                node.replace_input_with(index, dq.outputs[0])
+        if weights:
             _require_opset(model, 21)
-            RemoveUnusedNodesPass()(model)  # the fp32 weights (and Transposes) no longer read
-        stats = {"matmuls_quantized": quantized, "matmuls_skipped": skipped,
+            RemoveUnusedNodesPass()(model)  # the float weights are no longer read
+        n_params = sum(quantized[id(w)][0].size for w in weights)
+        stats = {"weights_quantized": len(weights),
+                 "matmuls": sum("matmul" in w.kinds for w in weights),
+                 "embeddings": sum("gather" in w.kinds for w in weights),
+                 "int8_weights": sum(w.bits == 8 for w in weights) if self.bits == 4 else len(weights),
+                 "bits_per_weight": round(8 * bytes_after / max(n_params, 1), 3),
+                 "mean_output_error": float(f"{np.mean([w.error for w in weights]):.3g}") if weights else 0.0,
                  "weight_mb_before": round(bytes_before / 1e6, 2), "weight_mb_after": round(bytes_after / 1e6, 2)}
-        return self.result(model, modified=quantized > 0, stats=stats, rejected=rejected)
+        return self.result(model, modified=bool(weights), stats=stats, rejected=rejected)
+
+    # -- finding the weights ------------------------------------------------------------
+
+    def _candidate(self, value: ir.Value, rejected: list[str]) -> _Weight | None:
+        tensor = value.const_value
+        if tensor is None or len(tensor.shape) != 2 or not tensor.dtype.is_floating_point():
+            return None
+        if tensor.size < self.min_elements:
+            return None
+        uses, inputs, kinds, orient = [], [], set(), set()
+        for use in value.uses():
+            node, index = use.node, use.idx
+            if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and index == 1:
+                if _is_head(node) and not self.include_lm_head:
+                    rejected.append(f"{value.name}: LM head left in float (include_lm_head=false)")
+                    continue
+                uses.append((node, 1))
+                inputs.append(node.inputs[0])
+                kinds.add("matmul")
+                orient.add(False)
+            elif node.op_type == "Transpose" and list(node.attributes.get_ints("perm", [1, 0])) == [1, 0]:
+                readers = list(node.outputs[0].uses())
+                if not readers or any(u.node.op_type != "MatMul" or u.idx != 1 for u in readers):
+                    rejected.append(f"{value.name}: read through a Transpose by something other than MatMul")
+                    return None
+                if any(_is_head(u.node) for u in readers) and not self.include_lm_head:
+                    rejected.append(f"{value.name}: LM head left in float (include_lm_head=false)")
+                    continue
+                uses.append((node, 0))
+                inputs.extend(u.node.inputs[0] for u in readers)
+                kinds.add("matmul")
+                orient.add(True)
+            elif node.op_type == "Gather" and index == 0 and node.attributes.get_int("axis", 0) == 0:
+                if not self.include_embedding:
+                    continue
+                uses.append((node, 0))
+                kinds.add("gather")
+                orient.add(True)
+            else:
+                rejected.append(f"{value.name}: read by {node.op_type} (input {index}); left in float")
+                return None
+        if not uses:
+            return None
+        if len(orient) > 1:
+            rejected.append(f"{value.name}: read both as [K, N] and transposed; left in float")
+            return None
+        return _Weight(value, orient.pop(), uses, inputs, kinds)
+
+    def _grams(self, model: ir.Model, weights: list[_Weight]) -> dict[str, np.ndarray]:
+        feeds = calib.require(self.calibration, f"quantize-weights (method={self.method})")
+        names = list(dict.fromkeys(v.name for w in weights for v in w.inputs))
+        stats = calib.collect(model, feeds, names, gram=names)
+        return {name: s.gram for name, s in stats.items()}
+
+    # -- quantizing -------------------------------------------------------------------
+
+    def _quantize(self, w: _Weight, bits: int, gram: np.ndarray | None):
+        """(q, scale, zero) in [K, N] orientation, and the relative output error."""
+        array = w.value.const_value.numpy().astype(np.float32)
+        kn = array.T if w.transposed else array
+        if self.method == "gptq" and gram is not None:
+            q, scale, zero = gptq(kn, gram, bits, self.block_size, self.symmetric, self.damp)
+        else:
+            q, scale, zero = rtn(kn, bits, self.block_size, self.symmetric)
+        w.bits = bits
+        w.error = output_error(kn, dequantize(q, scale, zero, self.block_size), gram)
+        return q, scale, zero
+
+    def _promote(self, weights: list[_Weight], quantized: dict, grams: dict, rejected: list[str]) -> None:
+        """Move the most sensitive weights to 8 bits while the average bits per weight allows."""
+        def bpw(w, bits):
+            k = (w.value.const_value.shape[1] if w.transposed else w.value.const_value.shape[0])
+            return bits_per_weight(bits, self.block_size, k, self.symmetric)
+
+        sizes = {id(w): w.value.const_value.size for w in weights}
+        total = sum(sizes.values())
+        stored = sum(sizes[id(w)] * bpw(w, w.bits) for w in weights)
+        for w in sorted(weights, key=lambda w: -w.error):
+            extra = sizes[id(w)] * (bpw(w, 8) - bpw(w, self.bits))
+            if (stored + extra) / total > self.max_bits_per_weight:
+                continue
+            error4 = w.error
+            gram = _sum([grams[v.name] for v in w.inputs if v.name in grams])
+            quantized[id(w)] = self._quantize(w, 8, gram)
+            stored += extra
+            rejected.append(f"{w.value.name}: 8 bits (output error at {self.bits} bits {error4:.2e}, "
+                            f"at 8 bits {w.error:.2e})")
+
+    def _dequantize_node(self, graph: ir.Graph, w: _Weight, q, scale, zero) -> ir.Node:
+        dtype = DTYPES[(w.bits, self.symmetric)][0]
+        if w.transposed:  # stored as read: [N, K], blocks along axis 1
+            q, scale, zero = q.T, scale.T, (zero.T if zero is not None else None)
+        base = w.value.name
+        tensors = {f"{base}.q{w.bits}": ir.tensor(np.ascontiguousarray(q), dtype=dtype),
+                   f"{base}.scale": ir.tensor(np.ascontiguousarray(scale))}
+        if zero is not None:
+            tensors[f"{base}.zero_point"] = ir.tensor(np.ascontiguousarray(zero), dtype=dtype)
+        inputs = [ir.val(_unique(graph, name), const_value=t) for name, t in tensors.items()]
+        for v in inputs:
+            graph.register_initializer(v)
+        k = q.shape[1] if w.transposed else q.shape[0]
+        attrs = {"axis": 1 if w.transposed else 0, "block_size": self.block_size or k}
+        dq = ir.node("DequantizeLinear", inputs, attributes=attrs, num_outputs=1)
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(q.shape))
+        dq.outputs[0].name = _unique(graph, f"{base}.dequantized")
+        return dq
+
+
+def _is_head(node: ir.Node) -> bool:
+    return any(o.is_graph_output() for o in node.outputs)
+
+
+def _sum(arrays: list[np.ndarray]) -> np.ndarray | None:
+    return sum(arrays[1:], arrays[0].copy()) if arrays else None
 
 
 def _unique(graph: ir.Graph, name: str) -> str:

@@ -3,6 +3,7 @@
     name = "fp32"
     description = "..."
     lower = true                   # then the backend's lowering passes (default: true)
+    base = "fp32"                  # optional: start from another recipe's passes, then these
     [[passes]]
     name = "fold-constants"        # a registered pass
     size_limit = 4096              # every other key is a parameter of that pass
@@ -55,7 +56,7 @@ def presets() -> dict[str, Path]:
     return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.toml"))}
 
 
-def load_recipe(recipe: str | Path | None) -> Recipe:
+def load_recipe(recipe: str | Path | None, _bases: tuple = ()) -> Recipe:
     """Parse and validate a recipe (preset name or .toml path); pass classes are resolved too."""
     recipe = recipe or DEFAULT
     path = Path(recipe)
@@ -74,6 +75,15 @@ def load_recipe(recipe: str | Path | None) -> Recipe:
     if not isinstance(entries, list) or not entries:
         raise RecipeError(f"recipe '{name}': needs a non-empty [[passes]] list")
     steps = []
+    if "base" in data:
+        base = data["base"]
+        if not isinstance(base, str):
+            raise RecipeError(f"recipe '{name}': 'base' must be a recipe name or path")
+        if base in _bases or base == name:
+            raise RecipeError(f"recipe '{name}': 'base' makes a cycle ({' -> '.join((*_bases, name, base))})")
+        if base not in presets() and not Path(base).is_absolute():
+            base = str(path.parent / base)
+        steps = list(load_recipe(base, (*_bases, name)).steps)
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise RecipeError(f"recipe '{name}', pass #{index + 1}: needs a 'name' string")

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.passes.numerics import log_softmax
 
 
 class GenerationError(KilnError, ValueError):
@@ -321,12 +322,6 @@ def run_requests(model: Model, requests: list[tuple[list[int], SamplingParams]],
                 on_token(ids[rid], token)
         step += 1
     return out
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 def beam_search(model: Model, prompt: list[int], num_beams: int, max_new_tokens: int,

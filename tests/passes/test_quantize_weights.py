@@ -2,19 +2,20 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from conftest import tiny_graph
 from kiln.ir import load_model, summary, verify
 from kiln.models import sample_inputs
 from kiln.passes import create_pass, run_pipeline
 from kiln.passes.lower_matmul_nbits import LowerMatMulNBitsPass
 from kiln.passes.numerics import compare, run_ort
-from kiln.passes.quantize_weights import QuantizeWeightsPass, dequantize, quantize_rtn
+from kiln.passes.calibration import CalibrationError
+from kiln.passes.quantization import dequantize, gptq, output_error, rtn
+from kiln.passes.quantize_weights import QuantizeWeightsPass
 
 
 @pytest.mark.parametrize("bits, block, symmetric", [(4, 32, True), (4, 64, False), (8, 0, True), (8, 32, False)])
 def test_rtn_error_is_within_half_a_step(bits, block, symmetric):
     w = np.random.default_rng(0).standard_normal((100, 24)).astype(np.float32)  # K not a multiple of 32
-    q, scale, zero = quantize_rtn(w, bits, block, symmetric)
+    q, scale, zero = rtn(w, bits, block, symmetric)
     err = np.abs(dequantize(q, scale, zero, block) - w)
     step = np.repeat(scale, block or 100, axis=0)[:100]
     assert np.all(err <= step / 2 + 1e-6)
@@ -30,24 +31,93 @@ def _llama(prepared):
     return run.model, run.feeds
 
 
-def test_quantizes_every_projection_and_the_tied_head(prepared):
+def test_quantizes_every_projection_the_head_and_the_embedding(prepared):
     model, feeds = _llama(prepared)
     result = QuantizeWeightsPass(bits=4, block_size=16, min_elements=0)(model)
     verify(model)
-    # 2 layers x (q, k, v, o, gate, up, down) + the tied LM head
-    assert result.stats["matmuls_quantized"] == 15
+    # 2 layers x (q, k, v, o, gate, up, down) + the LM head (folded to its own [H, V]) + the table
+    assert result.stats["weights_quantized"] == 16
+    assert result.stats["matmuls"] == 15 and result.stats["embeddings"] == 1
     assert result.stats["weight_mb_after"] < result.stats["weight_mb_before"] / 5
+    assert result.stats["bits_per_weight"] == 4 + 32 / 16
     assert model.opset_imports[""] == 21
-    ops = summary(model).ops
-    assert ops["DequantizeLinear"] == 15
+    assert summary(model).ops["DequantizeLinear"] == 16
     assert not QuantizeWeightsPass(bits=4, block_size=16, min_elements=0)(model).modified  # idempotent
 
 
-def test_lm_head_can_stay_fp32(prepared):
+def _tied(vocab=96, hidden=64) -> ir.Model:
+    """logits = Gather(E, ids) @ Transpose(E): one table, read by the embedding and the head."""
+    ids = ir.val("ids", ir.DataType.INT64, ir.Shape(["B", "S"]))
+    table = ir.val("E", const_value=ir.tensor(np.random.default_rng(4).standard_normal((vocab, hidden)).astype(np.float32)))
+    gather = ir.node("Gather", [table, ids], num_outputs=1)
+    transpose = ir.node("Transpose", [table], attributes={"perm": [1, 0]}, num_outputs=1)
+    head = ir.node("MatMul", [gather.outputs[0], transpose.outputs[0]], num_outputs=1)
+    head.outputs[0].name, head.outputs[0].dtype = "logits", ir.DataType.FLOAT
+    head.outputs[0].shape = ir.Shape(["B", "S", vocab])
+    graph = ir.Graph([ids], [head.outputs[0]], nodes=[gather, transpose, head], initializers=[table],
+                     opset_imports={"": 21}, name="tied")
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True)])
+def test_a_tied_table_is_quantized_once_and_stored_once(bits, symmetric):
+    model = _tied()
+    result = QuantizeWeightsPass(bits=bits, block_size=32, symmetric=symmetric, min_elements=0)(model)
+    assert result.stats["weights_quantized"] == 1 and result.stats["embeddings"] == 1
+    assert summary(model).ops["DequantizeLinear"] == 1
+    feeds = {"ids": np.array([[0, 5, 95], [7, 7, 1]], dtype=np.int64)}
+    before = run_ort(model, feeds)
+    lowered = LowerMatMulNBitsPass()(model)
+    assert lowered.stats["lowered"] == 1 and lowered.stats["tables_lowered"] == 1
+    assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-5
+    gbq = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    mm = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    assert gbq.inputs[0] is mm.inputs[1]  # one packed table for both readers
+
+
+def test_lm_head_and_embedding_can_stay_float(prepared):
     model, _ = _llama(prepared)
-    result = QuantizeWeightsPass(include_lm_head=False, block_size=16, min_elements=0)(model)
-    assert result.stats["matmuls_quantized"] == 14
-    assert any("LM head left in fp32" in r for r in result.rejected)
+    result = QuantizeWeightsPass(include_lm_head=False, include_embedding=False, block_size=16, min_elements=0)(model)
+    assert result.stats["weights_quantized"] == 14 and result.stats["embeddings"] == 0
+    assert any("LM head left in float" in r for r in result.rejected)
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2048, 64)) @ rng.standard_normal((64, 64)) * 0.1 + rng.standard_normal((2048, 1)) * 3
+    gram = x.T @ x
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    for symmetric in (True, False):
+        e_rtn = output_error(w, dequantize(*rtn(w, 4, 16, symmetric), 16), gram)
+        q, scale, zero = gptq(w, gram, 4, 16, symmetric)
+        assert q.shape == w.shape and scale.shape == (4, 48)
+        assert output_error(w, dequantize(q, scale, zero, 16), gram) < e_rtn / 2
+
+
+def test_gptq_needs_calibration(prepared):
+    model, _ = _llama(prepared)
+    with pytest.raises(CalibrationError, match="calibration"):
+        QuantizeWeightsPass(method="gptq", block_size=16, min_elements=0)(model)
+
+
+def _calibration(model, feeds, n=2):
+    rng = np.random.default_rng(3)
+    return [{**feeds, "input_ids": rng.integers(0, 200, size=feeds["input_ids"].shape)} for _ in range(n)]
+
+
+def test_gptq_and_mixed_precision_in_the_pipeline(prepared):
+    model, feeds = _llama(prepared)
+    fp = run_ort(model, feeds)
+    p = QuantizeWeightsPass(method="gptq", block_size=16, min_elements=0, max_bits_per_weight=7.0, budget=10)
+    p.calibration = _calibration(model, feeds)
+    result = p(model)
+    verify(model)
+    # 4 bits + 32/16 for scales = 6 bpw; the most sensitive go to 8 (10 bpw) within 7 on average
+    assert 6.0 < result.stats["bits_per_weight"] <= 7.0
+    assert result.stats["int8_weights"] > 0
+    assert sum("8 bits" in r for r in result.rejected) == result.stats["int8_weights"]
+    assert summary(model).ops["DequantizeLinear"] == 16
+    assert compare(fp, run_ort(model, feeds))["cosine"] > 0.5
 
 
 def test_lowering_to_matmul_nbits_is_exact(prepared):
@@ -56,21 +126,26 @@ def test_lowering_to_matmul_nbits_is_exact(prepared):
     before = run_ort(model, feeds)
     result = LowerMatMulNBitsPass()(model)
     assert result.stats["lowered"] == result.stats["quantized_matmuls_seen"] == 15
-    assert summary(model).ops["com.microsoft::MatMulNBits"] == 15
-    assert "DequantizeLinear" not in summary(model).ops
+    assert result.stats["tables_lowered"] == result.stats["tables_seen"] == 1
+    ops = summary(model).ops
+    assert ops["com.microsoft::MatMulNBits"] == 15 and ops["com.microsoft::GatherBlockQuantized"] == 1
+    assert "DequantizeLinear" not in ops
     assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-4
     assert not LowerMatMulNBitsPass()(model).modified
 
 
-@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, True), (8, False)])
-def test_lowering_packs_every_format(bits, symmetric):
-    model = tiny_graph()  # x[N, 4] @ W[4, 3]: too small for a block; use a wider graph
-    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["N", 40]))
-    w = ir.val("W", const_value=ir.tensor(np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32)))
+def _wide_matmul(k: int) -> ir.Model:
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["N", k]))
+    w = ir.val("W", const_value=ir.tensor(np.random.default_rng(1).standard_normal((k, 8)).astype(np.float32)))
     mm = ir.node("MatMul", [x, w], num_outputs=1)
     mm.outputs[0].name, mm.outputs[0].dtype, mm.outputs[0].shape = "y", ir.DataType.FLOAT, ir.Shape(["N", 8])
-    model = ir.Model(ir.Graph([x], [mm.outputs[0]], nodes=[mm], initializers=[w], opset_imports={"": 21}, name="g"),
-                     ir_version=10)
+    return ir.Model(ir.Graph([x], [mm.outputs[0]], nodes=[mm], initializers=[w], opset_imports={"": 21}, name="g"),
+                    ir_version=10)
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, True), (8, False)])
+def test_lowering_packs_every_format(bits, symmetric):
+    model = _wide_matmul(40)  # K = 40: three blocks of 16, the last padded
     QuantizeWeightsPass(bits=bits, block_size=16, symmetric=symmetric, min_elements=0)(model)
     feeds = {"x": np.random.default_rng(2).standard_normal((3, 40)).astype(np.float32)}
     before = run_ort(model, feeds)
@@ -78,8 +153,15 @@ def test_lowering_packs_every_format(bits, symmetric):
     assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-5
 
 
-def test_per_channel_weights_stay_qdq_with_a_reason(prepared):
-    model, _ = _llama(prepared)
+def test_per_channel_lowers_when_k_is_a_power_of_two_else_stays_qdq(prepared):
+    model, feeds = _llama(prepared)
+    QuantizeWeightsPass(bits=8, block_size=0, min_elements=0)(model)
+    before = run_ort(model, feeds)
+    result = LowerMatMulNBitsPass()(model)
+    assert result.stats["lowered"] == 15  # one block spanning K (64 or 128)
+    assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-4
+
+    model = _wide_matmul(40)
     QuantizeWeightsPass(bits=8, block_size=0, min_elements=0)(model)
     result = LowerMatMulNBitsPass()(model)
     assert result.stats["lowered"] == 0

@@ -1,0 +1,110 @@
+"""Activation statistics for data-aware passes (GPTQ, activation-aware SVD, structured pruning).
+
+A pass that sets `uses_calibration = True` gets `self.calibration` from the pipeline before
+it runs: a list of feed dicts for the model's *current* signature (real text, tokenized by
+the compiler, adapted through signature-changing passes exactly like the sample inputs).
+
+`capture` runs those feeds through ONNX Runtime with chosen intermediate values exposed
+as extra graph outputs and yields them one feed at a time; `collect` folds them into
+per-channel running statistics (`Stats`) so memory stays at one batch, whatever the
+amount of calibration text. Values are flattened to rows over their last axis (rows =
+tokens, columns = channels); calibration feeds carry no padding, so every row is real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from kiln.errors import KilnError
+from kiln.ir.io import to_bytes
+
+
+class CalibrationError(KilnError):
+    pass
+
+
+@dataclasses.dataclass
+class Stats:
+    """Running statistics of a value's rows (last axis = channels)."""
+
+    rows: int
+    abs_sum: np.ndarray  # [K] Σ|x|
+    sq_sum: np.ndarray  # [K] Σx², float64
+    abs_max: np.ndarray  # [K] max|x|
+    gram: np.ndarray | None  # [K, K] Σ xᵀx, float64 (only when asked: K² memory)
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.abs_sum / max(self.rows, 1)
+
+    @property
+    def rms(self) -> np.ndarray:
+        return np.sqrt(self.sq_sum / max(self.rows, 1))
+
+    def add(self, x: np.ndarray) -> None:
+        x = x.reshape(-1, x.shape[-1]).astype(np.float32)
+        self.rows += x.shape[0]
+        self.abs_sum += np.abs(x).sum(0)
+        self.sq_sum += np.square(x, dtype=np.float64).sum(0)
+        np.maximum(self.abs_max, np.abs(x).max(0), out=self.abs_max)
+        if self.gram is not None:
+            x64 = x.astype(np.float64)
+            self.gram += x64.T @ x64
+
+    @classmethod
+    def empty(cls, channels: int, gram: bool) -> Stats:
+        return cls(0, np.zeros(channels, np.float64), np.zeros(channels, np.float64), np.zeros(channels, np.float32),
+                   np.zeros((channels, channels), np.float64) if gram else None)
+
+
+def require(calibration: Sequence[dict[str, np.ndarray]] | None, who: str) -> Sequence[dict[str, np.ndarray]]:
+    if not calibration:
+        raise CalibrationError(f"{who} needs calibration data (compile with --calibration TEXTFILE, "
+                               "or from a model whose tokenizer kiln knows)")
+    return calibration
+
+
+def capture(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], values: Sequence[str],
+            ) -> Iterator[dict[str, np.ndarray]]:
+    """For each feed dict, the arrays of the named intermediate values (and graph outputs)."""
+    by_name = {v.name: v for node in model.graph for v in node.outputs}
+    by_name.update({v.name: v for v in model.graph.inputs})
+    missing = [n for n in values if n not in by_name]
+    if missing:
+        raise CalibrationError(f"cannot capture '{missing[0]}': no such value in the graph")
+    extra = [by_name[n] for n in dict.fromkeys(values) if not by_name[n].is_graph_output()
+             and not by_name[n].is_graph_input()]
+    graph_outputs = list(model.graph.outputs)
+    model.graph.outputs.extend(extra)
+    try:
+        payload = to_bytes(model)
+    finally:
+        model.graph.outputs.clear()
+        model.graph.outputs.extend(graph_outputs)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(payload, opts, providers=["CPUExecutionProvider"])
+    del payload
+    inputs = {i.name for i in session.get_inputs()}
+    wanted = [n for n in dict.fromkeys(values) if n not in inputs]
+    for feed in feeds:
+        got = dict(zip(wanted, session.run(wanted, {k: v for k, v in feed.items() if k in inputs})))
+        got.update({n: feed[n] for n in values if n in inputs})
+        yield got
+
+
+def collect(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], values: Sequence[str],
+            gram: Sequence[str] = ()) -> dict[str, Stats]:
+    """Statistics of each named value over all calibration feeds; Σxᵀx for those in `gram`."""
+    stats: dict[str, Stats] = {}
+    for arrays in capture(model, feeds, values):
+        for name, x in arrays.items():
+            if name not in stats:
+                stats[name] = Stats.empty(x.shape[-1], name in gram)
+            stats[name].add(x)
+    return stats

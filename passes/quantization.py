@@ -1,0 +1,122 @@
+"""Weight quantizers (numerics only; the graph rewrite is `quantize_weights.py`).
+
+All work on W [K, N] with K the input (reduction) dimension, blocks of `block` rows
+along K (block 0 = one block spanning K, i.e. per output channel):
+
+- `rtn`: round to nearest. Symmetric: scale = max|w| / qmax, no zero point. Asymmetric:
+  the block's [min, max] (widened to contain 0) mapped onto [0, 2^bits - 1].
+- `gptq` (Frantar et al., 2022): rows are quantized in order and each row's rounding
+  error is pushed onto the rows not yet quantized through the inverse Hessian
+  H = Σ xᵀx of the layer's calibration inputs, which minimizes ‖X·W − X·Q‖² instead of
+  ‖W − Q‖². Scales come from the error-updated weights block by block; Hessian
+  dampening `damp` × mean(diag H). Rows whose input is always zero are quantized as is.
+
+`output_error(w, q, gram)` is the relative output error ‖X(W−Q)‖² / ‖XW‖² that ranks
+layers by sensitivity. `bits_per_weight` counts the stored bits (values, fp32 scales,
+zero points) per weight.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+DTYPES = {(4, True): (ir.DataType.INT4, ml_dtypes.int4, -8, 7), (4, False): (ir.DataType.UINT4, ml_dtypes.uint4, 0, 15),
+          (8, True): (ir.DataType.INT8, np.int8, -128, 127), (8, False): (ir.DataType.UINT8, np.uint8, 0, 255)}
+
+
+def bits_per_weight(bits: int, block: int, k: int, symmetric: bool) -> float:
+    bs = block or k
+    return bits + (32 + (0 if symmetric else bits)) / bs
+
+
+def _grid(g: np.ndarray, bits: int, symmetric: bool):
+    """Scale and zero point (float, or None) of each column of g [rows, N]."""
+    _, _, lo, hi = DTYPES[(bits, symmetric)]
+    if symmetric:
+        scale = np.abs(g).max(axis=0) / hi
+        return np.where(scale == 0, 1.0, scale).astype(np.float32), None
+    gmin, gmax = np.minimum(g.min(axis=0), 0), np.maximum(g.max(axis=0), 0)
+    scale = ((gmax - gmin) / (hi - lo)).astype(np.float32)
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    return scale, np.clip(np.round(lo - gmin / scale), lo, hi)
+
+
+def _round(w: np.ndarray, scale: np.ndarray, zero, bits: int, symmetric: bool) -> np.ndarray:
+    _, _, lo, hi = DTYPES[(bits, symmetric)]
+    return np.clip(np.round(w / scale) + (0 if zero is None else zero), lo, hi)
+
+
+def _pack(q_rows: np.ndarray, scales: list, zeros: list, bits: int, symmetric: bool, k: int):
+    np_dtype = DTYPES[(bits, symmetric)][1]
+    scale = np.stack(scales).astype(np.float32)
+    zero = None if symmetric else np.stack(zeros).astype(np_dtype)
+    return q_rows[:k].astype(np_dtype), scale, zero
+
+
+def rtn(w: np.ndarray, bits: int, block: int, symmetric: bool):
+    """w [K, N] -> (q [K, N], scale [K/block, N], zero_point [K/block, N] or None)."""
+    k = w.shape[0]
+    bs = block or k
+    q = np.empty_like(w, dtype=np.float32)
+    scales, zeros = [], []
+    for start in range(0, k, bs):
+        g = w[start:start + bs]
+        scale, zero = _grid(g, bits, symmetric)
+        q[start:start + bs] = _round(g, scale, zero, bits, symmetric)
+        scales.append(scale)
+        zeros.append(zero)
+    return _pack(q, scales, zeros, bits, symmetric, k)
+
+
+def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetric: bool, damp: float = 0.01,
+         lazy: int = 128):
+    """GPTQ with static blocks; `gram` = Σ xᵀx [K, K] of the layer's inputs. Same outputs as `rtn`."""
+    k, n = w.shape
+    bs = block or k
+    w = w.astype(np.float64).copy()
+    h = gram.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    # Upper Cholesky factor of H⁻¹: row i holds the update coefficients for rows > i.
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    step = max(lazy // bs, 1) * bs if bs < k else k  # lazy-update width, a multiple of the block
+    q = np.empty((k, n), dtype=np.float32)
+    scales, zeros = [], []
+    for i1 in range(0, k, step):
+        i2 = min(i1 + step, k)
+        w1 = w[i1:i2]
+        err = np.zeros_like(w1)
+        for i in range(i2 - i1):
+            row = i1 + i
+            if (row % bs) == 0:
+                scale, zero = _grid(w1[i:i + bs].astype(np.float32), bits, symmetric)  # step is whole blocks
+                scales.append(scale)
+                zeros.append(zero)
+            qi = _round(w1[i], scale, zero, bits, symmetric)
+            q[row] = qi
+            deq = (qi - (0 if zero is None else zero)) * scale
+            e = (w1[i] - deq) / hinv[row, row]
+            w1[i + 1:] -= np.outer(hinv[row, row + 1:i2], e)
+            err[i] = e
+        w[i2:] -= hinv[i1:i2, i2:].T @ err
+    return _pack(q, scales, zeros, bits, symmetric, k)
+
+
+def dequantize(q, scale, zero, block: int) -> np.ndarray:
+    k = q.shape[0]
+    bs = block or k
+    s = np.repeat(scale, bs, axis=0)[:k]
+    z = np.repeat(zero.astype(np.float32), bs, axis=0)[:k] if zero is not None else 0.0
+    return (q.astype(np.float32) - z) * s
+
+
+def output_error(w: np.ndarray, w_hat: np.ndarray, gram: np.ndarray | None) -> float:
+    """‖X(W − Ŵ)‖² / ‖XW‖² from Σ xᵀx; plain relative Frobenius error without calibration."""
+    d = (w - w_hat).astype(np.float64)
+    if gram is None:
+        return float(np.sum(d * d) / max(np.sum(np.square(w, dtype=np.float64)), 1e-30))
+    w64 = w.astype(np.float64)
+    return float(np.sum(d * (gram @ d)) / max(np.sum(w64 * (gram @ w64)), 1e-30))
