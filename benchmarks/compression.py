@@ -221,8 +221,9 @@ def minilm(work: Path, log) -> dict:
     ref = kiln.load(ref_dir)
     total = got["manifest"]["summary"]["artifact"]["parameters"]
     out = {"fp32_params": total}
-    for key, target in (("lowrank-25", 0.75),):
-        params = {"target_params": target, "activation_aware": True, "metric": "cosine", "budget": 0.0}
+    for key, embeddings in (("lowrank-25", False), ("lowrank-25-embeddings", True)):
+        params = {"target_params": 0.75, "activation_aware": True, "include_embeddings": embeddings,
+                  "metric": "cosine", "budget": 0.0}
         steps = [(n, {}) for n in CLEANUP] + [("factorize-low-rank", params)] + TAIL
         d = work / f"minilm-{key}"
         got = compile_once("minilm-l6", d, write_recipe(work / "recipes" / f"minilm-{key}.toml", key, steps), log)
@@ -291,7 +292,8 @@ def write_table(results: dict, args, path: Path) -> None:
             if not isinstance(r, dict) or "error" in r:
                 continue
             s = r["record"]["stats"]
-            lines.append(f"| {key} ({1 - r['parameters'] / mini['fp32_params']:.1%} fewer) | {r['parameters'] / 1e6:.1f} | {r['size_mb']} | "
+            what = "linear layers and the word embedding table" if "embeddings" in key else "linear layers only"
+            lines.append(f"| {key}: {what} ({1 - r['parameters'] / mini['fp32_params']:.1%} fewer) | {r['parameters'] / 1e6:.1f} | {r['size_mb']} | "
                          f"{r['cosine_mean']} / {r['cosine_min']} | {r['nn_agreement']} | {s.get('layers_factored')} layers factored, "
                          f"ranks {s.get('rank_min')}–{s.get('rank_max')} |")
     lines.append(END)

@@ -22,8 +22,11 @@ apply to them afterwards (put this pass before those in a recipe).
 
 Lossy: declares `metric` (default KL of the next-token distribution; `cosine` suits encoders) and a
 `budget`. Stats: params_before/after/removed, layers factored, rank range, output-energy error
-(mean and max over layers). Not handled: weights read through a Transpose (a tied LM head), the
-layer producing a graph output unless `include_lm_head`, Gemm, non-constant weights.
+(mean and max over layers). With `include_embeddings`, embedding tables read only by a Gather
+are factored too (plain SVD, every row alike): Gather(E[V, D], ids) -> MatMul(Gather(A[V, r], ids), B[r, D]);
+in an encoder like MiniLM the word table is half the parameters. Not handled: weights read through a
+Transpose (a tied LM head, and so its table), the layer producing a graph output unless
+`include_lm_head`, Gemm, non-constant weights.
 """
 
 from __future__ import annotations
@@ -37,6 +40,22 @@ from kiln.passes.calibration import require
 from kiln.passes.registry import register_pass
 from kiln.passes.structure import (check_metric, check_target, grams, linear_layers, param_count, params_to_keep,
                                    remove_unused_initializers, unique_name, weight_of)
+
+
+def embedding_tables(model: ir.Model) -> tuple[list[ir.Node], list[str]]:
+    """Gather(E[V, D] constant, ids) on axis 0 whose table nothing else reads (a tied LM head does)."""
+    found, rejected = [], []
+    for node in model.graph:
+        if node.op_type != "Gather" or node.attributes.get_int("axis", 0) != 0:
+            continue
+        table = node.inputs[0]
+        if table is None or table.const_value is None or len(table.const_value.shape) != 2:
+            continue
+        if any(u.node is not node for u in table.uses()):
+            rejected.append(f"{node.name}: the embedding table is also read elsewhere (tied LM head); kept dense")
+            continue
+        found.append(node)
+    return found, rejected
 
 
 def whitening(gram: np.ndarray, rows: int) -> np.ndarray:
@@ -98,7 +117,8 @@ class FactorizeLowRankPass(KilnPass):
     uses_calibration = True
 
     def __init__(self, target_params: float = 0.0, target_mb: float = 0.0, energy: float = 0.0, rank: int = 0,
-                 activation_aware: bool = True, include_lm_head: bool = False, min_elements: int = 4096,
+                 activation_aware: bool = True, include_lm_head: bool = False, include_embeddings: bool = False,
+                 min_elements: int = 4096,
                  rank_multiple: int = 8, metric: str = "kl", budget: float = 1.0):
         super().__init__()
         check_target(target_params, target_mb)
@@ -112,6 +132,7 @@ class FactorizeLowRankPass(KilnPass):
         check_metric(metric)
         self.target_params, self.target_mb, self.energy, self.rank = target_params, target_mb, energy, rank
         self.activation_aware, self.include_lm_head = activation_aware, include_lm_head
+        self.include_embeddings = include_embeddings
         self.min_elements, self.rank_multiple = min_elements, rank_multiple
         self.metric, self.budget = metric, budget
 
@@ -120,9 +141,12 @@ class FactorizeLowRankPass(KilnPass):
         before = param_count(model)
         nodes = [n for n in linear_layers(model, include_outputs=self.include_lm_head)
                  if weight_of(n).size >= self.min_elements]
-        if not nodes:
+        tables, why = embedding_tables(model) if self.include_embeddings else ([], [])
+        tables = [n for n in tables if n.inputs[0].const_value.size >= self.min_elements]
+        if not nodes and not tables:
             return self.result(model, modified=False, stats={"params_before": before, "params_after": before,
-                                                             "params_removed": 0}, rejected=["no linear layer to factor"])
+                                                             "params_removed": 0},
+                               rejected=["no linear layer to factor", *why])
         whiten: dict[str, np.ndarray] = {}
         if self.activation_aware:
             feeds = require(self.calibration, "factorize-low-rank (activation_aware=true)")
@@ -130,6 +154,8 @@ class FactorizeLowRankPass(KilnPass):
             stats = grams(model, feeds, names)
             whiten = {name: whitening(st.gram, st.rows) for name, st in stats.items()}
         cands = [_Candidate(n, weight_of(n), whiten.get(n.inputs[0].name)) for n in nodes]
+        cands += [_Candidate(n, n.inputs[0].const_value.numpy(), None) for n in tables]
+        rejected: list[str] = list(why)
         dense = sum(c.k * c.n for c in cands)
         rest = before - dense
 
@@ -146,8 +172,8 @@ class FactorizeLowRankPass(KilnPass):
         after = param_count(model)
         stats = {"params_before": before, "params_after": after, "params_removed": before - after,
                  "fraction_kept": round(after / before, 4), **stats}
-        rejected = [f"{c.node.name}: rank {r} would not save parameters (break-even {c.breakeven()}); kept dense"
-                    for c, r in zip(cands, ranks) if not c.factored(r)][:20]
+        rejected += [f"{c.node.name}: rank {r} would not save parameters (break-even {c.breakeven()}); kept dense"
+                     for c, r in zip(cands, ranks) if not c.factored(r)][:20]
         return self.result(model, modified=stats["layers_factored"] > 0, stats=stats, rejected=rejected)
 
     def _ranks_for_target(self, cands: list[_Candidate], rest: int, keep: int) -> list[int]:
@@ -170,6 +196,25 @@ class FactorizeLowRankPass(KilnPass):
                 hi = mid
         return ranks_at(lo)
 
+    @staticmethod
+    def _factor_table(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
+        """Gather(E[V, D], ids) -> MatMul(Gather(A[V, r], ids), B[r, D])."""
+        base = node.inputs[0].name or node.name
+        va = ir.val(unique_name(graph, f"{base}.lowrank_a"), const_value=ir.tensor(a))
+        vb = ir.val(unique_name(graph, f"{base}.lowrank_b"), const_value=ir.tensor(b))
+        graph.register_initializer(va)
+        graph.register_initializer(vb)
+        out = node.outputs[0]
+        gather = ir.node("Gather", [va, node.inputs[1]], attributes={"axis": 0}, num_outputs=1, name=f"{node.name}.lowrank")
+        gather.outputs[0].dtype = out.dtype
+        if out.shape is not None:
+            gather.outputs[0].shape = ir.Shape([*list(out.shape)[:-1], a.shape[1]])
+        matmul = ir.node("MatMul", [gather.outputs[0], vb], num_outputs=1, name=f"{node.name}.lowrank_b")
+        matmul.outputs[0].dtype, matmul.outputs[0].shape = out.dtype, out.shape
+        graph.insert_before(node, [gather, matmul])
+        out.replace_all_uses_with(matmul.outputs[0], replace_graph_outputs=False)
+        graph.remove(node, safe=True)
+
     def _apply(self, graph: ir.Graph, cands: list[_Candidate], ranks: list[int]) -> dict:
         factored, errors, used = 0, [], []
         for c, r in zip(cands, ranks):
@@ -177,6 +222,12 @@ class FactorizeLowRankPass(KilnPass):
                 continue
             a, b = c.factors(r)
             node = c.node
+            if node.op_type == "Gather":
+                self._factor_table(graph, node, a, b)
+                factored += 1
+                errors.append(c.error(r))
+                used.append(r)
+                continue
             base = node.inputs[1].name or node.name
             va = ir.val(unique_name(graph, f"{base}.lowrank_a"), const_value=ir.tensor(a))
             vb = ir.val(unique_name(graph, f"{base}.lowrank_b"), const_value=ir.tensor(b))
@@ -194,7 +245,8 @@ class FactorizeLowRankPass(KilnPass):
             factored += 1
             errors.append(c.error(r))
             used.append(r)
-        return {"layers_factored": factored, "layers_dense": len(cands) - factored,
+        return {"layers_factored": factored, "embeddings_factored": sum(c.node.op_type == "Gather" and c.factored(r)
+                                                                       for c, r in zip(cands, ranks)), "layers_dense": len(cands) - factored,
                 "rank_min": min(used, default=0), "rank_max": max(used, default=0),
                 "output_error_mean": round(float(np.mean(errors)), 5) if errors else 0.0,
                 "output_error_max": round(float(np.max(errors)), 5) if errors else 0.0,

@@ -93,3 +93,29 @@ def test_invalid_parameters_and_missing_calibration():
     model = _linear(np.random.default_rng(0).standard_normal((64, 64)))
     with pytest.raises(KilnError, match="cannot reach"):
         FactorizeLowRankPass(target_params=0.05, activation_aware=False, min_elements=1, include_lm_head=True)(model)
+
+
+def test_embedding_tables_of_an_encoder(cleaned):
+    _, model, feeds, calib = cleaned("tiny-bert")
+    total = param_count(model)
+    before = run_ort(model, feeds)
+    p = FactorizeLowRankPass(target_params=0.8, include_embeddings=True, min_elements=1, metric="cosine", budget=0.0)
+    p.calibration = calib
+    result = p(model)
+    assert result.stats["embeddings_factored"] >= 1
+    assert param_count(model) / total <= 0.8
+    assert compare(before, run_ort(model, feeds))["cosine"] > 0.5
+
+
+def test_a_tied_table_is_left_alone():
+    ids = ir.val("ids", ir.DataType.INT64, ir.Shape(["N"]))
+    table = ir.val("E", const_value=ir.tensor(np.random.default_rng(0).standard_normal((128, 64)).astype(np.float32)))
+    gather = ir.node("Gather", [table, ids], attributes={"axis": 0}, num_outputs=1)
+    transpose = ir.node("Transpose", [table], attributes={"perm": [1, 0]}, num_outputs=1)
+    head = ir.node("MatMul", [gather.outputs[0], transpose.outputs[0]], num_outputs=1)
+    head.outputs[0].name, head.outputs[0].dtype = "logits", ir.DataType.FLOAT
+    g = ir.Graph([ids], [head.outputs[0]], nodes=[gather, transpose, head], initializers=[table],
+                 opset_imports={"": 21}, name="tied")
+    result = FactorizeLowRankPass(rank=8, include_embeddings=True, activation_aware=False)(ir.Model(g, ir_version=10))
+    assert not result.modified
+    assert any("tied LM head" in r for r in result.rejected)
