@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.errors import KilnError
+from kiln.ir import KV_CACHE_METADATA
 from kiln.passes.base import KilnPass
 from kiln.passes.calibration import capture, require
 from kiln.passes.registry import register_pass
@@ -69,6 +70,9 @@ class DropLayersPass(KilnPass):
         self.metric, self.budget = metric, budget
 
     def call(self, model: ir.Model):
+        if KV_CACHE_METADATA in model.metadata_props:
+            raise KilnError("drop-layers: the model already has a KV cache; put this pass before insert-kv-cache "
+                            "(the cache's layers and heads follow the pruned model)")
         before = param_count(model)
         found = decoder_layers(model)
         base = {"params_before": before, "params_after": before, "params_removed": 0, "layers_before": len(found),

@@ -42,6 +42,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.errors import KilnError
+from kiln.ir import KV_CACHE_METADATA
 from kiln.passes.base import KilnPass
 from kiln.passes.calibration import require
 from kiln.passes.prune_mlp import refit as refit_rows
@@ -317,6 +318,9 @@ class PruneHeadsPass(KilnPass):
         self.refit, self.metric, self.budget = refit, metric, budget
 
     def call(self, model: ir.Model):
+        if KV_CACHE_METADATA in model.metadata_props:
+            raise KilnError("prune-heads: the model already has a KV cache; put this pass before insert-kv-cache "
+                            "(the cache's layers and heads follow the pruned model)")
         before = param_count(model)
         atts, rejected = find_attentions(model)
         base = {"params_before": before, "params_after": before, "params_removed": 0, "attentions": len(atts)}

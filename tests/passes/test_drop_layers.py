@@ -70,3 +70,10 @@ def test_errors(cleaned):
     with pytest.raises(KilnError, match="cannot drop 3"):
         p(model)
     assert not DropLayersPass()(model).modified
+
+
+def test_must_run_before_the_kv_cache(cleaned):
+    _, model, _, _ = cleaned("tiny-llama")
+    InsertKVCachePass()(model)
+    with pytest.raises(KilnError, match="before insert-kv-cache"):
+        DropLayersPass(layers=1)(model)
