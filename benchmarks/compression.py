@@ -1,7 +1,8 @@
 """Structural compression of SmolLM2 (and MiniLM): quality, size and speed per method and level.
 
-    python -m benchmarks.compression [--levels 10,20,30] [--methods low-rank,heads,mlp-width,layers]
-                                     [--windows 4] [--workdir DIR] [--threads 2] [--no-compose] [--no-minilm]
+    python -m benchmarks.compression [--plan "layers:10,20,30;mlp-width:10,20,30;low-rank:10,20,30;heads:0,10,20,30"]
+                                     [--windows 4] [--workdir DIR] [--threads 2] [--speed-rounds 3]
+                                     [--no-compose] [--no-minilm]
 
 For each method and level it compiles SmolLM2 with the fp32 recipe plus one structural pass
 (before the KV cache and packing) asked for `target_params = 1 - level` (the fraction of the
@@ -108,8 +109,9 @@ def measure_lm(path: Path, reference, windows: int, threads: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--levels", default="10,20,30", help="parameter reductions in percent")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--plan", default="layers:10,20,30;mlp-width:10,20,30;low-rank:10,20,30;heads:0,10,20,30",
+                    help="method:levels;... with levels in percent of the parameters removed (heads: 0 = the most "
+                         "query heads it can remove)")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/kiln-compression"))
@@ -144,8 +146,8 @@ def main(argv=None) -> int:
         save()
     log(f"fp32: {results['fp32']}")
 
-    levels = [int(x) for x in args.levels.split(",") if x]
-    for method in [m for m in args.methods.split(",") if m]:
+    plan = [(m.split(":")[0], [int(x) for x in m.split(":")[1].split(",") if x]) for m in args.plan.split(";") if m]
+    for method, levels in plan:
         pass_name, extra = METHODS[method]
         for level in levels:
             key = f"{method}-{level}"

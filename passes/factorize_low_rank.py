@@ -11,9 +11,12 @@ activations: ‖X W − X A B‖² / n = Σ_{i>r} σ_i² exactly; `stats` report
 Rank per layer, one of:
 - `rank=r`: the same rank everywhere;
 - `energy=e`: the smallest r keeping a fraction e of Σσ² (of the output energy when activation-aware);
-- `target_params=f` (or `target_mb=M`): one energy threshold for all layers, the highest whose
-  model has at most f × the model's parameters (embeddings included; a tied table counts once),
-  found by bisection; `target_mb` converts megabytes of weights at the model's bytes per parameter.
+- `target_params=f` (or `target_mb=M`): at most f × the model's parameters (embeddings included;
+  a tied table counts once; `target_mb` converts megabytes of weights at the model's bytes per
+  parameter), allocated over layers by `allocation`: "lagrange" (default) minimises the sum of the
+  layers' relative errors, each layer taking the rank (or staying dense) that minimises
+  error + λ·parameters, λ bisected to meet the target; "energy" keeps one energy fraction in every
+  layer, the highest that meets the target.
 Ranks are rounded up to a multiple of `rank_multiple`. A layer is factored only where it removes
 parameters and FLOPs: r·(K + N) < K·N; otherwise it stays dense.
 
@@ -118,8 +121,8 @@ class FactorizeLowRankPass(KilnPass):
 
     def __init__(self, target_params: float = 0.0, target_mb: float = 0.0, energy: float = 0.0, rank: int = 0,
                  activation_aware: bool = True, include_lm_head: bool = False, include_embeddings: bool = False,
-                 min_elements: int = 4096,
-                 rank_multiple: int = 8, metric: str = "kl", budget: float = 1.0):
+                 min_elements: int = 4096, rank_multiple: int = 8, allocation: str = "lagrange",
+                 metric: str = "kl", budget: float = 1.0):
         super().__init__()
         check_target(target_params, target_mb)
         if not 0 <= energy <= 1:
@@ -129,7 +132,10 @@ class FactorizeLowRankPass(KilnPass):
         chosen = sum(bool(x) for x in (target_params or target_mb, energy, rank))
         if chosen != 1:
             raise ValueError("give exactly one of target_params / target_mb, energy, rank")
+        if allocation not in ("lagrange", "energy"):
+            raise ValueError(f"allocation must be 'lagrange' or 'energy', got '{allocation}'")
         check_metric(metric)
+        self.allocation = allocation
         self.target_params, self.target_mb, self.energy, self.rank = target_params, target_mb, energy, rank
         self.activation_aware, self.include_lm_head = activation_aware, include_lm_head
         self.include_embeddings = include_embeddings
@@ -187,6 +193,8 @@ class FactorizeLowRankPass(KilnPass):
         if lowest > keep:
             raise KilnError(f"factorize-low-rank: cannot reach {keep:,} parameters: even rank {self.rank_multiple} "
                             f"everywhere leaves {lowest:,}")
+        if self.allocation == "lagrange":
+            return self._lagrange(cands, rest, keep)
         lo, hi = 0.0, 1.0  # total(ranks_at(lo)) <= keep
         for _ in range(40):
             mid = (lo + hi) / 2
@@ -195,6 +203,39 @@ class FactorizeLowRankPass(KilnPass):
             else:
                 hi = mid
         return ranks_at(lo)
+
+    def _lagrange(self, cands: list[_Candidate], rest: int, keep: int) -> list[int]:
+        """Ranks minimising Σ relative error + λ·parameters per layer (dense is an option: error 0,
+        K·N parameters), with λ bisected to the smallest value that meets the budget."""
+        m = self.rank_multiple
+        options = []
+        for c in cands:
+            rs = np.arange(m, min(c.breakeven() + 1, len(c.sigma) + 1), m)
+            rs = rs[rs * (c.k + c.n) < c.k * c.n]
+            err = 1 - c.kept[rs - 1] if len(rs) else np.zeros(0)
+            options.append((np.concatenate([[0], rs]), np.concatenate([[0.0], err]),
+                            np.concatenate([[c.k * c.n], rs * (c.k + c.n)]).astype(np.float64)))
+
+        def choose(lam: float) -> tuple[list[int], int]:
+            ranks, params = [], rest
+            for rs, err, cost in options:
+                i = int(np.argmin(err + lam * cost))
+                ranks.append(int(rs[i]))
+                params += int(cost[i])
+            return ranks, params
+
+        lo, hi = 0.0, 1.0
+        while choose(hi)[1] > keep:
+            hi *= 10
+            if hi > 1e6:
+                raise KilnError(f"factorize-low-rank: cannot reach {keep:,} parameters")
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if choose(mid)[1] <= keep:
+                hi = mid
+            else:
+                lo = mid
+        return choose(hi)[0]
 
     @staticmethod
     def _factor_table(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:

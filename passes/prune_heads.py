@@ -334,6 +334,8 @@ class PruneHeadsPass(KilnPass):
                             "this model has one query head per kv head: use unit='group'")
         if self.unit == "group" and len({a.kv_heads for a in atts}) != 1:
             raise KilnError("prune-heads: unit='group' needs the same kv head count in every layer")
+        if keep_total is not None:
+            self._check_capacity(atts, before - keep_total, before)
         feeds = require(self.calibration, "prune-heads")
         names = list(dict.fromkeys(a.o.inputs[0].name for a in atts))
         stats = grams(model, feeds, names)
@@ -373,6 +375,18 @@ class PruneHeadsPass(KilnPass):
         q_head = att.head_dim * (wq.shape[0] + bias(att.q)) + att.v_head_dim * wo.shape[1]
         kv = att.head_dim * (wk.shape[0] + bias(att.k)) + att.v_head_dim * (weight_of(att.v).shape[0] + bias(att.v))
         return q_head, kv
+
+    def _check_capacity(self, atts: list[Attention], to_remove: int, before: int) -> None:
+        """Fail before any calibration work when the target is out of reach."""
+        if self.unit == "query":
+            capacity = sum((a.n_rep - 1) * a.kv_heads * self._costs(a)[0] for a in atts)
+            what = "leaving one query head per group"
+        else:
+            capacity = (atts[0].kv_heads - 1) * sum(self._costs(a)[1] + a.n_rep * self._costs(a)[0] for a in atts)
+            what = "leaving one kv group per layer"
+        if capacity < to_remove:
+            raise KilnError(f"prune-heads: cannot remove {to_remove:,} parameters with unit='{self.unit}': at most "
+                            f"{capacity:,} ({capacity / before:.1%} of the model) {what}")
 
     def _plan(self, model, atts: list[Attention], energies, keep_total, before) -> list[_Plan]:
         layouts = [_layout(a) for a in atts]
