@@ -35,7 +35,7 @@ from onnxscript.rewriter import pattern
 
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
-from kiln.passes.rewriting import apply_rules
+from kiln.passes.rewriting import apply_rules, one_dequantize_per_reader
 
 _SIGNED = {ir.DataType.INT4: 4, ir.DataType.INT8: 8}
 _UNSIGNED = {ir.DataType.UINT4: 4, ir.DataType.UINT8: 8}
@@ -153,24 +153,6 @@ class GatherBlockQuantizedRule(pattern.RewriteRuleClassBase):
         return op.Reshape(gathered, op.Constant(value=ir.tensor(shape)))
 
 
-def _one_dequantize_per_reader(graph: ir.Graph) -> int:
-    """Give each reader of a shared DequantizeLinear (a tied table: Gather + LM head) its own
-    copy, because a rewrite may not swallow a value that something outside the match reads."""
-    copies = 0
-    for node in list(graph):
-        if node.op_type != "DequantizeLinear":
-            continue
-        for use in list(node.outputs[0].uses())[1:]:
-            clone = ir.node("DequantizeLinear", list(node.inputs),
-                            attributes={k: a.value for k, a in node.attributes.items()}, num_outputs=1)
-            clone.outputs[0].dtype, clone.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
-            clone.outputs[0].name = f"{node.outputs[0].name}.{copies}"
-            graph.insert_after(node, clone)
-            use.node.replace_input_with(use.idx, clone.outputs[0])
-            copies += 1
-    return copies
-
-
 @register_pass("lower-matmul-nbits")
 class LowerMatMulNBitsPass(KilnPass):
     def __init__(self, accuracy_level: int = 0):
@@ -182,7 +164,7 @@ class LowerMatMulNBitsPass(KilnPass):
             self.exact, self.metric, self.budget = False, "kl", 1e-2
 
     def call(self, model: ir.Model):
-        split = _one_dequantize_per_reader(model.graph)
+        split = one_dequantize_per_reader(model.graph)
         readers = [u.node for n in model.graph if n.op_type == "DequantizeLinear" for u in n.outputs[0].uses()]
         readers += [u.node for r in readers if r.op_type == "Transpose" for u in r.outputs[0].uses()]
         seen = sum(r.op_type == "MatMul" for r in readers)

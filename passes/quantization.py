@@ -3,8 +3,10 @@
 All work on W [K, N] with K the input (reduction) dimension, blocks of `block` rows
 along K (block 0 = one block spanning K, i.e. per output channel):
 
-- `rtn`: round to nearest. Symmetric: scale = max|w| / qmax, no zero point. Asymmetric:
-  the block's [min, max] (widened to contain 0) mapped onto [0, 2^bits - 1].
+- `rtn`: round to nearest on a grid per block and output channel. Symmetric: no zero
+  point, the extreme value on -2^(bits-1) (or 2^(bits-1) - 1 when it is positive).
+  Asymmetric: the block's [min, max] (widened to contain 0) on [0, 2^bits - 1]. Either way
+  the range is clipped by the fraction that minimizes the squared error (a search).
 - `gptq` (Frantar et al., 2022): rows are quantized in order and each row's rounding
   error is pushed onto the rows not yet quantized through the inverse Hessian
   H = Σ xᵀx of the layer's calibration inputs, which minimizes ‖X·W − X·Q‖² instead of
@@ -31,16 +33,43 @@ def bits_per_weight(bits: int, block: int, k: int, symmetric: bool) -> float:
     return bits + (32 + (0 if symmetric else bits)) / bs
 
 
-def _grid(g: np.ndarray, bits: int, symmetric: bool):
-    """Scale and zero point (float, or None) of each column of g [rows, N]."""
+SHRINK = np.linspace(1.0, 0.7, 13)  # candidate fractions of the block's range (clipping search)
+
+
+def _grid(g: np.ndarray, bits: int, symmetric: bool, importance: np.ndarray | None = None):
+    """Scale and zero point (float, or None) of each column of g [rows, N].
+
+    The range is searched: each column takes the clipping of its range (in SHRINK) that
+    minimizes the squared rounding error, weighted per row by `importance` (the Hessian's
+    diagonal, i.e. the mean squared input of that row's feature) when given. Symmetric
+    grids put a negative extreme on -2^(bits-1), using the level a max-abs/qmax scale wastes.
+    """
     _, _, lo, hi = DTYPES[(bits, symmetric)]
     if symmetric:
-        scale = np.abs(g).max(axis=0) / hi
-        return np.where(scale == 0, 1.0, scale).astype(np.float32), None
-    gmin, gmax = np.minimum(g.min(axis=0), 0), np.maximum(g.max(axis=0), 0)
-    scale = ((gmax - gmin) / (hi - lo)).astype(np.float32)
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    return scale, np.clip(np.round(lo - gmin / scale), lo, hi)
+        extreme = g[np.abs(g).argmax(axis=0), np.arange(g.shape[1])]
+        base = np.abs(extreme) / np.where(extreme < 0, -lo, hi)
+        candidates = [(np.float32(f) * base, None) for f in SHRINK]
+    else:
+        gmin, gmax = np.minimum(g.min(axis=0), 0), np.maximum(g.max(axis=0), 0)
+        candidates = []
+        for f in SHRINK:
+            scale = (f * (gmax - gmin) / (hi - lo)).astype(np.float32)
+            safe = np.where(scale == 0, 1.0, scale)
+            candidates.append((scale, np.clip(np.round(lo - f * gmin / safe), lo, hi)))
+    weight = np.ones((g.shape[0], 1)) if importance is None else importance.reshape(-1, 1)
+    best_err, best = None, None
+    for scale, zero in candidates:
+        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        deq = (_round(g, scale, zero, bits, symmetric) - (0 if zero is None else zero)) * scale
+        err = (weight * np.square(g - deq)).sum(axis=0)
+        if best is None:
+            best_err, best = err, (scale, zero)
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = (np.where(better, scale, best[0]),
+                None if zero is None else np.where(better, zero, best[1]))
+    return best[0].astype(np.float32), best[1]
 
 
 def _round(w: np.ndarray, scale: np.ndarray, zero, bits: int, symmetric: bool) -> np.ndarray:
@@ -55,15 +84,17 @@ def _pack(q_rows: np.ndarray, scales: list, zeros: list, bits: int, symmetric: b
     return q_rows[:k].astype(np_dtype), scale, zero
 
 
-def rtn(w: np.ndarray, bits: int, block: int, symmetric: bool):
-    """w [K, N] -> (q [K, N], scale [K/block, N], zero_point [K/block, N] or None)."""
+def rtn(w: np.ndarray, bits: int, block: int, symmetric: bool, importance: np.ndarray | None = None):
+    """w [K, N] -> (q [K, N], scale [K/block, N], zero_point [K/block, N] or None).
+
+    `importance` [K] (e.g. the mean squared input per feature) weights the range search."""
     k = w.shape[0]
     bs = block or k
     q = np.empty_like(w, dtype=np.float32)
     scales, zeros = [], []
     for start in range(0, k, bs):
         g = w[start:start + bs]
-        scale, zero = _grid(g, bits, symmetric)
+        scale, zero = _grid(g, bits, symmetric, None if importance is None else importance[start:start + bs])
         q[start:start + bs] = _round(g, scale, zero, bits, symmetric)
         scales.append(scale)
         zeros.append(zero)
@@ -92,7 +123,8 @@ def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetric: bool
         for i in range(i2 - i1):
             row = i1 + i
             if (row % bs) == 0:
-                scale, zero = _grid(w1[i:i + bs].astype(np.float32), bits, symmetric)  # step is whole blocks
+                scale, zero = _grid(w1[i:i + bs].astype(np.float32), bits, symmetric,  # step is whole blocks
+                                    np.diag(h)[row:row + bs])
                 scales.append(scale)
                 zeros.append(zero)
             qi = _round(w1[i], scale, zero, bits, symmetric)

@@ -27,6 +27,8 @@ _BUILTIN_MODULES = (
     "kiln.passes.pack_matmuls",
     "kiln.passes.quantize_weights",
     "kiln.passes.lower_matmul_nbits",
+    "kiln.passes.lower_dynamic_quantize_matmul",
+    "kiln.passes.gather_quantized_rows",
     "kiln.passes.factorize_low_rank",
     "kiln.passes.prune_mlp",
     "kiln.passes.prune_heads",

@@ -45,3 +45,21 @@ def apply_rules(model: ir.Model, rules: list, *, expected: int | None = None) ->
 def count_ops(model: ir.Model, op_type: str, domain: str = "") -> int:
     return sum(1 for n in ir.traversal.RecursiveGraphIterator(model.graph)
                if n.op_type == op_type and n.domain in ((domain,) if domain else ("", "ai.onnx")))
+
+
+def one_dequantize_per_reader(graph: ir.Graph) -> int:
+    """Give each reader of a shared DequantizeLinear (a tied table: Gather + LM head) its own
+    copy, because a rewrite may not swallow a value that something outside the match reads."""
+    copies = 0
+    for node in list(graph):
+        if node.op_type != "DequantizeLinear":
+            continue
+        for use in list(node.outputs[0].uses())[1:]:
+            clone = ir.node("DequantizeLinear", list(node.inputs),
+                            attributes={k: a.value for k, a in node.attributes.items()}, num_outputs=1)
+            clone.outputs[0].dtype, clone.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+            clone.outputs[0].name = f"{node.outputs[0].name}.{copies}"
+            graph.insert_after(node, clone)
+            use.node.replace_input_with(use.idx, clone.outputs[0])
+            copies += 1
+    return copies

@@ -39,6 +39,7 @@ class OrtBackend:
         # on SmolLM2 int4: level 0 decodes barely faster than fp32); it is recorded as lossy.
         return [create_pass("fuse-rms-norm"), create_pass("fuse-layer-norm"), create_pass("fuse-gelu"),
                 create_pass("fuse-attention"), create_pass("lower-matmul-nbits", {"accuracy_level": 4}),
+                create_pass("lower-dynamic-quantize-matmul"), create_pass("gather-quantized-rows"),
                 create_pass("simplify"), create_pass("eliminate-dead-code")]
 
     def write(self, model: ir.Model, directory: Path, target: Target) -> dict:

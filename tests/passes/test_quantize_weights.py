@@ -13,13 +13,29 @@ from kiln.passes.quantize_weights import QuantizeWeightsPass
 
 
 @pytest.mark.parametrize("bits, block, symmetric", [(4, 32, True), (4, 64, False), (8, 0, True), (8, 32, False)])
-def test_rtn_error_is_within_half_a_step(bits, block, symmetric):
+def test_rtn_beats_plain_max_abs_rounding(bits, block, symmetric):
     w = np.random.default_rng(0).standard_normal((100, 24)).astype(np.float32)  # K not a multiple of 32
     q, scale, zero = rtn(w, bits, block, symmetric)
-    err = np.abs(dequantize(q, scale, zero, block) - w)
-    step = np.repeat(scale, block or 100, axis=0)[:100]
-    assert np.all(err <= step / 2 + 1e-6)
     assert (zero is None) == symmetric
+    err = np.square(dequantize(q, scale, zero, block) - w).sum()
+    # the grid without the range search: max |w| per block on the largest level
+    bs = block or 100
+    hi = 2 ** (bits - 1) - 1 if symmetric else 2 ** bits - 1
+    naive = 0.0
+    for start in range(0, 100, bs):
+        g = w[start:start + bs]
+        if symmetric:
+            s = np.abs(g).max(0) / hi
+            naive += np.square(np.clip(np.round(g / s), -hi - 1, hi) * s - g).sum()
+        else:
+            lo_, hi_ = np.minimum(g.min(0), 0), np.maximum(g.max(0), 0)
+            s = (hi_ - lo_) / hi
+            z = np.round(-lo_ / s)
+            naive += np.square((np.clip(np.round(g / s) + z, 0, hi) - z) * s - g).sum()
+    assert err <= naive * (1 + 1e-6)
+    if bits == 4:  # the search finds a better clipping
+        assert err < naive
+    assert np.all(np.abs(dequantize(q, scale, zero, block) - w) <= np.repeat(scale, bs, 0)[:100] * 2 ** bits / 2)
 
 
 def _llama(prepared):
