@@ -5,6 +5,8 @@
   ->
     DynamicQuantizeMatMul(A, Wq[K, N], scale[N], zp[N]?)                         (com.microsoft)
 
+A constant bias added right after (Add(MatMul(...), b[N])) becomes the op's bias input.
+
 ORT quantizes A to uint8 per call (one scale per tensor) and runs an integer GEMM: dynamic
 int8 quantization. Signed weights are stored as uint8 with zero point 128 (the same values):
 x86 AVX2 kernels sum u8·s8 products pairwise in int16, which saturates on full-range int8
@@ -30,20 +32,23 @@ from kiln.passes.rewriting import apply_rules, one_dequantize_per_reader
 
 
 class DynamicQuantizeMatMulRule(pattern.RewriteRuleClassBase):
-    def __init__(self, zero_point: bool, transposed: bool):
+    def __init__(self, zero_point: bool, transposed: bool, bias: bool):
         super().__init__("DynamicQuantizeMatMul" + ("" if zero_point else "-symmetric")
-                         + ("-transposed" if transposed else ""))
-        self._zero_point, self._transposed = zero_point, transposed
+                         + ("-transposed" if transposed else "") + ("-bias" if bias else ""))
+        self._zero_point, self._transposed, self._bias = zero_point, transposed, bias
 
-    def pattern(self, op, a, q, scale, zero):
+    def pattern(self, op, a, q, scale, zero, bias):
         inputs = (q, scale, zero) if self._zero_point else (q, scale)
         w = op.DequantizeLinear(*inputs, _allow_other_attributes=True, _outputs=["weight"])
         if self._transposed:
             w = op.Transpose(w, perm=[1, 0])
-        return op.MatMul(a, w)
+        y = op.MatMul(a, w)
+        return op.Add(y, bias) if self._bias else y
 
-    def check(self, context, a, q, scale, zero=None, weight=None, **_):
+    def check(self, context, a, q, scale, zero=None, weight=None, bias=None, **_):
         result = pattern.MatchResult()
+        if bias is not None and (bias.const_value is None or len(bias.shape) != 1):
+            return result.fail("the added term is not a constant vector")
         dq = weight.producer()
         if q.const_value is None or scale.const_value is None or (zero is not None and zero.const_value is None):
             return result.fail("the quantized weight is not constant")
@@ -56,7 +61,7 @@ class DynamicQuantizeMatMulRule(pattern.RewriteRuleClassBase):
             return result.fail("not one scale per output channel (blocked weights go to MatMulNBits)")
         return result
 
-    def rewrite(self, op, a, q, scale, zero=None, **_):
+    def rewrite(self, op, a, q, scale, zero=None, bias=None, **_):
         qa = q.const_value.numpy()
         scales = scale.const_value.numpy().reshape(-1)
         zp = zero.const_value.numpy().reshape(-1) if zero is not None else None
@@ -67,6 +72,8 @@ class DynamicQuantizeMatMulRule(pattern.RewriteRuleClassBase):
             zp = (zp.astype(np.int16) + 128 if zp is not None else np.full(scales.shape, 128)).astype(np.uint8)
         inputs = [a, op.Constant(value=ir.tensor(np.ascontiguousarray(qa))), op.Constant(value=ir.tensor(scales)),
                   op.Constant(value=ir.tensor(zp))]
+        if bias is not None:
+            inputs.append(bias)
         return op.DynamicQuantizeMatMul(*inputs, _domain="com.microsoft")
 
 
@@ -81,7 +88,8 @@ class LowerDynamicQuantizeMatMulPass(KilnPass):
         readers = [u.node for n in model.graph if n.op_type == "DequantizeLinear" for u in n.outputs[0].uses()]
         readers += [u.node for r in readers if r.op_type == "Transpose" for u in r.outputs[0].uses()]
         seen = sum(r.op_type == "MatMul" for r in readers)
-        rules = [DynamicQuantizeMatMulRule.rule(z, t) for z in (True, False) for t in (False, True)]
+        rules = [DynamicQuantizeMatMulRule.rule(z, t, b) for b in (True, False) for z in (True, False)
+                 for t in (False, True)]
         lowered, reasons = apply_rules(model, rules, expected=seen)
         if lowered:
             LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1024)(model)
