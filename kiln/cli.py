@@ -7,6 +7,7 @@ shows the traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -308,16 +309,30 @@ def _check_embeddings(art, texts, vectors, required: bool):
     return cosine(reference_embed(art.manifest, feeds), vectors)
 
 
-@app.command("bench")
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_cmd(
-    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    ctx: typer.Context,
+    artifact: Optional[Path] = typer.Argument(None, help="Artifact directory (not with --compare)."),
     prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=1, help="Prompt length (LLM)."),
     new_tokens: int = typer.Option(128, "--new-tokens", min=2, help="Tokens to decode (LLM)."),
     repeats: int = typer.Option(5, "--repeats", min=1, help="Timed repetitions after one warm-up; medians are reported."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Override the artifact's thread count."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    compare: bool = typer.Option(
+        False, "--compare", help="Run the side-by-side benchmark against the peers (python -m benchmarks.run, "
+                                 "from a source checkout); other options after it go to that script, e.g. --quick."),
 ):
     """Prefill tok/s, time to first token, decode tok/s and peak RSS (LLM); latency and throughput (encoder)."""
+    if compare:
+        if artifact is not None:
+            raise KilnError("--compare builds its own artifacts: give no artifact directory")
+        _bench_compare(ctx.args + (["--threads", str(threads)] if threads else [])
+                       + (["--repeats", str(repeats)] if repeats != 5 else []))
+        return
+    if ctx.args:
+        raise KilnError(f"unexpected arguments: {' '.join(ctx.args)}")
+    if artifact is None:
+        raise KilnError("give an artifact directory (or --compare for the benchmark against the peers)")
     from kiln.bench import bench_encoder, bench_llm
     from kiln.runtime import load
 
@@ -331,6 +346,22 @@ def bench_cmd(
     for k, v in result.items():
         table.add_row(k, str(v))
     out.print(table)
+
+
+def _bench_compare(args: list[str]) -> None:
+    """benchmarks/ lives in the source checkout beside the kiln package, not in the wheel."""
+    import kiln
+
+    root = Path(kiln.__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "run.py").is_file():
+        raise KilnError(f"--compare needs the source checkout (benchmarks/run.py not found under {root})")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.run import main as run_benchmarks
+
+    code = run_benchmarks(args)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("eval")
@@ -376,9 +407,19 @@ def inspect_cmd(
     path: Path = typer.Argument(..., help="Artifact directory or .onnx file."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="All pass stats."),
+    depth: int = typer.Option(512, "--depth", min=0, help="KV depth for the second decode row (LLM)."),
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens", min=1, help="Prompt length for the prefill row (LLM)."),
+    bandwidth: Optional[float] = typer.Option(None, "--bandwidth", min=0.001,
+                                              help="Target read bandwidth, GB/s (default: this machine's, measured once and cached)."),
+    flops: Optional[float] = typer.Option(None, "--flops", min=0.001,
+                                          help="Target matmul peak, GFLOP/s (default: this machine's numpy sgemm)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads of the measured target (default: the artifact's)."),
+    measure: bool = typer.Option(False, "--measure", help="Measure this machine again instead of using the cached ceilings."),
 ):
-    """Show ops, parameters, bytes by dtype and (for artifacts) the passes applied with their deltas."""
+    """Show ops, parameters, bytes by dtype, the roofline arithmetic per token (bytes, FLOPs, KV bytes and the
+    predicted bound on a target) and, for artifacts, the passes applied with their deltas."""
     _state["verbose"] |= verbose
+    from kiln import roofline
     from kiln.ir import load_model, summary
     from kiln.manifest import read_manifest
 
@@ -389,8 +430,20 @@ def inspect_cmd(
     else:
         model_path = path
     s = summary(load_model(model_path, load_external=False))
+    layout = roofline.layout_from_manifest(manifest) if manifest else roofline.Layout()
+    arith = roofline.analyze(model_path, layout)
+    target_threads = threads or (manifest["backend"]["session"].get("intra_op_num_threads") if manifest else None) or 1
+    if bandwidth and flops and not measure:
+        ceiling = roofline.Ceiling(bandwidth, flops, target_threads, "given")
+    else:
+        ceiling = roofline.ceiling(target_threads, fresh=measure)
+        ceiling = roofline.Ceiling(bandwidth or ceiling.bandwidth_gb_s, flops or ceiling.flops_gflop_s, target_threads,
+                                   ceiling.source if not (bandwidth or flops) else f"{ceiling.source}, partly given")
+    cases = _roofline_cases(arith, manifest, depth, prompt_tokens, ceiling)
     if as_json:
-        print(json.dumps({"summary": s.as_dict(), "passes": manifest["passes"] if manifest else None}, default=str))
+        print(json.dumps({"summary": s.as_dict(), "passes": manifest["passes"] if manifest else None,
+                          "arithmetic": arith.as_dict() | {"cases": cases, "ceiling": dataclasses.asdict(ceiling)}},
+                         default=str))
         return
     out.print(f"[bold]{path}[/]" + (f"  ({manifest['task']}, source {manifest['source'].get('source')}, "
                                     f"recipe {manifest['recipe']['name']}, target {manifest['target']['name']})" if manifest else ""))
@@ -408,8 +461,60 @@ def inspect_cmd(
     for k, v in s.ops.items():
         ops.add_row(k, str(v))
     out.print(ops)
+    _print_arithmetic(arith, cases, ceiling)
     if manifest:
         out.print(passes_table(manifest["passes"], _state["verbose"]))
+
+
+def _roofline_cases(arith, manifest: dict | None, depth: int, prompt_tokens: int, ceiling) -> list[dict]:
+    """Rows of the roofline table: decode at depth 0 and `depth` and a prefill (LLM), or encoder passes."""
+    from kiln.roofline import bound
+
+    rows = []
+    if manifest and manifest["task"] == "embedding":
+        for batch, seq in ((1, 16), (1, 128), (32, 128)):
+            f = arith.forward(batch, seq)
+            rows.append({"case": f"forward {batch}x{seq}", "tokens": batch * seq, "bytes": f["bytes"], "flops": f["flops"]})
+    else:
+        for d in sorted({0, depth}):
+            x = arith.decode(d)
+            rows.append({"case": f"decode @{d}", "tokens": 1, "bytes": x["bytes"], "flops": x["flops"],
+                         "kv_bytes": x["kv_bytes"]})
+        if manifest and manifest["task"] == "causal-lm":
+            x = arith.prefill(prompt_tokens)
+            rows.append({"case": f"prefill {prompt_tokens}", "tokens": prompt_tokens, "bytes": x["bytes"], "flops": x["flops"]})
+    for r in rows:
+        b = bound(r["bytes"], r["flops"], ceiling)
+        r |= {"bytes_per_token": r["bytes"] / r["tokens"], "flops_per_token": r["flops"] / r["tokens"],
+              "intensity": b["intensity"], "bound": b["bound"], "ceiling_tok_s": r["tokens"] / b["seconds"]}
+    return rows
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.3g}"
+
+
+def _print_arithmetic(arith, cases: list[dict], ceiling) -> None:
+    lay = arith.layout
+    out.print(
+        f"roofline arithmetic: weights read per token {_size(arith.weight_bytes_per_token)} "
+        f"(matmul weights {_size(arith.matmul_bytes)} in {arith.matmuls} ops, embedding rows {_size(arith.gather_row_bytes)}, "
+        f"other {_size(arith.other_bytes_per_token)}); FLOPs per token {_count(arith.weight_flops_per_token)} "
+        f"(2 x {arith.matmul_params:,} matmul parameters) + attention {_count(lay.attention_flops_per_context_token)} "
+        f"per token of context; " + (f"KV cache {_size(arith.kv_bytes_per_token)} per token" if lay.kv_cache else "no KV cache"),
+        highlight=False)
+    for note in arith.notes:
+        out.print(f"  note: {note}", highlight=False)
+    table = Table("case", "bytes/token", "FLOPs/token", "FLOP/byte", "bound", "ceiling tok/s",
+                  title=f"roofline on the target: {ceiling.bandwidth_gb_s:g} GB/s read, {ceiling.flops_gflop_s:g} GFLOP/s "
+                        f"(balance {ceiling.balance:.1f} FLOP/byte; {ceiling.threads} threads, {ceiling.source})")
+    for r in cases:
+        table.add_row(r["case"], _size(r["bytes_per_token"]), _count(r["flops_per_token"]), f"{r['intensity']:.2f}",
+                      r["bound"], f"{r['ceiling_tok_s']:,.1f}")
+    out.print(table)
 
 
 def _on_sigterm(signum, frame):
