@@ -586,7 +586,7 @@ def roofline_rows(results: dict, arith: dict, ceiling, plan: Plan) -> dict:
                                   "gb_s": round(measured * step["bytes"] / 1e9, 2)}
         pre = a.prefill(p)
         b = bound(pre["bytes"], pre["flops"], ceiling)
-        achieved = pre["flops"] / (r[f"ttft_ms_{p}"] / 1000) / 1e9
+        achieved = pre["flops"] / p * r[f"prefill_tok_s_{p}"] / 1e9
         row[f"prefill_{p}"] = {"gflop": round(pre["flops"] / 1e9, 2), "intensity": round(b["intensity"], 2), "bound": b["bound"],
                                "gflop_s": round(achieved, 1), "fraction_of_peak": round(achieved / ceiling.flops_gflop_s, 3)}
         rows[name] = row
