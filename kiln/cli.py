@@ -320,14 +320,14 @@ def bench_cmd(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     compare: bool = typer.Option(
         False, "--compare", help="Run the side-by-side benchmark against the peers (python -m benchmarks.run, "
-                                 "from a source checkout); other options after it go to that script, e.g. --quick."),
+                                 "from a source checkout); the other arguments go to that script, e.g. --quick."),
 ):
     """Prefill tok/s, time to first token, decode tok/s and peak RSS (LLM); latency and throughput (encoder)."""
     if compare:
-        if artifact is not None:
-            raise KilnError("--compare builds its own artifacts: give no artifact directory")
-        _bench_compare(ctx.args + (["--threads", str(threads)] if threads else [])
-                       + (["--repeats", str(repeats)] if repeats != 5 else []))
+        # Every argument after `bench` goes to benchmarks.run as written (its --threads takes several values).
+        argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else [
+            *ctx.args, *(["--threads", str(threads)] if threads else []), *(["--repeats", str(repeats)] if repeats != 5 else [])]
+        _bench_compare([a for a in argv if a != "--compare"])
         return
     if ctx.args:
         raise KilnError(f"unexpected arguments: {' '.join(ctx.args)}")
