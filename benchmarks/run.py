@@ -446,19 +446,27 @@ class Plan:
     repeats: int
 
 
-def run_llm(systems: list[LMRunner], ids: list[int], plan: Plan) -> dict:
-    """Interleaved rounds (A, B, C, A, B, C, ...); round 0 is the warm-up. Medians."""
+def run_llm(systems: list[LMRunner], ids: list[int], plan: Plan, skipped: dict | None = None) -> dict:
+    """Interleaved rounds (A, B, C, A, B, C, ...); round 0 is the warm-up. Medians.
+    A system that fails is dropped with its error in `skipped`."""
     samples: dict[str, dict[str, list[float]]] = {s.name: {} for s in systems}
     tokens: dict[str, list[int]] = {}
     lengths = sorted(set(plan.prompts) | {max(d, 1) for d in plan.depths})
+    systems = list(systems)
     for rep in range(plan.repeats + 1):
-        for s in systems:
+        for s in list(systems):
             steps = plan.raw_decode_tokens if s.name == "ort-raw-fp32" else plan.decode_tokens
             line = []
             for p in lengths:
                 depth = 0 if p == 1 else p
                 decode = steps if depth in plan.depths else 0
-                r = time_generation(s, ids[:p], decode)
+                try:
+                    r = time_generation(s, ids[:p], decode)
+                except Exception as exc:  # noqa: BLE001 (a peer's runtime error must not end the run)
+                    print(f"    {s.name} failed ({type(exc).__name__}: {exc}); dropped", flush=True)
+                    (skipped if skipped is not None else {})[s.name] = f"failed while running: {type(exc).__name__}: {exc}"
+                    systems.remove(s)
+                    break
                 if rep:
                     if p in plan.prompts:
                         samples[s.name].setdefault(f"ttft_{p}", []).append(r["ttft_s"])
@@ -470,7 +478,8 @@ def run_llm(systems: list[LMRunner], ids: list[int], plan: Plan) -> dict:
                     line.append(f"d{depth} {1 / r['decode_s_per_token']:.1f} tok/s")
                 if p in plan.prompts:
                     line.append(f"p{p} {p / r['ttft_s']:.0f} tok/s")
-            print(f"    round {rep} {s.name}: {', '.join(line)}", flush=True)
+            else:
+                print(f"    round {rep} {s.name}: {', '.join(line)}", flush=True)
     results = {}
     reference = tokens.get("pytorch-eager", [])
     for s in systems:
@@ -830,7 +839,7 @@ def main(argv=None) -> int:
         if data["specs"]:
             print(f"LLM, {t} thread(s): {', '.join(data['specs'])}", flush=True)
             systems = [open_llm(n, s, t) for n, s in data["specs"].items()]
-            data["llm"][str(t)] = run_llm(systems, ids, plan)
+            data["llm"][str(t)] = run_llm(systems, ids, plan, data["skipped"])
             del systems
             gc.collect()
         if data["encoder_specs"]:

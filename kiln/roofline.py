@@ -206,6 +206,21 @@ def analyze(model_path: str | Path, layout: Layout) -> Arithmetic:
         """Elements of a constant-derived value: its largest source (scales and shapes are smaller)."""
         return max((consts[s][0] for s in sources(name) or ()), default=0)
 
+    def shape(name: str) -> list[int] | None:
+        """Dims of a constant-derived value, followed through layout-only ops."""
+        if name in consts:
+            return consts[name][2]
+        node = producer.get(name)
+        if node is None:
+            return None
+        if node.op_type in ("Cast", "Identity", "DequantizeLinear"):
+            return shape(node.input[0])
+        if node.op_type == "Transpose":
+            dims = shape(node.input[0])
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            return None if dims is None else [dims[i] for i in perm] if perm else dims[::-1]
+        return None
+
     out = Arithmetic(layout, parameter_bytes=sum(c[1] for c in consts.values()))
     matmul_sources: set[str] = set()
     gather_sources: set[str] = set()
@@ -240,8 +255,7 @@ def analyze(model_path: str | Path, layout: Layout) -> Arithmetic:
             axis = next((a.i for a in node.attribute if a.name in ("axis", "gather_axis")), 0)
             extra = [sources(i) or frozenset() for i in node.input[2:] if i] if op == "GatherBlockQuantized" else []
             used = table.union(*extra)
-            main = max(table, key=lambda s: consts[s][0])
-            dims = consts[main][2]
+            dims = shape(node.input[0]) or consts[max(table, key=lambda s: consts[s][0])][2]
             rows = dims[axis] if dims else 1
             out.gathers += 1
             out.gather_row_bytes += math.ceil(sum(consts[s][1] for s in used) / max(rows, 1))
