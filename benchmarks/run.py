@@ -507,7 +507,8 @@ def run_encoder(systems: list[EncoderSystem], plan: Plan, vocab: int) -> dict:
                 t = time_encoder(s.run, ids)
                 if rep:
                     samples[s.name][key].append(t)
-                line.append(f"{key.split('_', 1)[1]} {1000 * t:.1f} ms")
+                batch, seq = ENCODER_SHAPES[key]
+                line.append(f"b{batch} s{seq} {1000 * t:.1f} ms")
             print(f"    round {rep} {s.name}: {', '.join(line)}", flush=True)
     results = {}
     for s in systems:
@@ -683,19 +684,23 @@ def encoder_section(data: dict) -> str:
     lines = ["## Speed: all-MiniLM-L6-v2", "",
              ("Same harness: identical token ids, interleaved rounds, one warm-up, medians of "
              f"{plan['repeats']}. Latency: batch 1; throughput: sequences per second at batch 32 × 128 tokens. "
-             "Ratios: kiln fp32's throughput ÷ the system's (above 1: kiln is faster)."), ""]
+             "Ratios per kiln system: the peer's latency ÷ kiln's, and kiln's throughput ÷ the peer's "
+             "(above 1: kiln is faster)."), ""]
     for threads, results in data["encoder"].items():
+        kilns = [k for k in results if k.startswith("kiln-")]
         lines += [f"### {threads} thread{'s' if threads != '1' else ''}", "",
-                  ("| system | size MB | compile s | peak RSS MB | latency ms b1 s16 | latency ms b1 s128 | seq/s b32 s128 | "
-                  "kiln fp32 ratio (s128 latency) | kiln fp32 ratio (throughput) |"),
-                  "|---|---|---|---|---|---|---|---|---|"]
-        ref = results.get("kiln-ort-fp32")
+                  "| system | size MB | compile s | peak RSS MB | latency ms b1 s16 | latency ms b1 s128 | seq/s b32 s128 | "
+                  + " | ".join(f"{k.removeprefix('kiln-ort-')} ratio: latency s128 | {k.removeprefix('kiln-ort-')} ratio: "
+                               "throughput" for k in kilns) + " |",
+                  "|---" * (7 + 2 * len(kilns)) + "|"]
         for name, r in results.items():
             info = data["encoder_specs"].get(name, {})
-            lat = _ratio(r["latency_b1_s128_ms"], ref["latency_b1_s128_ms"]) if ref else "-"
-            thr = _ratio(ref["throughput_b32_s128_seq_s"], r["throughput_b32_s128_seq_s"]) if ref else "-"
+            ratios = " | ".join(f"{_ratio(r['latency_b1_s128_ms'], results[k]['latency_b1_s128_ms'])} | "
+                                f"{_ratio(results[k]['throughput_b32_s128_seq_s'], r['throughput_b32_s128_seq_s'])}"
+                                for k in kilns)
             lines.append(f"| {name} | {r['size_mb']} | {_fmt(info.get('compile_s'))} | {_fmt(data['encoder_rss'].get(name))} | "
-                         f"{r['latency_b1_s16_ms']} | {r['latency_b1_s128_ms']} | {r['throughput_b32_s128_seq_s']} | {lat} | {thr} |")
+                         f"{r['latency_b1_s16_ms']:.2f} | {r['latency_b1_s128_ms']:.2f} | {r['throughput_b32_s128_seq_s']} | "
+                         f"{ratios} |")
         lines.append("")
     lines.append(data["machine_line"])
     return "\n".join(lines)
