@@ -98,9 +98,11 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         def to_bsd(x):
             return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), bsd)
 
+        # From the mask only (shared by every layer), so CSE leaves one copy for the whole model
+        # and the query's layout ops are not kept alive by a Shape.
         total = op.Cast(op.Squeeze(op.Shape(mask, start=3, end=4)), to=ir.DataType.INT32)
         seqlens = op.Expand(op.Sub(total, op.Constant(value=ir.tensor(np.array(1, dtype=np.int32)))),
-                            op.Shape(query, start=0, end=1))
+                            op.Shape(mask, start=0, end=1))
         attrs = {"num_heads": self._heads, "kv_num_heads": self._kv_heads}
         if self._scale is not None:
             attrs["scale"] = self._scale

@@ -102,33 +102,47 @@ def rtn(w: np.ndarray, bits: int, block: int, symmetric: bool, importance: np.nd
 
 
 def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetric: bool, damp: float = 0.01,
-         lazy: int = 128):
-    """GPTQ with static blocks; `gram` = Σ xᵀx [K, K] of the layer's inputs. Same outputs as `rtn`."""
+         act_order: bool = False, lazy: int = 128):
+    """GPTQ; `gram` = Σ xᵀx [K, K] of the layer's inputs. Same outputs as `rtn`.
+
+    Without `act_order`, rows go in order and each block's grid is set from the
+    error-updated weights when the block starts. With `act_order`, rows go by decreasing
+    Hessian diagonal (the most used input features first, while the most freedom is left to
+    absorb their error) and every block's grid is fixed beforehand from the original weights
+    ("static groups"), since a block's rows are no longer contiguous in time.
+    """
     k, n = w.shape
     bs = block or k
-    w = w.astype(np.float64).copy()
     h = gram.astype(np.float64).copy()
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
-    # Upper Cholesky factor of H⁻¹: row i holds the update coefficients for rows > i.
+    diag = np.diag(h).copy()
+    h[np.diag_indices(k)] += damp * float(np.mean(diag))
+    grids = [_grid(w[s:s + bs].astype(np.float32), bits, symmetric, diag[s:s + bs]) for s in range(0, k, bs)] \
+        if act_order else None
+    order = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
+    w = w.astype(np.float64)[order]
+    h = h[np.ix_(order, order)]
+    # Upper Cholesky factor of H⁻¹: row i holds the update coefficients for rows after i.
     hinv = np.linalg.cholesky(np.linalg.inv(h)).T
     step = max(lazy // bs, 1) * bs if bs < k else k  # lazy-update width, a multiple of the block
     q = np.empty((k, n), dtype=np.float32)
-    scales, zeros = [], []
+    scales, zeros = ([g[0] for g in grids], [g[1] for g in grids]) if act_order else ([], [])
     for i1 in range(0, k, step):
         i2 = min(i1 + step, k)
         w1 = w[i1:i2]
         err = np.zeros_like(w1)
         for i in range(i2 - i1):
             row = i1 + i
-            if (row % bs) == 0:
-                scale, zero = _grid(w1[i:i + bs].astype(np.float32), bits, symmetric,  # step is whole blocks
-                                    np.diag(h)[row:row + bs])
+            original = order[row]
+            if act_order:
+                scale, zero = grids[original // bs]
+            elif row % bs == 0:  # in order: step is whole blocks, so the block lies in w1
+                scale, zero = _grid(w1[i:i + bs].astype(np.float32), bits, symmetric, diag[row:row + bs])
                 scales.append(scale)
                 zeros.append(zero)
             qi = _round(w1[i], scale, zero, bits, symmetric)
-            q[row] = qi
+            q[original] = qi
             deq = (qi - (0 if zero is None else zero)) * scale
             e = (w1[i] - deq) / hinv[row, row]
             w1[i + 1:] -= np.outer(hinv[row, row + 1:i2], e)

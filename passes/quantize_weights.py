@@ -11,7 +11,8 @@ is quantized once and both readers share the same DequantizeLinear: backends can
 one copy of the table (ORT: MatMulNBits and GatherBlockQuantized on the same bytes).
 
 Methods (`method`): "rtn" (round to nearest) or "gptq" (error feedback through the inverse
-Hessian of the layer's calibration inputs; see `kiln.passes.quantization`). `bits` 4 or 8;
+Hessian of the layer's calibration inputs, `act_order` to take the most used input features
+first; see `kiln.passes.quantization`). `bits` 4 or 8;
 `symmetric` gives signed values without zero point, else unsigned with one per block.
 
 Mixed precision (`max_bits_per_weight` > 0): every weight's sensitivity is measured as its
@@ -62,7 +63,7 @@ class QuantizeWeightsPass(KilnPass):
 
     def __init__(self, bits: int = 4, block_size: int = 32, symmetric: bool = True, method: str = "rtn",
                  include_lm_head: bool = True, include_embedding: bool = True, max_bits_per_weight: float = 0.0,
-                 damp: float = 0.01, min_elements: int = 4096, budget: float = 0.1):
+                 damp: float = 0.01, act_order: bool = False, min_elements: int = 4096, budget: float = 0.1):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError("bits must be 4 or 8")
@@ -77,6 +78,7 @@ class QuantizeWeightsPass(KilnPass):
         self.bits, self.block_size, self.symmetric, self.method = bits, block_size, symmetric, method
         self.include_lm_head, self.include_embedding = include_lm_head, include_embedding
         self.max_bits_per_weight, self.damp, self.min_elements, self.budget = max_bits_per_weight, damp, min_elements, budget
+        self.act_order = act_order
         self.uses_calibration = method == "gptq" or bool(max_bits_per_weight)
 
     def call(self, model: ir.Model):
@@ -178,7 +180,7 @@ class QuantizeWeightsPass(KilnPass):
         array = w.value.const_value.numpy().astype(np.float32)
         kn = array.T if w.transposed else array
         if self.method == "gptq" and gram is not None:
-            q, scale, zero = gptq(kn, gram, bits, self.block_size, self.symmetric, self.damp)
+            q, scale, zero = gptq(kn, gram, bits, self.block_size, self.symmetric, self.damp, self.act_order)
         else:
             q, scale, zero = rtn(kn, bits, self.block_size, self.symmetric)
         w.bits = bits

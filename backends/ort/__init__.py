@@ -40,7 +40,8 @@ class OrtBackend:
         return [create_pass("fuse-rms-norm"), create_pass("fuse-layer-norm"), create_pass("fuse-gelu"),
                 create_pass("fuse-attention"), create_pass("lower-matmul-nbits", {"accuracy_level": 4}),
                 create_pass("lower-dynamic-quantize-matmul"), create_pass("gather-quantized-rows"),
-                create_pass("simplify"), create_pass("eliminate-dead-code")]
+                create_pass("simplify"), create_pass("eliminate-common-subexpressions"),
+                create_pass("eliminate-dead-code")]
 
     def write(self, model: ir.Model, directory: Path, target: Target) -> dict:
         save_model(model, directory / MODEL_FILE)

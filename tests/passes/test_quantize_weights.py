@@ -98,14 +98,15 @@ def test_lm_head_and_embedding_can_stay_float(prepared):
     assert any("LM head left in float" in r for r in result.rejected)
 
 
-def test_gptq_beats_rtn_on_correlated_inputs():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(act_order):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2048, 64)) @ rng.standard_normal((64, 64)) * 0.1 + rng.standard_normal((2048, 1)) * 3
     gram = x.T @ x
     w = rng.standard_normal((64, 48)).astype(np.float32)
     for symmetric in (True, False):
         e_rtn = output_error(w, dequantize(*rtn(w, 4, 16, symmetric), 16), gram)
-        q, scale, zero = gptq(w, gram, 4, 16, symmetric)
+        q, scale, zero = gptq(w, gram, 4, 16, symmetric, act_order=act_order)
         assert q.shape == w.shape and scale.shape == (4, 48)
         assert output_error(w, dequantize(q, scale, zero, 16), gram) < e_rtn / 2
 
