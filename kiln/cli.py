@@ -430,7 +430,9 @@ def inspect_cmd(
     else:
         model_path = path
     s = summary(load_model(model_path, load_external=False))
-    layout = roofline.layout_from_manifest(manifest) if manifest else roofline.Layout()
+    meta = model_path.parent / "meta.json"  # beside a raw export in kiln's cache: the source config
+    layout = (roofline.layout_from_manifest(manifest) if manifest else
+              roofline.layout_from_config(json.loads(meta.read_text())) if meta.is_file() else roofline.Layout())
     arith = roofline.analyze(model_path, layout)
     target_threads = threads or (manifest["backend"]["session"].get("intra_op_num_threads") if manifest else None) or 1
     if bandwidth and flops and not measure:
@@ -510,7 +512,7 @@ def _print_arithmetic(arith, cases: list[dict], ceiling) -> None:
         out.print(f"  note: {note}", highlight=False)
     table = Table("case", "bytes/token", "FLOPs/token", "FLOP/byte", "bound", "ceiling tok/s",
                   title=f"roofline on the target: {ceiling.bandwidth_gb_s:g} GB/s read, {ceiling.flops_gflop_s:g} GFLOP/s "
-                        f"(balance {ceiling.balance:.1f} FLOP/byte; {ceiling.threads} threads, {ceiling.source})")
+                        f"(balance {ceiling.balance:.1f} FLOP/byte; {ceiling.threads} thread(s), {ceiling.source})")
     for r in cases:
         table.add_row(r["case"], _size(r["bytes_per_token"]), _count(r["flops_per_token"]), f"{r['intensity']:.2f}",
                       r["bound"], f"{r['ceiling_tok_s']:,.1f}")
