@@ -7,6 +7,12 @@ sees factors of similar scale). Activation-aware (`activation_aware=true`, the d
 whitening): with G = XᵀX/n from calibration text (Cholesky G = S Sᵀ), factor Sᵀ W = U Σ Vᵀ and
 take A = S⁻ᵀ U_r Σ_r^½, so the truncation minimises the error of the layer's *output* on real
 activations: ‖X W − X A B‖² / n = Σ_{i>r} σ_i² exactly; `stats` report it relative to ‖X W‖².
+`ridge` (default 0.1) adds ridge·mean(diag G)·I to G before the Cholesky: directions the
+calibration text barely excites keep a floor instead of being truncated first (measured on MiniLM
+at 25% fewer parameters: mean cosine 0.42 with a negligible ridge, 0.57 with 0.1; ridge → ∞ is
+plain SVD, 0.41). With `center=true` G is the covariance of X around its mean μ and a bias μ·(W − A·B) is
+added after the factors, so the mean input is reproduced exactly and the rank is spent on the
+variation (a few huge mean/outlier directions otherwise make the relative error look tiny).
 
 Rank per layer, one of:
 - `rank=r`: the same rank everywhere;
@@ -61,10 +67,14 @@ def embedding_tables(model: ir.Model) -> tuple[list[ir.Node], list[str]]:
     return found, rejected
 
 
-def whitening(gram: np.ndarray, rows: int) -> np.ndarray:
-    """S with S Sᵀ = XᵀX/n (+ a small ridge so that S is invertible)."""
-    g = gram / max(rows, 1)
-    ridge = 1e-6 * float(np.mean(np.diag(g))) + 1e-12
+def whitening(g: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """S with S Sᵀ = g + ridge·mean(diag g)·I (g a second-moment or covariance matrix).
+
+    The ridge keeps S invertible and gives directions the calibration text never excites
+    (e.g. an encoder's [CLS]/[SEP] states when calibrating on running text) a floor, so the
+    truncation does not discard them outright; ridge → ∞ is plain SVD.
+    """
+    ridge = ridge * float(np.mean(np.diag(g))) + 1e-12
     for _ in range(8):
         try:
             return np.linalg.cholesky(g + ridge * np.eye(len(g)))
@@ -78,10 +88,11 @@ class _Candidate:
 
     def __init__(self, node: ir.Node, w: np.ndarray, s: np.ndarray | None):
         self.node, self.k, self.n = node, w.shape[0], w.shape[1]
-        m = (s.T @ w.astype(np.float64)).astype(np.float32) if s is not None else w.astype(np.float32)
-        u, sigma, vt = np.linalg.svd(m, full_matrices=False)  # float32: half the time of float64
-        self.u, self.sigma, self.vt = u.astype(np.float64), sigma.astype(np.float64), vt.astype(np.float64)
+        # float64: S can be ill-conditioned (outlier channels), and A = S⁻ᵀ U Σ^½ amplifies U's errors
+        m = s.T @ w.astype(np.float64) if s is not None else w.astype(np.float64)
+        self.u, self.sigma, self.vt = np.linalg.svd(m, full_matrices=False)
         self.s = s
+        self.mean: np.ndarray | None = None
         energy = np.square(self.sigma)
         self.total = float(energy.sum())
         self.kept = np.cumsum(energy) / max(self.total, 1e-300)  # kept[r-1]: fraction kept at rank r
@@ -93,11 +104,15 @@ class _Candidate:
         r = int(np.searchsorted(self.kept, energy - 1e-12) + 1)
         return min(-(-r // multiple) * multiple, len(self.sigma))
 
+    @property
+    def extra(self) -> int:
+        return self.n if self.mean is not None else 0  # the mean-correcting bias
+
     def cost(self, r: int) -> int:
-        return r * (self.k + self.n) if 0 < r and r * (self.k + self.n) < self.k * self.n else self.k * self.n
+        return r * (self.k + self.n) + self.extra if self.factored(r) else self.k * self.n
 
     def factored(self, r: int) -> bool:
-        return 0 < r and r * (self.k + self.n) < self.k * self.n
+        return 0 < r and r * (self.k + self.n) + self.extra < self.k * self.n
 
     def error(self, r: int) -> float:
         """Relative output energy lost at rank r (0 when kept dense)."""
@@ -122,7 +137,7 @@ class FactorizeLowRankPass(KilnPass):
     def __init__(self, target_params: float = 0.0, target_mb: float = 0.0, energy: float = 0.0, rank: int = 0,
                  activation_aware: bool = True, include_lm_head: bool = False, include_embeddings: bool = False,
                  min_elements: int = 4096, rank_multiple: int = 8, allocation: str = "lagrange",
-                 metric: str = "kl", budget: float = 1.0):
+                 center: bool = False, ridge: float = 0.1, metric: str = "kl", budget: float = 1.0):
         super().__init__()
         check_target(target_params, target_mb)
         if not 0 <= energy <= 1:
@@ -135,7 +150,9 @@ class FactorizeLowRankPass(KilnPass):
         if allocation not in ("lagrange", "energy"):
             raise ValueError(f"allocation must be 'lagrange' or 'energy', got '{allocation}'")
         check_metric(metric)
-        self.allocation = allocation
+        if ridge < 0:
+            raise ValueError("ridge must be >= 0")
+        self.allocation, self.center, self.ridge = allocation, center, ridge
         self.target_params, self.target_mb, self.energy, self.rank = target_params, target_mb, energy, rank
         self.activation_aware, self.include_lm_head = activation_aware, include_lm_head
         self.include_embeddings = include_embeddings
@@ -154,12 +171,19 @@ class FactorizeLowRankPass(KilnPass):
                                                              "params_removed": 0},
                                rejected=["no linear layer to factor", *why])
         whiten: dict[str, np.ndarray] = {}
+        means: dict[str, np.ndarray] = {}
         if self.activation_aware:
             feeds = require(self.calibration, "factorize-low-rank (activation_aware=true)")
             names = list(dict.fromkeys(n.inputs[0].name for n in nodes))
             stats = grams(model, feeds, names)
-            whiten = {name: whitening(st.gram, st.rows) for name, st in stats.items()}
+            if self.center:
+                means = {name: st.mean for name, st in stats.items()}
+                whiten = {name: whitening(st.covariance, self.ridge) for name, st in stats.items()}
+            else:
+                whiten = {name: whitening(st.gram / max(st.rows, 1), self.ridge) for name, st in stats.items()}
         cands = [_Candidate(n, weight_of(n), whiten.get(n.inputs[0].name)) for n in nodes]
+        for c in cands:
+            c.mean = means.get(c.node.inputs[0].name) if c.node.op_type == "MatMul" else None
         cands += [_Candidate(n, n.inputs[0].const_value.numpy(), None) for n in tables]
         rejected: list[str] = list(why)
         dense = sum(c.k * c.n for c in cands)
@@ -211,10 +235,10 @@ class FactorizeLowRankPass(KilnPass):
         options = []
         for c in cands:
             rs = np.arange(m, min(c.breakeven() + 1, len(c.sigma) + 1), m)
-            rs = rs[rs * (c.k + c.n) < c.k * c.n]
+            rs = rs[rs * (c.k + c.n) + c.extra < c.k * c.n]
             err = 1 - c.kept[rs - 1] if len(rs) else np.zeros(0)
             options.append((np.concatenate([[0], rs]), np.concatenate([[0.0], err]),
-                            np.concatenate([[c.k * c.n], rs * (c.k + c.n)]).astype(np.float64)))
+                            np.concatenate([[c.k * c.n], rs * (c.k + c.n) + c.extra]).astype(np.float64)))
 
         def choose(lam: float) -> tuple[list[int], int]:
             ranks, params = [], rest
@@ -236,6 +260,23 @@ class FactorizeLowRankPass(KilnPass):
             else:
                 lo = mid
         return choose(hi)[0]
+
+    @staticmethod
+    def _add_bias(graph: ir.Graph, node: ir.Node, c: np.ndarray) -> None:
+        out = node.outputs[0]
+        uses = [(u.node, u.idx) for u in out.uses()]  # before the Add below becomes a use
+        bias = ir.val(unique_name(graph, f"{node.name}.lowrank_bias"), const_value=ir.tensor(c))
+        graph.register_initializer(bias)
+        add = ir.node("Add", [out, bias], num_outputs=1, name=f"{node.name}.lowrank_bias")
+        new = add.outputs[0]
+        new.dtype, new.shape = out.dtype, out.shape
+        graph.insert_after(node, add)
+        for user, idx in uses:
+            user.replace_input_with(idx, new)
+        if out.is_graph_output():
+            name, out.name = out.name, f"{out.name}.lowrank"
+            new.name = name
+            graph.outputs[list(graph.outputs).index(out)] = new
 
     @staticmethod
     def _factor_table(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
@@ -282,7 +323,10 @@ class FactorizeLowRankPass(KilnPass):
                 mid.shape = ir.Shape([*list(x.shape)[:-1], r])
             graph.insert_before(node, first)
             node.replace_input_with(0, mid)
+            w_old = weight_of(node)
             node.replace_input_with(1, vb)
+            if c.mean is not None:  # the mean input is reproduced exactly: y = x·A·B + μ·(W − A·B)
+                self._add_bias(graph, node, (c.mean @ (w_old.astype(np.float64) - a.astype(np.float64) @ b)).astype(np.float32))
             factored += 1
             errors.append(c.error(r))
             used.append(r)

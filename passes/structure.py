@@ -510,10 +510,20 @@ class Gram:
 
     gram: np.ndarray
     rows: int
+    total: np.ndarray | None = None  # Σ x
 
     @property
     def sq_sum(self) -> np.ndarray:
         return np.diag(self.gram).copy()
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.rows, 1)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        mu = self.mean
+        return self.gram / max(self.rows, 1) - np.outer(mu, mu)
 
 
 def grams(model: ir.Model, feeds, names: Sequence[str]) -> dict[str, Gram]:
@@ -526,11 +536,13 @@ def grams(model: ir.Model, feeds, names: Sequence[str]) -> dict[str, Gram]:
         for name, x in arrays.items():
             x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
             g = (x.T @ x).astype(np.float64)
+            t = x.sum(0, dtype=np.float64)
             if name in out:
                 out[name].gram += g
                 out[name].rows += x.shape[0]
+                out[name].total += t
             else:
-                out[name] = Gram(g, x.shape[0])
+                out[name] = Gram(g, x.shape[0], t)
     return out
 
 

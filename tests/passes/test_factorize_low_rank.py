@@ -119,3 +119,17 @@ def test_a_tied_table_is_left_alone():
     result = FactorizeLowRankPass(rank=8, include_embeddings=True, activation_aware=False)(ir.Model(g, ir_version=10))
     assert not result.modified
     assert any("tied LM head" in r for r in result.rejected)
+
+
+def test_centering_adds_the_mean_correcting_bias_and_stays_exact():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 4)) @ rng.standard_normal((4, 96))
+    model = _linear(w)
+    before = _clone(model)
+    p = FactorizeLowRankPass(energy=1.0, rank_multiple=1, center=True, min_elements=1, include_lm_head=True)
+    p.calibration = [{"x": (rng.standard_normal((128, 64)) + 3.0).astype(np.float32)}]
+    result = p(model)
+    assert result.stats["params_after"] == 4 * (64 + 96) + 96
+    assert [n.op_type for n in model.graph] == ["MatMul", "MatMul", "Add"]
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    assert_same_outputs(before, model, {"x": rng.standard_normal((3, 64)).astype(np.float32)}, rtol=1e-5)
