@@ -107,11 +107,15 @@ class MatMulNBitsRule(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, a, q, scale, zero=None, **_):
-        b, scales, zero_points, bits, _ = _pack(q, scale, zero, self._block, self._transposed)
+        b, scales, zero_points, bits, signed = _pack(q, scale, zero, self._block, self._transposed)
         k, n = (q.shape[1], q.shape[0]) if self._transposed else (q.shape[0], q.shape[1])
-        return op.MatMulNBits(a, op.Constant(value=ir.tensor(b)), op.Constant(value=ir.tensor(scales)),
-                              op.Constant(value=ir.tensor(zero_points)), K=k, N=n, bits=bits,
-                              block_size=self._block, accuracy_level=self._accuracy_level, _domain="com.microsoft")
+        inputs = [a, op.Constant(value=ir.tensor(b)), op.Constant(value=ir.tensor(scales))]
+        if zero is not None or not signed:
+            inputs.append(op.Constant(value=ir.tensor(zero_points)))
+        # else: symmetric weights sit on ORT's default zero point (2^(bits-1)), and leaving the
+        # input out selects MLAS's kernels without zero-point handling.
+        return op.MatMulNBits(*inputs, K=k, N=n, bits=bits, block_size=self._block,
+                              accuracy_level=self._accuracy_level, _domain="com.microsoft")
 
 
 class GatherBlockQuantizedRule(pattern.RewriteRuleClassBase):

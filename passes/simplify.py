@@ -3,6 +3,8 @@
     Mul(x, 1) -> x;  Add(x, 0) -> x;  Cast(Cast(x)) -> Cast(x);  Reshape(Reshape(x, s1), s2) -> Reshape(x, s2)
     Slice chains -> one Slice;  Expand / Reshape to the same shape -> x;  Min/Max -> Clip ...
     Identity(x) -> x   (onnx_ir's identity elimination; graph outputs keep their names)
+    Reshape(Reshape(x, s1), s2) -> x   when s2's result is x's own shape, dims copied (0) included,
+                                       e.g. [B, S, H·D] -> [0, 0, H, D] -> [0, 0, -1] (kiln's rule)
 
 The pattern rules are onnxscript's general-purpose set (the one its `optimize()` uses);
 kiln counts how many fired. Exact: each rule preserves values bit for bit, except
@@ -21,12 +23,55 @@ from kiln.passes.base import KilnPass, count_nodes, fingerprint
 from kiln.passes.registry import register_pass
 
 
+class ReshapeRoundTrip(pattern.RewriteRuleClassBase):
+    """Reshape(Reshape(x, s1), s2) -> x when the result has x's shape (onnxscript's rule only
+    merges the pair, and a shape with copied dims (0) is not known to equal x's)."""
+
+    def pattern(self, op, x, s1, s2):
+        inner = op.Reshape(x, s1, _allow_other_attributes=True, _outputs=["inner"])
+        return op.Reshape(inner, s2, _allow_other_attributes=True, _outputs=["outer"])
+
+    def check(self, context, x, s1, s2, inner=None, outer=None, **_):
+        result = pattern.MatchResult()
+        if x.shape is None or s1.const_value is None or s2.const_value is None:
+            return result.fail("unknown input shape or non-constant target shapes")
+        if any(v.producer().attributes.get_int("allowzero", 0) for v in (inner, outer)):
+            return result.fail("allowzero=1: a 0 is an empty dim, not a copy")
+        dims = list(x.shape)
+        if any(isinstance(d, ir.SymbolicDim) and d.value is None for d in dims):
+            return result.fail("the input has an unnamed dim")
+        middle = _apply(dims, s1.const_value.numpy().tolist())
+        final = _apply(middle, s2.const_value.numpy().tolist()) if middle is not None else None
+        if final is None or len(final) != len(dims):
+            return result.fail("the round trip changes the rank")
+        unknown = [i for i, d in enumerate(final) if d is None]
+        if len(unknown) > 1 or any(final[i] != dims[i] for i in range(len(dims)) if i not in unknown):
+            return result.fail("the round trip changes the shape")
+        return result
+
+    def rewrite(self, op, x, **_):
+        return op.Identity(x)
+
+
+def _apply(dims: list, shape: list) -> list | None:
+    """Dims after Reshape(·, shape) (allowzero=0): 0 copies the input dim, -1 is unknown (None)."""
+    out = []
+    for i, s in enumerate(shape):
+        if s == 0:
+            if i >= len(dims):
+                return None
+            out.append(dims[i])
+        else:
+            out.append(None if s == -1 else s)
+    return out
+
+
 @register_pass("simplify")
 class SimplifyPass(KilnPass):
     def call(self, model: ir.Model):
         # onnxscript keeps its default rule list private; it is the set optimize() applies.
         before, nodes = fingerprint(model), count_nodes(model)
-        rules = pattern.RewriteRuleSet(list(rewriter._DEFAULT_REWRITE_RULES))
+        rules = pattern.RewriteRuleSet([ReshapeRoundTrip.rule(), *rewriter._DEFAULT_REWRITE_RULES])
         count = rules.apply_to_model(model)
         identities = sum(n.op_type == "Identity" for n in ir.traversal.RecursiveGraphIterator(model.graph))
         IdentityEliminationPass()(model)

@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import onnxruntime as ort
 
 from kiln.errors import KilnError
 from kiln.passes.numerics import log_softmax
@@ -116,10 +117,13 @@ class Model:
         for i in range(self.kv["num_layers"]):
             feeds[f"past_key_values.{i}.key"] = cache[2 * i]
             feeds[f"past_key_values.{i}.value"] = cache[2 * i + 1]
-        outs = self.session.run(self.output_names, feeds)
-        named = dict(zip(self.output_names, outs))
+        # OrtValues in and out: the cache goes from one step's outputs to the next step's
+        # inputs without a copy into numpy (the whole cache, every token, otherwise).
+        feeds = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+                 for k, v in feeds.items()}
+        named = dict(zip(self.output_names, self.session.run_with_ort_values(self.output_names, feeds)))
         present = [named[f"present.{i}.{k}"] for i in range(self.kv["num_layers"]) for k in ("key", "value")]
-        return named["logits"], present
+        return named["logits"].numpy(), present
 
 
 def left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -233,7 +237,8 @@ class Generator:
         else:
             t_old, t_new = self.mask.shape[1], mask.shape[1]
             width = max(t_old, t_new)
-            self.cache = [np.concatenate([_pad_seq(a, width), _pad_seq(b, width)]) for a, b in zip(self.cache, cache)]
+            self.cache = [np.concatenate([_pad_seq(host(a), width), _pad_seq(host(b), width)])
+                          for a, b in zip(self.cache, cache)]
             self.mask = np.concatenate([_pad_mask(self.mask, width), _pad_mask(mask, width)])
             self.logits = np.concatenate([self.logits, logits])
         self.rows.append(row)
@@ -260,6 +265,8 @@ class Generator:
         return emitted
 
     def _retain(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return  # nobody left: the cache stays as it is (no copy)
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
             self.cache = self.mask = self.logits = None
@@ -268,7 +275,7 @@ class Generator:
         self.logits = self.logits[idx]
         if self.model.kv is None:
             return
-        self.cache = [c[idx] for c in self.cache]
+        self.cache = [host(c)[idx] for c in self.cache]
         self.mask = self.mask[idx]
         # Slots no remaining row attends to are dropped, keeping the cache short.
         first = int(np.argmax(self.mask.any(axis=0)))
@@ -288,6 +295,11 @@ class Generator:
         self.logits, self.cache = m.forward(ids, self.mask, positions, self.cache)
         for r in self.rows:
             r.next_position += 1
+
+
+def host(cache) -> np.ndarray:
+    """A cache entry as numpy (the runtime keeps them as ORT values between steps)."""
+    return cache.numpy() if isinstance(cache, ort.OrtValue) else cache
 
 
 def _pad_seq(cache: np.ndarray, width: int) -> np.ndarray:
@@ -357,7 +369,7 @@ def beam_search(model: Model, prompt: list[int], num_beams: int, max_new_tokens:
         beams = next_beams
         new = np.array([[t[-1]] for _, t in beams], dtype=np.int64)
         if model.kv:
-            cache = [c[parents] for c in cache]
+            cache = [host(c)[parents] for c in cache]
             length = len(prompt) + step + 1
             logits, cache = model.forward(new, np.ones((len(beams), length), dtype=np.int64),
                                           np.full((len(beams), 1), length - 1, dtype=np.int64), cache)

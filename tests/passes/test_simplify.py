@@ -2,6 +2,7 @@ import numpy as np
 import onnx_ir as ir
 
 from conftest import assert_same_outputs, tiny_graph
+from kiln.passes.numerics import compare, run_ort
 from kiln.passes.simplify import SimplifyPass
 
 
@@ -52,3 +53,30 @@ def test_mul_by_one_is_removed_by_a_rewrite_rule():
     result = SimplifyPass()(model)
     assert result.stats["rewrites"] == 1
     assert [n.op_type for n in model.graph] == ["MatMul", "Add", "Relu", "Tanh"]
+
+
+def _reshape_pair(first, second):
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["B", "S", 12]))
+    s1 = ir.val("s1", const_value=ir.tensor(np.array(first, dtype=np.int64)))
+    s2 = ir.val("s2", const_value=ir.tensor(np.array(second, dtype=np.int64)))
+    r1 = ir.node("Reshape", [x, s1], num_outputs=1)
+    r2 = ir.node("Reshape", [r1.outputs[0], s2], num_outputs=1)
+    relu = ir.node("Relu", [r2.outputs[0]], num_outputs=1)
+    relu.outputs[0].name, relu.outputs[0].dtype = "y", ir.DataType.FLOAT
+    graph = ir.Graph([x], [relu.outputs[0]], nodes=[r1, r2, relu], initializers=[s1, s2], opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_a_reshape_round_trip_to_the_same_shape_disappears():
+    model = _reshape_pair([0, 0, 3, 4], [0, 0, -1])
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 5, 12)).astype(np.float32)}
+    before = run_ort(model, feeds)
+    assert SimplifyPass()(model).modified
+    assert [n.op_type for n in model.graph] == ["Relu"]
+    assert compare(before, run_ort(model, feeds))["max_abs"] == 0.0
+
+
+def test_a_reshape_round_trip_to_another_shape_stays():
+    model = _reshape_pair([0, 0, 3, 4], [0, -1, 4])  # [B, S, 12] -> [B, S, 3, 4] -> [B, 3·S, 4]
+    SimplifyPass()(model)
+    assert "Reshape" in [n.op_type for n in model.graph]
