@@ -280,6 +280,17 @@ def minilm(work: Path, log) -> dict:
     return out
 
 
+def _detail(method: str, s: dict) -> str:
+    if method == "low-rank":
+        return (f"{s.get('layers_factored')} layers factored, ranks {s.get('rank_min')}–{s.get('rank_max')}, "
+                f"output error {s.get('output_error_mean')}")
+    if method == "heads":
+        return f"query heads per layer {s.get('heads_after')}"
+    if method == "mlp-width":
+        return f"width {s.get('width_before')} → {s.get('width_min')}–{s.get('width_max')}"
+    return f"dropped {s.get('dropped')} (BI {s.get('block_influence_dropped')})"
+
+
 def _cell(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)[1:-1].replace("|", "\\|")
 
@@ -287,13 +298,13 @@ def _cell(text: str) -> str:
 def write_table(results: dict, args, path: Path) -> None:
     fp = results["fp32"]
     lines = [BEGIN, "## Structural compression (SmolLM2-135M, MiniLM-L6)", "",
-             f"Produced by `python -m benchmarks.compression --windows {args.windows}` on {results.get('date')}; "
-             "raw numbers in `benchmarks/compression.json`.",
-             "Each row: the fp32 recipe plus one structural pass before the KV cache, asked to keep "
+             (f"Produced by `python -m benchmarks.compression --windows {args.windows}` on {results.get('date')}; "
+             "raw numbers in `benchmarks/compression.json`."),
+             ("Each row: the fp32 recipe plus one structural pass before the KV cache, asked to keep "
              "`1 - level` of the parameters (embeddings included; SmolLM2 has 134.5M, 28.3M of them the tied embedding). "
              f"PPL on the Lee corpus ({args.windows} windows of 512 tokens), KL and top-1 against the fp32 artifact on the same tokens; "
              "decode tok/s from `kiln bench` (64-token prompt, 64 new tokens, 2 threads), all artifacts measured in interleaved rounds, median of 3 (a shared 2-core VM: compare within the table, not with other sections). "
-             "No fine-tuning after compression.", "",
+             "No fine-tuning after compression."), "",
              "| method | level | params (M) | removed | size MB | PPL | ΔPPL | KL | top-1 | decode tok/s | KV layers × heads | pass record (stats) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|",
              f"| fp32 | — | {fp['params'] / 1e6:.1f} | — | {fp['size_mb']} | {fp['ppl']} | — | — | — | {fp['decode_tok_s']} | 30 × 3 | — |"]
@@ -303,10 +314,7 @@ def write_table(results: dict, args, path: Path) -> None:
             continue
         s = c["record"]["stats"]
         removed = 1 - c["parameters"] / fp["params"]
-        detail = {"low-rank": lambda: f"{s.get('layers_factored')} layers factored, ranks {s.get('rank_min')}–{s.get('rank_max')}, output error {s.get('output_error_mean')}",
-                  "heads": lambda: f"query heads per layer {s.get('heads_after')}",
-                  "mlp-width": lambda: f"width {s.get('width_before')} → {s.get('width_min')}–{s.get('width_max')}",
-                  "layers": lambda: f"dropped {s.get('dropped')} (BI {s.get('block_influence_dropped')})"}[c["method"]]()
+        detail = _detail(c["method"], s)
         dppl = c["ppl"] - fp["ppl"]
         lines.append(f"| {c['method']} | {c['level'] or 'max'}{'%' if c['level'] else ''} | {c['parameters'] / 1e6:.1f} | {removed:.1%} | {c['size_mb']} | "
                      f"{c['ppl']} | {dppl:+.2f} | {c['kl']} | {c['top1']} | {c['decode_tok_s']} | "
@@ -314,11 +322,11 @@ def write_table(results: dict, args, path: Path) -> None:
     comp = results.get("compose")
     if comp and "error" not in comp:
         lines += ["", "### Pruned + int4",
-                  "prune-heads (one query head of three removed per KV group) and prune-mlp (to 85% of the parameters), then the int4 "
+                  ("prune-heads (one query head of three removed per KV group), then prune-mlp (to 85% of the parameters left), then the int4 "
                   "recipe's passes (KV cache, packing, RTN int4 block 32), lowered by the ORT backend "
-                  f"(GroupQueryAttention fused on {comp['gqa_fused']}/30 layers, KV cache {comp['kv_cache']} layers × {comp['kv_heads']} heads):", "",
-                  f"{comp['parameters'] / 1e6:.1f}M parameters, {comp['size_mb']} MB, PPL {comp['ppl']} (fp32 {fp['ppl']}), "
-                  f"KL {comp['kl']}, top-1 {comp['top1']}, decode {comp['decode_tok_s']} tok/s.", "",
+                  f"(GroupQueryAttention fused on {comp['gqa_fused']}/30 layers, KV cache {comp['kv_cache']} layers × {comp['kv_heads']} heads):"), "",
+                  (f"{comp['parameters'] / 1e6:.1f}M parameters, {comp['size_mb']} MB, PPL {comp['ppl']} (fp32 {fp['ppl']}), "
+                  f"KL {comp['kl']}, top-1 {comp['top1']}, decode {comp['decode_tok_s']} tok/s."), "",
                   "Per-pass records: " + "; ".join(f"`{r['name']}` removed {r['params_removed']} params, sample KL {r['delta_kl']}"
                                                     for r in comp["records"]), "",
                   "| prompt | greedy continuation (24 tokens) |", "|---|---|"]

@@ -24,14 +24,22 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
-from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA
 from kiln.passes.base import KilnPass
 from kiln.passes.calibration import capture, require
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import (Layer, check_metric, check_target, decoder_layers, exclusive_params, param_count,
-                                   params_to_keep, remove_unused_initializers)
+from kiln.passes.structure import (
+    Layer,
+    check_metric,
+    check_target,
+    decoder_layers,
+    exclusive_params,
+    param_count,
+    params_to_keep,
+    remove_unused_initializers,
+)
+
+from kiln.errors import KilnError
 
 
 def block_influence(model: ir.Model, layers: list[Layer], feeds) -> list[float]:

@@ -42,13 +42,22 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
-from kiln.errors import KilnError
 from kiln.passes.base import KilnPass
 from kiln.passes.calibration import require
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import (check_metric, check_target, grams, linear_layers, param_count, params_to_keep,
-                                   remove_unused_initializers, unique_name, weight_of)
+from kiln.passes.structure import (
+    check_metric,
+    check_target,
+    grams,
+    linear_layers,
+    param_count,
+    params_to_keep,
+    remove_unused_initializers,
+    unique_name,
+    weight_of,
+)
+
+from kiln.errors import KilnError
 
 
 def embedding_tables(model: ir.Model) -> tuple[list[ir.Node], list[str]]:

@@ -40,17 +40,32 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
-
-from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA
 from kiln.passes.base import KilnPass
 from kiln.passes.calibration import require
 from kiln.passes.prune_mlp import refit as refit_rows
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import (Attention, _dims, bias_of, check_metric, check_target, const_array,
-                                   find_attentions, grams, linear_output, param_count, params_to_keep,
-                                   refresh_shapes, remove_unused_initializers, set_const_input, short_feed,
-                                   unique_name, weight_of)
+from kiln.passes.structure import (
+    Attention,
+    _dims,
+    bias_of,
+    check_metric,
+    check_target,
+    const_array,
+    find_attentions,
+    grams,
+    linear_output,
+    param_count,
+    params_to_keep,
+    refresh_shapes,
+    remove_unused_initializers,
+    set_const_input,
+    short_feed,
+    unique_name,
+    weight_of,
+)
+
+from kiln.errors import KilnError
 
 
 class HeadLayoutError(KilnError):
@@ -371,7 +386,7 @@ class PruneHeadsPass(KilnPass):
     def _costs(self, att: Attention) -> tuple[int, int]:
         """Parameters of one query head (W_q cols + bias, W_o rows) and of one kv group without its query heads."""
         wq, wk, wo = weight_of(att.q), weight_of(att.k), weight_of(att.o)
-        bias = lambda n: 1 if bias_of(n) else 0  # noqa: E731
+        bias = lambda n: 1 if bias_of(n) else 0
         q_head = att.head_dim * (wq.shape[0] + bias(att.q)) + att.v_head_dim * wo.shape[1]
         kv = att.head_dim * (wk.shape[0] + bias(att.k)) + att.v_head_dim * (weight_of(att.v).shape[0] + bias(att.v))
         return q_head, kv
@@ -401,7 +416,7 @@ class PruneHeadsPass(KilnPass):
         if self.unit == "query":
             removed_per_layer = [0] * len(atts)
             if self.ratio:
-                removed_per_layer = [min(int(round(self.ratio * a.n_rep)), a.n_rep - 1) for a in atts]
+                removed_per_layer = [min(round(self.ratio * a.n_rep), a.n_rep - 1) for a in atts]
             else:
                 costs = [a.kv_heads * self._costs(a)[0] for a in atts]
                 capacity = sum((a.n_rep - 1) * c for a, c in zip(atts, costs))
@@ -437,7 +452,7 @@ class PruneHeadsPass(KilnPass):
         group_energy = [[sum(e[self._head_index(a, g, r, lay)] for r in range(a.n_rep)) for g in range(a.kv_heads)]
                         for a, e, lay in zip(atts, energies, layouts)]
         if self.ratio:
-            n = min(int(round(self.ratio * hkv)), hkv - 1)
+            n = min(round(self.ratio * hkv), hkv - 1)
         else:
             per_group = sum(self._costs(a)[1] + a.n_rep * self._costs(a)[0] for a in atts)
             n = int(np.ceil(to_remove / per_group)) if to_remove > 0 else 0

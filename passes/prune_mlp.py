@@ -29,13 +29,24 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
-from kiln.errors import KilnError
 from kiln.passes.base import KilnPass
 from kiln.passes.calibration import collect, require
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import (MLP, check_metric, check_target, const_array, find_mlps, grams, param_count,
-                                   params_to_keep, remove_unused_initializers, set_const_input, weight_of)
+from kiln.passes.structure import (
+    MLP,
+    check_metric,
+    check_target,
+    const_array,
+    find_mlps,
+    grams,
+    param_count,
+    params_to_keep,
+    remove_unused_initializers,
+    set_const_input,
+    weight_of,
+)
+
+from kiln.errors import KilnError
 
 
 def refit(gram: np.ndarray, rows: int, keep: np.ndarray, w: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
@@ -113,7 +124,7 @@ class PruneMLPPass(KilnPass):
 
     def _round(self, n: float) -> int:
         m = self.channel_multiple
-        return int(round(n / m)) * m
+        return round(n / m) * m
 
     def _plan(self, mlps: list[MLP], scores, costs, to_remove: int) -> list[int]:
         if to_remove <= 0:

@@ -23,7 +23,6 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-
 from kiln.ir.io import to_bytes
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sigmoid", "Tanh", "Relu", "Erf", "Gelu", "FastGelu", "Pow", "Neg",
@@ -491,7 +490,7 @@ def params_to_keep(model: ir.Model, target_params: float, target_mb: float) -> i
     bytes per parameter (for an fp32 model: 4)."""
     total = param_count(model)
     if target_params:
-        return int(round(target_params * total))
+        return round(target_params * total)
     if target_mb:
         nbytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         return int(target_mb * 1e6 / (nbytes / max(total, 1)))
@@ -556,8 +555,9 @@ def retarget_steps(steps: list[tuple[str, dict]], target_params: float | None = 
 
     The recipe must hold exactly one pass that takes `target_params` (each pass's target is
     relative to the model it sees, so two would compound)."""
-    from kiln.errors import KilnError
     from kiln.passes.registry import get_pass
+
+    from kiln.errors import KilnError
 
     if target_params is None and target_mb is None:
         return steps
@@ -568,7 +568,7 @@ def retarget_steps(steps: list[tuple[str, dict]], target_params: float | None = 
         raise KilnError(f"--target-params/--target-size need a recipe with exactly one structural pass "
                         f"(this one has: {which}); set targets per pass in the recipe instead")
     out = [(name, dict(params)) for name, params in steps]
-    name, params = out[takes[0]]
+    _name, params = out[takes[0]]
     for knob in AMOUNT_KNOBS:
         params.pop(knob, None)
     params["target_params" if target_params is not None else "target_mb"] = (

@@ -2,10 +2,10 @@
 packing and int4, and the artifact's manifest reflects the smaller model."""
 
 import pytest
+from kiln.passes.structure import parse_size_mb, retarget_steps
 
 import kiln
 from kiln.errors import KilnError
-from kiln.passes.structure import parse_size_mb, retarget_steps
 from kiln.recipes import load_recipe
 
 

@@ -3,8 +3,6 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
-
-from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA
 from kiln.passes import create_pass
 from kiln.passes.drop_layers import DropLayersPass
@@ -12,6 +10,8 @@ from kiln.passes.insert_kv_cache import InsertKVCachePass
 from kiln.passes.kv_layout import decode_consistency
 from kiln.passes.numerics import compare, run_ort
 from kiln.passes.structure import decoder_layers, param_count, weight_of
+
+from kiln.errors import KilnError
 
 
 def _clone(model: ir.Model) -> ir.Model:
@@ -36,7 +36,7 @@ def test_dropping_a_layer_is_zeroing_what_it_adds(cleaned, name):
 
 
 def test_block_influence_then_kv_cache_with_fewer_layers(cleaned):
-    _, model, feeds, calib = cleaned("tiny-llama")
+    _, model, _feeds, calib = cleaned("tiny-llama")
     total = param_count(model)
     p = DropLayersPass(layers=1)
     p.calibration = calib

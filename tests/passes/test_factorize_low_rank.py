@@ -1,9 +1,7 @@
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from conftest import assert_same_outputs
-from kiln.errors import KilnError
 from kiln.passes import create_pass
 from kiln.passes.calibration import CalibrationError
 from kiln.passes.factorize_low_rank import FactorizeLowRankPass
@@ -11,6 +9,8 @@ from kiln.passes.insert_kv_cache import InsertKVCachePass
 from kiln.passes.kv_layout import decode_consistency
 from kiln.passes.numerics import compare, run_ort
 from kiln.passes.structure import param_count
+
+from kiln.errors import KilnError
 
 
 def _linear(w: np.ndarray) -> ir.Model:
@@ -59,7 +59,7 @@ def test_activation_aware_beats_plain_svd_on_correlated_inputs():
 def test_target_params_then_kv_cache_and_decode(cleaned):
     kls = {}
     for aware in (False, True):
-        meta, model, feeds, calib = cleaned("tiny-llama")
+        _meta, model, feeds, calib = cleaned("tiny-llama")
         total = param_count(model)
         before = run_ort(model, feeds)
         p = FactorizeLowRankPass(target_params=0.95, min_elements=1, rank_multiple=4, activation_aware=aware)

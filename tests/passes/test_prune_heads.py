@@ -3,8 +3,6 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
-
-from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA
 from kiln.passes import create_pass
 from kiln.passes.fuse_attention import FuseAttentionPass
@@ -13,6 +11,8 @@ from kiln.passes.kv_layout import decode_consistency
 from kiln.passes.numerics import compare, run_ort
 from kiln.passes.prune_heads import PruneHeadsPass
 from kiln.passes.structure import find_attentions, param_count, weight_of
+
+from kiln.errors import KilnError
 
 
 def _clone(model: ir.Model) -> ir.Model:
@@ -51,7 +51,7 @@ def test_removing_heads_is_zeroing_their_output_rows(cleaned, name, unit):
 @pytest.mark.parametrize("name,unit,kv_heads", [("tiny-llama", "query", 2), ("tiny-llama", "group", 1),
                                                 ("tiny-qwen2", "query", 1)])
 def test_pruned_model_takes_the_kv_cache_and_fuses_gqa(cleaned, name, unit, kv_heads):
-    _, model, feeds, calib = cleaned(name)
+    _, model, _feeds, calib = cleaned(name)
     p = PruneHeadsPass(ratio=0.5, unit=unit)
     p.calibration = calib
     p(model)

@@ -3,8 +3,6 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
-
-from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA
 from kiln.passes import create_pass
 from kiln.passes.insert_kv_cache import InsertKVCachePass
@@ -12,6 +10,8 @@ from kiln.passes.kv_layout import decode_consistency
 from kiln.passes.numerics import compare, run_ort
 from kiln.passes.prune_mlp import PruneMLPPass
 from kiln.passes.structure import find_mlps, param_count, weight_of
+
+from kiln.errors import KilnError
 
 
 def _clone(model: ir.Model) -> ir.Model:
@@ -37,7 +37,7 @@ def test_removing_channels_is_zeroing_their_down_rows(cleaned, name):
 
 
 def test_ratio_then_kv_cache_and_decode(cleaned):
-    _, model, feeds, calib = cleaned("tiny-llama")
+    _, model, _feeds, calib = cleaned("tiny-llama")
     p = PruneMLPPass(ratio=0.25)
     p.calibration = calib
     result = p(model)
@@ -50,7 +50,7 @@ def test_ratio_then_kv_cache_and_decode(cleaned):
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_target_params_is_met(cleaned, allocation):
-    _, model, feeds, calib = cleaned("tiny-llama")
+    _, model, _feeds, calib = cleaned("tiny-llama")
     total = param_count(model)
     p = PruneMLPPass(target_params=0.9, allocation=allocation)
     p.calibration = calib
