@@ -19,10 +19,11 @@ Rank per layer, one of:
 - `energy=e`: the smallest r keeping a fraction e of Σσ² (of the output energy when activation-aware);
 - `target_params=f` (or `target_mb=M`): at most f × the model's parameters (embeddings included;
   a tied table counts once; `target_mb` converts megabytes of weights at the model's bytes per
-  parameter), allocated over layers by `allocation`: "lagrange" (default) minimises the sum of the
-  layers' relative errors, each layer taking the rank (or staying dense) that minimises
-  error + λ·parameters, λ bisected to meet the target; "energy" keeps one energy fraction in every
-  layer, the highest that meets the target.
+  parameter), allocated over layers by `allocation`: "energy" (default) keeps one energy fraction
+  in every layer, the highest that meets the target; "lagrange" minimises the sum of the layers'
+  relative errors (each layer takes the rank, or stays dense, that minimises error + λ·parameters,
+  λ bisected to meet the target). Measured on SmolLM2 at 20% fewer parameters, "lagrange" cuts
+  fewer layers deeper and is worse (Lee PPL 319 against 156 with "energy", fp32 30.9).
 Ranks are rounded up to a multiple of `rank_multiple`. A layer is factored only where it removes
 parameters and FLOPs: r·(K + N) < K·N; otherwise it stays dense.
 
@@ -145,7 +146,7 @@ class FactorizeLowRankPass(KilnPass):
 
     def __init__(self, target_params: float = 0.0, target_mb: float = 0.0, energy: float = 0.0, rank: int = 0,
                  activation_aware: bool = True, include_lm_head: bool = False, include_embeddings: bool = False,
-                 min_elements: int = 4096, rank_multiple: int = 8, allocation: str = "lagrange",
+                 min_elements: int = 4096, rank_multiple: int = 8, allocation: str = "energy",
                  center: bool = False, ridge: float = 0.1, metric: str = "kl", budget: float = 1.0):
         super().__init__()
         check_target(target_params, target_mb)

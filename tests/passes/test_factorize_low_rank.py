@@ -133,3 +133,12 @@ def test_centering_adds_the_mean_correcting_bias_and_stays_exact():
     assert [n.op_type for n in model.graph] == ["MatMul", "MatMul", "Add"]
     assert [v.name for v in model.graph.outputs] == ["y"]
     assert_same_outputs(before, model, {"x": rng.standard_normal((3, 64)).astype(np.float32)}, rtol=1e-5)
+
+
+def test_lagrange_allocation_meets_the_target(cleaned):
+    _, model, _, calib = cleaned("tiny-llama")
+    total = param_count(model)
+    p = FactorizeLowRankPass(target_params=0.9, allocation="lagrange", min_elements=1, rank_multiple=4)
+    p.calibration = calib
+    p(model)
+    assert 0.85 <= param_count(model) / total <= 0.9
