@@ -48,7 +48,6 @@ CONFIGS: dict[str, str] = {
     "int8 (preset)": "int8",
     "int4 RTN b32, head+emb": _q(bits=4, block_size=32),
     "int4 RTN b32, head+emb fp32": _q(bits=4, block_size=32, include_lm_head=False, include_embedding=False),
-    "int4 RTN b64, head+emb": _q(bits=4, block_size=64),
     "int4 GPTQ b64, head+emb (int4 preset)": "int4",
     "int4 GPTQ b32, head+emb (int4-quality preset)": "int4-quality",
 }

@@ -25,6 +25,7 @@ _BUILTIN_MODULES = (
     "kiln.passes.fuse_gelu",
     "kiln.passes.fuse_attention",
     "kiln.passes.pack_matmuls",
+    "kiln.passes.smooth_activations",
     "kiln.passes.quantize_weights",
     "kiln.passes.lower_matmul_nbits",
     "kiln.passes.lower_dynamic_quantize_matmul",
