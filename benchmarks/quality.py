@@ -33,7 +33,7 @@ from benchmarks.parity import PROMPTS
 from benchmarks.report import machine_line, write_section
 from kiln.models.cache import cache_dir
 
-PRESETS = ["fp32", "int8", "int4", "int4-quality"]
+PRESETS = ["fp32", "int8", "int8-dynamic", "int4", "int4-quality"]
 
 
 def _q(**params) -> str:
@@ -152,11 +152,12 @@ def minilm(args, workdir: Path) -> tuple[str, dict]:
     from kiln.models import get_source, prepare
 
     paths = {}
-    for recipe in ("fp32", "int8"):
+    for recipe in ("fp32", "int8-dynamic"):
         paths[recipe] = workdir / f"minilm-{recipe}"
         if not (paths[recipe] / "kiln.json").exists():
             kiln.compile("minilm-l6", paths[recipe], recipe=recipe, force=True, progress=False)
-    fp32, int8 = kiln.load(paths["fp32"], threads=args.threads), kiln.load(paths["int8"], threads=args.threads)
+    fp32 = kiln.load(paths["fp32"], threads=args.threads)
+    int8 = kiln.load(paths["int8-dynamic"], threads=args.threads)
     ort_path = ort_recipe(prepare(get_source("minilm-l6"), progress=False).path, workdir / "minilm-ort-recipe")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
@@ -165,7 +166,7 @@ def minilm(args, workdir: Path) -> tuple[str, dict]:
     def ort_embed(texts):
         return ort_session.run(["embedding"], fp32.tokenize_batch(texts))[0]
 
-    systems = {"kiln fp32": fp32.embed, "kiln int8": int8.embed, "ORT recipe (optimizer + quantize_dynamic)": ort_embed}
+    systems = {"kiln fp32": fp32.embed, "kiln int8-dynamic": int8.embed, "ORT recipe (optimizer + quantize_dynamic)": ort_embed}
     sents = sentences(read_text(default_corpus()), 200)
     ref = np.concatenate([fp32.embed(sents[i:i + 32]) for i in range(0, len(sents), 32)])
 
@@ -179,7 +180,7 @@ def minilm(args, workdir: Path) -> tuple[str, dict]:
     long_text = " ".join(sents[:20])
     feeds = fp32.tokenize_batch([long_text])
     feeds = {k: v[:, :128] for k, v in feeds.items()}
-    sessions = {"kiln fp32": fp32.session, "kiln int8": int8.session,
+    sessions = {"kiln fp32": fp32.session, "kiln int8-dynamic": int8.session,
                 "ORT recipe (optimizer + quantize_dynamic)": ort_session}
     times = {k: [] for k in sessions}
     for rep in range(31):
