@@ -305,7 +305,7 @@ def write_table(results: dict, args, path: Path) -> None:
              ("Each row: the fp32 recipe plus one structural pass before the KV cache, asked to keep "
              "`1 - level` of the parameters (embeddings included; SmolLM2 has 134.5M, 28.3M of them the tied embedding). "
              f"PPL on the Lee corpus ({args.windows} windows of 512 tokens), KL and top-1 against the fp32 artifact on the same tokens; "
-             "decode tok/s from `kiln bench` (64-token prompt, 64 new tokens, 2 threads), all artifacts measured in interleaved rounds, median of 3 (a shared 2-core VM: compare within the table, not with other sections). "
+             f"decode tok/s from `kiln bench` (64-token prompt, 64 new tokens, 2 threads), all artifacts measured {results.get('speed', 'one after another')} (a shared 2-core VM under load from other jobs: compare within the table, not with other sections). "
              "No fine-tuning after compression."), "",
              "| method | level | params (M) | removed | size MB | PPL | ΔPPL | KL | top-1 | decode tok/s | KV layers × heads | pass record (stats) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -321,6 +321,7 @@ def write_table(results: dict, args, path: Path) -> None:
         lines.append(f"| {c['method']} | {c['level'] or 'max'}{'%' if c['level'] else ''} | {c['parameters'] / 1e6:.1f} | {removed:.1%} | {c['size_mb']} | "
                      f"{c['ppl']} | {dppl:+.2f} | {c['kl']} | {c['top1']} | {c['decode_tok_s']} | "
                      f"{c['kv_cache']['num_layers']} × {c['kv_cache']['kv_heads']} | {detail}; sample KL {(c['record']['delta'] or {}).get('kl')} |")
+    lines += [f"- {note}" for note in results.get("notes", [])]
     comp = results.get("compose")
     if comp and "error" not in comp:
         lines += ["", "### Pruned + int4",
