@@ -331,8 +331,9 @@ def write_table(results: dict, args, path: Path) -> None:
                   f"(GroupQueryAttention fused on {comp['gqa_fused']}/30 layers, KV cache {comp['kv_cache']} layers × {comp['kv_heads']} heads):"), "",
                   (f"{comp['parameters'] / 1e6:.1f}M parameters, {comp['size_mb']} MB, PPL {comp['ppl']} (fp32 {fp['ppl']}), "
                   f"KL {comp['kl']}, top-1 {comp['top1']}, decode {comp['decode_tok_s']} tok/s."), "",
-                  "Per-pass records: " + "; ".join(f"`{r['name']}` removed {r['params_removed']} params, sample KL {r['delta_kl']}"
-                                                    for r in comp["records"]), "",
+                  "Per-pass records (sample KL: the pipeline's check against the stage before): " + "; ".join(
+                      (f"`{r['name']}` removed {r['params_removed']:,} parameters" if r["params_removed"] is not None
+                       else f"`{r['name']}`") + f", sample KL {r['delta_kl']}" for r in comp["records"]), "",
                   "| prompt | greedy continuation (24 tokens) |", "|---|---|"]
         lines += [f"| {g['prompt']} | {_cell(g['output'])} |" for g in comp["generations"]]
     mini = results.get("minilm")
