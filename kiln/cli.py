@@ -97,6 +97,13 @@ def compile_cmd(
                                          "checked after every lossy pass; over budget = no artifact."),
     min_cosine: Optional[float] = typer.Option(
         None, "--min-cosine", help="Encoder quality budget: mean cosine of the outputs to the source's."),
+    target_params: Optional[float] = typer.Option(
+        None, "--target-params", min=0.0, max=1.0,
+        help="Keep this fraction of the parameters (embeddings included), e.g. 0.8; given to the recipe's "
+             "one structural pass (factorize-low-rank, prune-heads, prune-mlp, drop-layers)."),
+    target_size: Optional[str] = typer.Option(
+        None, "--target-size", help="Weights of at most this size, e.g. 60MB, counted at the model's bytes per "
+                                    "parameter where the structural pass runs (fp32: 4)."),
 ):
     """Export MODEL, run the recipe's verified passes, and write the artifact directory."""
     import kiln
@@ -104,9 +111,21 @@ def compile_cmd(
     _state["verbose"] |= verbose
     result = kiln.compile(model, output, recipe=recipe, target=target, backend=backend, force=force,
                           calibration=calibration, max_ppl_increase=_fraction(max_ppl_increase, "--max-ppl-increase"),
-                          min_cosine=min_cosine, progress=not quiet, console=err)
+                          min_cosine=min_cosine, target_params=target_params,
+                          target_mb=_size_mb(target_size), progress=not quiet, console=err)
     if not quiet:
         _print_summary(result.path, result.manifest)
+
+
+def _size_mb(text: str | None) -> float | None:
+    if text is None:
+        return None
+    from kiln.passes.structure import parse_size_mb
+
+    try:
+        return parse_size_mb(text)
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not a size like 60MB", param_hint="--target-size") from None
 
 
 def _fraction(text: str | None, option: str) -> float | None:

@@ -74,6 +74,8 @@ def compile(  # noqa: A001
     example_inputs: dict | None = None,
     dynamic_shapes: dict | None = None,
     calibration: str | Path | None = None,
+    target_params: float | None = None,
+    target_mb: float | None = None,
     max_ppl_increase: float | None = None,
     min_cosine: float | None = None,
     progress: bool = True,
@@ -89,6 +91,10 @@ def compile(  # noqa: A001
     start = time.perf_counter()
     # Validate everything cheap before any expensive work.
     plan = load_recipe(recipe)
+    if target_params is not None or target_mb is not None:
+        from kiln.passes.structure import retarget_steps
+
+        plan = dataclasses.replace(plan, steps=retarget_steps(plan.steps, target_params, target_mb))
     profile = get_target(target)
     be = get_backend(backend)
     if max_ppl_increase is not None and min_cosine is not None:
