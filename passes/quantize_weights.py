@@ -41,6 +41,7 @@ from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
 from kiln.passes.quantization import DTYPES, bits_per_weight, dequantize, gptq, output_error, rtn
 from kiln.passes.registry import register_pass
+from kiln.passes.structure import unique_name
 
 METHODS = ("rtn", "gptq")
 
@@ -216,14 +217,14 @@ class QuantizeWeightsPass(KilnPass):
                    f"{base}.scale": ir.tensor(np.ascontiguousarray(scale))}
         if zero is not None:
             tensors[f"{base}.zero_point"] = ir.tensor(np.ascontiguousarray(zero), dtype=dtype)
-        inputs = [ir.val(_unique(graph, name), const_value=t) for name, t in tensors.items()]
+        inputs = [ir.val(unique_name(graph, name), const_value=t) for name, t in tensors.items()]
         for v in inputs:
             graph.register_initializer(v)
         k = q.shape[1] if w.transposed else q.shape[0]
         attrs = {"axis": 1 if w.transposed else 0, "block_size": self.block_size or k}
         dq = ir.node("DequantizeLinear", inputs, attributes=attrs, num_outputs=1)
         dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(q.shape))
-        dq.outputs[0].name = _unique(graph, f"{base}.dequantized")
+        dq.outputs[0].name = unique_name(graph, f"{base}.dequantized")
         return dq
 
 
@@ -233,14 +234,6 @@ def _is_head(node: ir.Node) -> bool:
 
 def _sum(arrays: list[np.ndarray]) -> np.ndarray | None:
     return sum(arrays[1:], arrays[0].copy()) if arrays else None
-
-
-def _unique(graph: ir.Graph, name: str) -> str:
-    candidate, i = name, 0
-    while candidate in graph.initializers:
-        i += 1
-        candidate = f"{name}.{i}"
-    return candidate
 
 
 def _require_opset(model: ir.Model, version: int) -> None:

@@ -27,6 +27,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
+from kiln.passes.structure import unique_name
 
 
 def _norm_scales(x: ir.Value) -> list[tuple[ir.Node, int]] | None:
@@ -121,10 +122,6 @@ class SmoothActivationsPass(KilnPass):
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    candidate, i = name, 0
-    while candidate in graph.initializers:
-        i += 1
-        candidate = f"{name}.{i}"
-    value = ir.val(candidate, const_value=ir.tensor(array))
+    value = ir.val(unique_name(graph, name), const_value=ir.tensor(array))
     graph.register_initializer(value)
     return value
