@@ -83,8 +83,11 @@ def fetch_cmd(name: str = typer.Argument(..., help="Model name (see `kiln models
 def compile_cmd(
     model: str = typer.Argument(..., help="A model name (see `kiln models`) or a path to an .onnx file."),
     output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create."),
-    recipe: str = typer.Option("fp32", "--recipe", "-r", help="Preset name (see kiln/recipes) or path to a .toml recipe."),
-    target: str = typer.Option("cpu", "--target", "-t", help="Deployment target profile."),
+    recipe: Optional[str] = typer.Option(
+        None, "--recipe", "-r", help="Preset name (see kiln/recipes) or path to a .toml recipe "
+                                     "(default: the target's: fp32, int4 for LLMs on cpu, npu-int8 on npu)."),
+    target: str = typer.Option("cpu", "--target", "-t", help="Deployment target profile: cpu, gpu (fp16, CUDA EP) "
+                                                             "or npu (static shapes, int8 QDQ, op allow-list)."),
     backend: str = typer.Option("ort", "--backend", "-b", help="Backend that writes the artifact."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, no summary."),

@@ -84,18 +84,19 @@ def compile(  # noqa: A001
     """Compile `model` (a kiln model name, a path to an .onnx file, or a torch.nn.Module
     with `example_inputs`) into the artifact directory `output`.
 
-    `calibration` is a text file for data-aware passes (default: kiln's calibration corpus,
-    which is disjoint from the evaluation corpus). `max_ppl_increase` (LLMs, e.g. 0.05 for
+    `recipe` defaults to the target's (cpu, gpu: fp32; npu: npu-int8). `calibration` is a
+    text file for data-aware passes (default: kiln's calibration corpus, which is disjoint
+    from the evaluation corpus). `max_ppl_increase` (LLMs, e.g. 0.05 for
     +5%) and `min_cosine` (encoders) are quality budgets measured on held-out text after
     every lossy pass; the first pass over budget fails the compile and nothing is written."""
     start = time.perf_counter()
     # Validate everything cheap before any expensive work.
-    plan = load_recipe(recipe)
+    profile = get_target(target)
+    plan = load_recipe(recipe or profile.default_recipe)
     if target_params is not None or target_mb is not None:
         from kiln.passes.structure import retarget_steps
 
         plan = dataclasses.replace(plan, steps=retarget_steps(plan.steps, target_params, target_mb))
-    profile = get_target(target)
     be = get_backend(backend)
     if max_ppl_increase is not None and min_cosine is not None:
         raise CompileError("give one quality budget: --max-ppl-increase (LLMs) or --min-cosine (encoders)")
@@ -126,7 +127,8 @@ def compile(  # noqa: A001
             raise CompileError(f"source model is invalid: {exc}") from exc
         before = summary(ir_model)
         if feeds is None:
-            feeds = sample_inputs(prepared.meta, before.inputs, tokenizer=prepared.tokenizer)
+            feeds = sample_inputs(prepared.meta, _static_signature(before.inputs, profile.static_shapes),
+                                  tokenizer=prepared.tokenizer)
         lowering = be.lowering_passes(profile) if plan.lower else []
         passes = plan.build() + lowering
         calib, calib_info = _calibration(passes, prepared, before.inputs, feeds, calibration)
@@ -152,6 +154,15 @@ def compile(  # noqa: A001
             manifest["compile"]["seconds"] = round(time.perf_counter() - start, 1)
             write_manifest(tmp, manifest)
     return CompileResult(output, manifest)
+
+
+def _static_signature(signature: list[dict], static: dict[str, int] | None) -> list[dict]:
+    """The signature with the target's fixed dims: sample inputs must already have the shapes
+    that the lowering's shape specialisation gives the graph."""
+    if not static:
+        return signature
+    return [{**spec, "shape": [static.get(d, d) if isinstance(d, str) else d for d in spec["shape"] or []]}
+            for spec in signature]
 
 
 def _calibration(passes, prepared: Prepared, signature, feeds, text) -> tuple[list | None, dict | None]:
@@ -229,6 +240,9 @@ def _manifest(model, prepared, plan, profile, backend_info, records, before, aft
     if prepared.task == "causal-lm":
         manifest["generation"] = {**meta.get("generation", {}), "max_new_tokens": 64, "do_sample": False}
     elif prepared.task == "embedding":
+        longest = meta.get("max_sequence_length", meta.get("max_position_embeddings"))
+        if profile.static_shapes:  # the runtime truncates to what the static graph takes
+            longest = min(longest or profile.static_shapes["sequence"], profile.static_shapes["sequence"])
         manifest["embedding"] = {"pooling": meta.get("pooling", "mean"), "normalize": meta.get("normalize", True),
-                                 "max_sequence_length": meta.get("max_sequence_length", meta.get("max_position_embeddings"))}
+                                 "max_sequence_length": longest}
     return manifest

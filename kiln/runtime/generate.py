@@ -69,6 +69,8 @@ class Model:
         gen = manifest.get("generation", {})
         self.eos = tuple(gen.get("eos_token_ids", []))
         self.pad = gen.get("pad_token_id") if gen.get("pad_token_id") is not None else (self.eos[0] if self.eos else 0)
+        # A static-shape artifact (ORT, target npu) takes a fixed number of tokens per call.
+        self.chunk = manifest.get("backend", {}).get("session", {}).get("chunk")
 
     @property
     def static(self) -> bool:
@@ -106,6 +108,8 @@ class Model:
         limit = self.kv.get("max_positions")
         if limit is not None and int(position_ids.max()) >= limit:
             raise GenerationError(f"position {int(position_ids.max())} is past the model's rotary cache ({limit} positions)")
+        if self.chunk and input_ids.shape[1] != self.chunk:
+            return self._run_chunks(input_ids, attention_mask, position_ids, cache)
         if self.static:
             used, new, length = attention_mask.shape[1], input_ids.shape[1], self.kv["max_length"]
             if used > length:
@@ -124,6 +128,30 @@ class Model:
         named = dict(zip(self.output_names, self.session.run_with_ort_values(self.output_names, feeds)))
         present = [named[f"present.{i}.{k}"] for i in range(self.kv["num_layers"]) for k in ("key", "value")]
         return named["logits"].numpy(), present
+
+
+    def _run_chunks(self, input_ids, attention_mask, position_ids, cache):
+        """Tokens in fixed chunks through the static cache: the last chunk is padded, its padding
+        written to the free slots after the real tokens (masked out, overwritten later), so a
+        call needs `chunk` free slots and only the real positions' logits are returned."""
+        chunk, length = self.chunk, self.kv["max_length"]
+        batch, seq = input_ids.shape
+        start = attention_mask.shape[1] - seq
+        if start + -(-seq // chunk) * chunk > length:
+            raise GenerationError(f"{start} cached + {seq} new tokens in chunks of {chunk} exceed the static cache "
+                                  f"length {length}")
+        logits = []
+        for begin in range(0, seq, chunk):
+            real = min(chunk, seq - begin)
+            ids = np.full((batch, chunk), self.pad, dtype=np.int64)
+            ids[:, :real] = input_ids[:, begin:begin + real]
+            positions = np.repeat(position_ids[:, begin + real - 1:begin + real], chunk, axis=1)
+            positions[:, :real] = position_ids[:, begin:begin + real]
+            mask = attention_mask[:, :start + begin + real]
+            padded = np.concatenate([mask, np.zeros((batch, chunk - real), dtype=np.int64)], axis=1)
+            out, cache = self._run(ids, padded, positions, cache)
+            logits.append(out[:, :real])
+        return np.concatenate(logits, axis=1), cache
 
 
 def left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
