@@ -31,7 +31,7 @@ from kiln.models.sources import file_sha256
 from kiln.passes.numerics import compare
 from kiln.passes.pipeline import run_pipeline
 from kiln.passes.quality import QualityBudget
-from kiln.recipes import load_recipe
+from kiln.recipes import default_recipe, load_recipe
 from kiln.targets import get_target
 
 
@@ -84,7 +84,8 @@ def compile(  # noqa: A001
     """Compile `model` (a kiln model name, a path to an .onnx file, or a torch.nn.Module
     with `example_inputs`) into the artifact directory `output`.
 
-    `recipe` defaults to the target's (cpu, gpu: fp32; npu: npu-int8). `calibration` is a
+    `recipe` defaults to the target's (cpu, gpu: fp32; npu: npu-int8), except that a
+    causal LM on the cpu gets int4. `calibration` is a
     text file for data-aware passes (default: kiln's calibration corpus, which is disjoint
     from the evaluation corpus). `max_ppl_increase` (LLMs, e.g. 0.05 for
     +5%) and `min_cosine` (encoders) are quality budgets measured on held-out text after
@@ -92,7 +93,8 @@ def compile(  # noqa: A001
     start = time.perf_counter()
     # Validate everything cheap before any expensive work.
     profile = get_target(target)
-    plan = load_recipe(recipe or profile.default_recipe)
+    source = get_source(model) if isinstance(model, str) and not model.endswith(".onnx") else None
+    plan = load_recipe(recipe or default_recipe(profile, source.task if source else None))
     if target_params is not None or target_mb is not None:
         from kiln.passes.structure import retarget_steps
 
@@ -116,7 +118,7 @@ def compile(  # noqa: A001
                 raise CompileError(f"{path}: no such ONNX file")
             prepared = Prepared(path, {"source": path.name, "task": "custom", "sha256": file_sha256(path)}, None)
         elif isinstance(model, str):
-            prepared = prepare(get_source(model), progress=progress, console=console)
+            prepared = prepare(source, progress=progress, console=console)
         else:
             prepared, feeds = _from_module(model, example_inputs, dynamic_shapes, Path(scratch))
 

@@ -26,7 +26,7 @@ def main() -> int:
     prompt = sys.argv[1] if len(sys.argv) > 1 else PROMPT
     console.rule("kiln demo: SmolLM2-135M-Instruct")
     start = time.perf_counter()
-    result = kiln.compile("smollm2-135m", OUTPUT, force=True, console=console)
+    result = kiln.compile("smollm2-135m", OUTPUT, recipe="fp32", force=True, console=console)
     compile_seconds = time.perf_counter() - start
 
     art = kiln.load(result.path)

@@ -18,7 +18,8 @@ def test_artifact_layout_and_manifest(tmp_path, prepared):
     assert m["schema_version"] == SCHEMA_VERSION
     assert m["task"] == "causal-lm"
     assert len(m["source"]["sha256"]) == 64
-    assert m["recipe"]["name"] == "fp32"
+    assert m["recipe"]["name"] == "int4"  # the default for a causal LM on the cpu
+    assert "com.microsoft::MatMulNBits" in m["summary"]["artifact"]["ops"]
     assert m["target"]["name"] == "cpu" and m["target"]["threads"] >= 1
     assert m["backend"]["session"]["providers"] == ["CPUExecutionProvider"]
     assert m["io"]["inputs"][:3] == [
@@ -48,6 +49,7 @@ def test_artifact_layout_and_manifest(tmp_path, prepared):
 def test_compile_an_onnx_file(tmp_path, prepared):
     result = kiln.compile(str(prepared("tiny-gpt2").path), tmp_path / "b", progress=False)
     assert result.manifest["task"] == "custom"
+    assert result.manifest["recipe"]["name"] == "fp32"  # only causal LMs default to int4
     assert result.manifest["source"]["source"] == "model.onnx"
     assert all(r["delta"] is not None for r in result.manifest["passes"])
 

@@ -18,7 +18,7 @@ PROMPTS = ["Hello, world", "The quick brown fox jumps", "1 2 3 4", "a", "Once up
 def artifact(request, tmp_path_factory, prepared):
     prepared(request.param)
     path = tmp_path_factory.mktemp(request.param) / "a"
-    kiln.compile(request.param, path, progress=False)
+    kiln.compile(request.param, path, recipe="fp32", progress=False)
     return request.param, kiln.load(path)
 
 
@@ -72,7 +72,7 @@ def test_no_cache_recipe_generates_the_same(tmp_path, prepared):
     recipe.write_text('[[passes]]\nname = "fold-constants"\n')
     plain = kiln.load(kiln.compile("tiny-llama", tmp_path / "p", recipe=recipe, progress=False).path)
     assert "kv_cache" not in plain.manifest
-    cached = kiln.load(kiln.compile("tiny-llama", tmp_path / "c", progress=False).path)
+    cached = kiln.load(kiln.compile("tiny-llama", tmp_path / "c", recipe="fp32", progress=False).path)
     assert plain.generate("Hello", 20).token_ids == cached.generate("Hello", 20).token_ids
     assert [g.token_ids for g in plain.generate_batch(["Hello", "a b c"], 8)] == \
         [cached.generate(p, 8).token_ids for p in ["Hello", "a b c"]]
@@ -87,7 +87,7 @@ def test_chat_template_is_required_for_chat(artifact):
 def test_run_json_prints_new_tokens_only(tmp_path, prepared):
     prepared("tiny-llama")
     out = tmp_path / "a"
-    assert run_kiln("compile", "tiny-llama", "-o", str(out), "-q").returncode == 0
+    assert run_kiln("compile", "tiny-llama", "-r", "fp32", "-o", str(out), "-q").returncode == 0
     proc = run_kiln("run", str(out), "--prompt", "Hi", "-n", "5", "--json", "--check")
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)

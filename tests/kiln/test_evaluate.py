@@ -15,7 +15,7 @@ TEXT = ("The river rose through the night and by morning the town was cut off. V
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, prepared):
     prepared("tiny-llama")
-    return kiln.load(kiln.compile("tiny-llama", tmp_path_factory.mktemp("e") / "a", progress=False).path)
+    return kiln.load(kiln.compile("tiny-llama", tmp_path_factory.mktemp("e") / "a", recipe="fp32", progress=False).path)
 
 
 def test_windows_score_every_token_once():
