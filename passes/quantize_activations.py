@@ -8,8 +8,8 @@
     (weights quantized per output channel by `quantize-weights block_size=0` take the per-axis
      form, the one NPU compilers and ORT's QDQ kernels recognise; same values)
 
-Activations are uint8, asymmetric, one scale and zero point per tensor:
-s = (hi − lo) / 255, z = round(−lo / s), with [lo, hi] widened to contain 0 (so zero padding and
+Activations are unsigned `bits` (8, or 16 as NPU LLM deployments use: "a16w8"), asymmetric, one
+scale and zero point per tensor: s = (hi − lo) / (2^bits − 1), z = round(−lo / s), with [lo, hi] widened to contain 0 (so zero padding and
 ReLU zeros are exact). [lo, hi] comes from running the calibration feeds (`method`):
 - "minmax": the observed min and max;
 - "percentile": both ends clipped at the `percentile`-th percentile of |x| over every calibration
@@ -26,7 +26,7 @@ inputs are activations (Q·Kᵀ and P·V) in float.
 Lossy: declares `metric` (KL of the outputs' last axis by default; `cosine` suits encoders) and
 `budget`. Needs calibration feeds. Stats: activations_quantized, readers, weights_per_axis,
 clipped (tensors whose percentile range is narrower than their min/max).
-Not handled: per-channel activation scales, 16-bit activations, float weights left unquantized
+Not handled: per-channel activation scales, float weights left unquantized
 (their MatMul gets activation QDQ only; the reason is recorded).
 """
 
@@ -83,12 +83,14 @@ class _Range:
         return max(self.lo, -limit), min(self.hi, limit)
 
 
-def uint8_grid(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
+def unsigned_grid(lo: float, hi: float, bits: int = 8) -> tuple[np.float32, np.integer]:
+    dtype = np.uint8 if bits == 8 else np.uint16
+    top = 2 ** bits - 1
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = (hi - lo) / 255.0
+    scale = (hi - lo) / top
     if scale == 0:
-        return np.float32(1.0), np.uint8(0)
-    return np.float32(scale), np.uint8(np.clip(round(-lo / scale), 0, 255))
+        return np.float32(1.0), dtype(0)
+    return np.float32(scale), dtype(np.clip(round(-lo / scale), 0, top))
 
 
 def _is_weight(value: ir.Value) -> bool:
@@ -112,14 +114,16 @@ class QuantizeActivationsPass(KilnPass):
     uses_calibration = True
 
     def __init__(self, method: str = "percentile", percentile: float = 99.99, attention: bool = True,
-                 metric: str = "kl", budget: float = 0.1):
+                 bits: int = 8, metric: str = "kl", budget: float = 0.1):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}")
         if not 50 < percentile <= 100:
             raise ValueError("percentile must lie in (50, 100]")
+        if bits not in (8, 16):
+            raise ValueError("bits must be 8 or 16")
         check_metric(metric)
-        self.method, self.percentile, self.attention = method, percentile, attention
+        self.method, self.percentile, self.attention, self.bits = method, percentile, attention, bits
         self.metric, self.budget = metric, budget
 
     def call(self, model: ir.Model):
@@ -146,7 +150,7 @@ class QuantizeActivationsPass(KilnPass):
             full = ranges[value.name].bounds(None)
             lo, hi = ranges[value.name].bounds(self.percentile if self.method == "percentile" else None)
             clipped += (lo, hi) != full
-            dq = self._insert_qdq(graph, value, *uint8_grid(lo, hi), first)
+            dq = self._insert_qdq(graph, value, *unsigned_grid(lo, hi, self.bits), first)
             for node, index in readers:
                 node.replace_input_with(index, dq)
         per_axis = _weights_per_axis(graph)
@@ -170,7 +174,7 @@ class QuantizeActivationsPass(KilnPass):
         graph.register_initializer(z)
         q = ir.node("QuantizeLinear", [x, s, z], num_outputs=1)
         dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], num_outputs=1)
-        q.outputs[0].name, q.outputs[0].dtype, q.outputs[0].shape = f"{x.name}.q", ir.DataType.UINT8, x.shape
+        q.outputs[0].name, q.outputs[0].dtype, q.outputs[0].shape = f"{x.name}.q", z.const_value.dtype, x.shape
         dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = f"{x.name}.dq", x.dtype, x.shape
         if x.producer() is not None:
             graph.insert_after(x.producer(), [q, dq])

@@ -8,7 +8,7 @@ from kiln.ir import verify
 from kiln.passes import create_pass
 from kiln.passes.calibration import CalibrationError, capture
 from kiln.passes.numerics import compare, run_ort
-from kiln.passes.quantize_activations import QuantizeActivationsPass, _Range, uint8_grid
+from kiln.passes.quantize_activations import QuantizeActivationsPass, _Range, unsigned_grid
 
 
 def _quantized_weights(cleaned, name="tiny-llama"):
@@ -90,12 +90,14 @@ def test_histogram_percentile_matches_numpy_as_the_range_grows():
     assert r.bounds(100.0) == pytest.approx((values.min(), values.max()), abs=r.edge / 4096)
 
 
-def test_uint8_grid_keeps_zero_exact():
-    scale, zero = uint8_grid(0.5, 2.0)  # widened to [0, 2]
+def test_unsigned_grid_keeps_zero_exact():
+    scale, zero = unsigned_grid(0.5, 2.0)  # widened to [0, 2]
     assert scale == pytest.approx(2 / 255) and zero == 0
-    scale, zero = uint8_grid(-1.0, 3.0)
+    scale, zero = unsigned_grid(-1.0, 3.0)
     assert scale == pytest.approx(4 / 255) and zero == 64  # -1 sits on level 0: round(1 / s)
-    assert uint8_grid(0.0, 0.0) == (1.0, 0)
+    assert unsigned_grid(0.0, 0.0) == (1.0, 0)
+    scale, zero = unsigned_grid(-1.0, 3.0, bits=16)
+    assert scale == pytest.approx(4 / 65535) and zero == round(65535 / 4) and zero.dtype == np.uint16
 
 
 def test_attention_false_leaves_activation_products_in_float(cleaned):
@@ -119,7 +121,18 @@ def test_needs_calibration(cleaned):
 
 
 @pytest.mark.parametrize("params, fragment", [({"method": "kl"}, "method"), ({"percentile": 30}, "percentile"),
+                                              ({"bits": 4}, "bits"),
                                               ({"metric": "bleu"}, "metric")])
 def test_invalid_parameters(params, fragment):
     with pytest.raises(ValueError, match=fragment):
         QuantizeActivationsPass(**params)
+
+
+def test_16_bit_activations_are_closer_than_8(cleaned):
+    model, feeds, calib = _quantized_weights(cleaned)
+    wide = model.clone()
+    reference = run_ort(model, feeds)
+    _pass(calib, bits=8)(model)
+    _pass(calib, bits=16)(wide)
+    assert {n.outputs[0].dtype.name for n in _ops(wide, "QuantizeLinear")} == {"UINT16"}
+    assert compare(reference, run_ort(wide, feeds))["kl"] < compare(reference, run_ort(model, feeds))["kl"]
