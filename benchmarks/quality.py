@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import kiln
+from kiln.recipes import load_recipe
 from benchmarks.parity import PROMPTS
 from benchmarks.report import machine_line, write_section
 from kiln.models.cache import cache_dir
@@ -153,7 +154,9 @@ def minilm(args, workdir: Path) -> tuple[str, dict]:
 
     paths = {}
     for recipe in ("fp32", "int8-dynamic"):
-        paths[recipe] = workdir / f"minilm-{recipe}"
+        # keyed by the recipe's passes, so that a changed preset is recompiled
+        key = hashlib.sha256(json.dumps(load_recipe(recipe).as_dict()["passes"]).encode()).hexdigest()[:10]
+        paths[recipe] = workdir / f"minilm-{recipe}-{key}"
         if not (paths[recipe] / "kiln.json").exists():
             kiln.compile("minilm-l6", paths[recipe], recipe=recipe, force=True, progress=False)
     fp32 = kiln.load(paths["fp32"], threads=args.threads)

@@ -8,9 +8,11 @@
 A constant bias added right after (Add(MatMul(...), b[N])) becomes the op's bias input.
 
 ORT quantizes A to uint8 per call (one scale per tensor) and runs an integer GEMM: dynamic
-int8 quantization. Signed weights are stored as uint8 with zero point 128 (the same values):
-x86 AVX2 kernels sum u8·s8 products pairwise in int16, which saturates on full-range int8
-weights (measured: cosine 0.96 on a random layer), while u8·u8 does not. It pays off where the GEMM is large (encoders, prefill); MatMulNBits
+int8 quantization. x86 AVX2 kernels sum u8·s8 products pairwise in int16, which saturates on
+full-range int8 weights (measured: cosine 0.96 on a random layer): those are stored as uint8
+with zero point 128 (the same values; u8·u8 cannot overflow but runs about 15% slower), while
+7-bit weights (`quantize-weights` bits = 7, within [-64, 63]) keep the fast u8·s8 kernel.
+It pays off where the GEMM is large (encoders, prefill); MatMulNBits
 (`lower-matmul-nbits`) serves blocked weights, so this pass only takes what that one left:
 one block spanning K (per output channel). The transposed form (a tied LM head) stores its
 own [K, N] copy.
@@ -67,9 +69,12 @@ class DynamicQuantizeMatMulRule(pattern.RewriteRuleClassBase):
         zp = zero.const_value.numpy().reshape(-1) if zero is not None else None
         if self._transposed:
             qa = qa.T
-        if qa.dtype == np.int8:  # u8·s8 saturates in AVX2's int16 pair sums; u8·u8 does not
+        if qa.dtype == np.int8 and (qa.min() < -64 or qa.max() > 63):
+            # Full-range int8 would overflow AVX2's u8·s8 int16 pair sums; u8·u8 cannot (but is slower).
             qa = (qa.astype(np.int16) + 128).astype(np.uint8)
             zp = (zp.astype(np.int16) + 128 if zp is not None else np.full(scales.shape, 128)).astype(np.uint8)
+        elif zp is None:
+            zp = np.zeros(scales.shape, dtype=qa.dtype)
         inputs = [a, op.Constant(value=ir.tensor(np.ascontiguousarray(qa))), op.Constant(value=ir.tensor(scales)),
                   op.Constant(value=ir.tensor(zp))]
         if bias is not None:

@@ -25,12 +25,19 @@ import numpy as np
 import onnx_ir as ir
 
 DTYPES = {(4, True): (ir.DataType.INT4, ml_dtypes.int4, -8, 7), (4, False): (ir.DataType.UINT4, ml_dtypes.uint4, 0, 15),
-          (8, True): (ir.DataType.INT8, np.int8, -128, 127), (8, False): (ir.DataType.UINT8, np.uint8, 0, 255)}
+          (8, True): (ir.DataType.INT8, np.int8, -128, 127), (8, False): (ir.DataType.UINT8, np.uint8, 0, 255),
+          # 7 bits in int8 storage ("reduce_range"): x86 AVX2 integer GEMMs add u8·s8 products in
+          # pairs into int16, which overflows for full-range weights (2·255·128) but not here.
+          (7, True): (ir.DataType.INT8, np.int8, -64, 63), (7, False): (ir.DataType.UINT8, np.uint8, 0, 127)}
+
+
+def storage_bits(bits: int) -> int:
+    return 8 if bits == 7 else bits
 
 
 def bits_per_weight(bits: int, block: int, k: int, symmetric: bool) -> float:
-    bs = block or k
-    return bits + (32 + (0 if symmetric else bits)) / bs
+    bs, stored = block or k, storage_bits(bits)
+    return stored + (32 + (0 if symmetric else stored)) / bs
 
 
 SHRINK = np.linspace(1.0, 0.7, 13)  # candidate fractions of the block's range (clipping search)

@@ -12,7 +12,8 @@ one copy of the table (ORT: MatMulNBits and GatherBlockQuantized on the same byt
 
 Methods (`method`): "rtn" (round to nearest) or "gptq" (error feedback through the inverse
 Hessian of the layer's calibration inputs, `act_order` to take the most used input features
-first; see `kiln.passes.quantization`). `bits` 4 or 8;
+first; see `kiln.passes.quantization`). `bits` 4, 8, or 7 (int8 storage with half the levels,
+ORT's "reduce_range": integer GEMM kernels without VNNI overflow on full-range int8 weights);
 `symmetric` gives signed values without zero point, else unsigned with one per block.
 
 Mixed precision (`max_bits_per_weight` > 0): every weight's sensitivity is measured as its
@@ -39,7 +40,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
-from kiln.passes.quantization import DTYPES, bits_per_weight, dequantize, gptq, output_error, rtn
+from kiln.passes.quantization import DTYPES, bits_per_weight, dequantize, gptq, output_error, rtn, storage_bits
 from kiln.passes.registry import register_pass
 from kiln.passes.structure import unique_name
 
@@ -66,12 +67,14 @@ class QuantizeWeightsPass(KilnPass):
                  include_lm_head: bool = True, include_embedding: bool = True, max_bits_per_weight: float = 0.0,
                  damp: float = 0.01, act_order: bool = False, min_elements: int = 4096, budget: float = 0.1):
         super().__init__()
-        if bits not in (4, 8):
-            raise ValueError("bits must be 4 or 8")
+        if bits not in (4, 7, 8):
+            raise ValueError("bits must be 4, 7 (int8 storage, reduced range) or 8")
         if block_size < 0 or (block_size and (block_size < 16 or block_size & (block_size - 1))):
             raise ValueError("block_size must be 0 (per channel) or a power of two >= 16")
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}")
+        if max_bits_per_weight and bits == 7:
+            raise ValueError("mixed precision (max_bits_per_weight) needs bits = 4")
         if max_bits_per_weight and not bits < max_bits_per_weight <= 8 + 64 / max(block_size, 16):
             raise ValueError("max_bits_per_weight must lie between bits and 8 (plus scales), or be 0 (off)")
         if not 0 <= damp < 1:
@@ -100,7 +103,8 @@ class QuantizeWeightsPass(KilnPass):
         for w in weights:
             q, scale, zero = quantized[id(w)][:3]
             bytes_before += q.size * 4
-            bytes_after += q.size * w.bits // 8 + scale.nbytes + (zero.size * w.bits // 8 if zero is not None else 0)
+            stored = storage_bits(w.bits)
+            bytes_after += q.size * stored // 8 + scale.nbytes + (zero.size * stored // 8 if zero is not None else 0)
             dq = self._dequantize_node(graph, w, q, scale, zero)
             if first is not None:
                 graph.insert_before(first, dq)

@@ -53,6 +53,21 @@ def test_per_channel_int8_lowers_to_dynamic_quantize_matmul(tied, symmetric):
     assert not LowerDynamicQuantizeMatMulPass()(model).modified
 
 
+@pytest.mark.parametrize("bits, stored", [(8, ir.DataType.UINT8), (7, ir.DataType.INT8)])
+def test_weights_within_seven_bits_keep_the_signed_kernel(bits, stored):
+    """Full-range int8 weights move to uint8 (AVX2's u8·s8 pair sums would overflow); 7-bit ones stay int8."""
+    model = _model(k=256, n=64)
+    QuantizeWeightsPass(bits=bits, block_size=0, min_elements=0)(model)
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear")
+    q = dq.inputs[0].const_value.numpy()
+    assert q.dtype == np.int8 and (q.min() < -64 if bits == 8 else -64 <= q.min() <= q.max() <= 63)
+    qdq = run_ort(model, FEEDS)
+    LowerDynamicQuantizeMatMulPass()(model)
+    node = next(n for n in model.graph if n.op_type == "DynamicQuantizeMatMul")
+    assert node.inputs[1].const_value.dtype == stored
+    assert compare(qdq, run_ort(model, FEEDS))["cosine"] > 0.999
+
+
 def test_blocked_weights_are_left_to_matmul_nbits():
     model = _model(k=64)
     QuantizeWeightsPass(bits=8, block_size=32, min_elements=0)(model)
