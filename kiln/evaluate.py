@@ -106,8 +106,9 @@ def evaluate_encoder(art: Artifact, reference: Artifact, text_path: Path | None 
     sents = sentences(read_text(text_path or default_corpus()), limit)
     if len(sents) < 2:
         raise KilnError("need at least two sentences of four words or more")
-    ours = np.concatenate([art.embed(sents[i:i + batch]) for i in range(0, len(sents), batch)])
-    ref = np.concatenate([reference.embed(sents[i:i + batch]) for i in range(0, len(sents), batch)])
+    # float64: an fp16 artifact's (gpu target) cosines would otherwise be computed in fp16
+    ours = np.concatenate([art.embed(sents[i:i + batch]) for i in range(0, len(sents), batch)]).astype(np.float64)
+    ref = np.concatenate([reference.embed(sents[i:i + batch]) for i in range(0, len(sents), batch)]).astype(np.float64)
     cos = np.sum(ours * ref, axis=1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
 
     def neighbours(x):

@@ -9,6 +9,7 @@ import pytest
 
 import kiln
 from conftest import run_kiln
+from kiln.evaluate import evaluate_encoder
 from kiln.recipes import PRESETS_DIR
 from kiln.runtime.generate import Model
 
@@ -134,6 +135,8 @@ def test_gpu_artifact_structure_and_fp16_on_the_cpu_ep(artifacts, model, capfd):
         a, b = gpu.embed(["hello world", "a second sentence"]), cpu.embed(["hello world", "a second sentence"])
         cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         assert a.dtype == np.float16 and cos.min() > 0.999
+        report = evaluate_encoder(gpu, cpu, limit=20)  # in float64: fp16 arithmetic gave cosines above 1
+        assert 0.999 < report.cosine_mean <= 1.0
 
 
 def test_gpu_int4_lowers_to_fp16_matmulnbits(artifacts):
