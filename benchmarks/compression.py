@@ -1,6 +1,6 @@
 """Structural compression of SmolLM2 (and MiniLM): quality, size and speed per method and level.
 
-    python -m benchmarks.compression [--plan "layers:10,20,30;mlp-width:10,20,30;low-rank:10,20,30;heads:0,10,20,30"]
+    python -m benchmarks.compression [--plan "layers:10,20,30;mlp-width:10,20,30;low-rank:10,20,30;heads:0,10,20,30;heads-group:10"]
                                      [--windows 4] [--workdir DIR] [--threads 2] [--speed-rounds 3]
                                      [--no-compose] [--no-minilm]
 
@@ -10,7 +10,7 @@ model's parameters to keep, embeddings included), then measures against the fp32
 perplexity on the Lee corpus (`kiln.evaluate`, `--windows` windows of 512 tokens), KL and top-1
 agreement, artifact size, and decode tok/s (`kiln.bench`). A level a method cannot reach (heads:
 attention holds ~20% of SmolLM2's parameters) is reported with the pass's reason.
-Also: pruned + int4 (prune-heads and prune-mlp, then the int4 recipe's passes) with its KV cache,
+Also: pruned + int4 (the `pruned-int4` preset: prune-heads and prune-mlp, then GPTQ int4) with its KV cache,
 GroupQueryAttention count and greedy output on 5 prompts; MiniLM at 25% fewer parameters by
 low-rank, with cosine against fp32 (`kiln.evaluate.evaluate_encoder`).
 
@@ -27,16 +27,18 @@ import json
 import time
 from pathlib import Path
 
+from kiln.recipes import PRESETS_DIR, load_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- compression:begin -->", "<!-- compression:end -->"
 
 CLEANUP = ["fold-constants", "simplify", "eliminate-common-subexpressions", "fold-constants"]
 TAIL = [("insert-kv-cache", {"only_causal_lm": True}), ("pack-matmuls", {}), ("fold-constants", {}),
         ("eliminate-dead-code", {})]
-INT4 = [("quantize-weights", {"bits": 4, "block_size": 32, "symmetric": True, "include_lm_head": True, "budget": 100.0})]
 METHODS = {
     "low-rank": ("factorize-low-rank", {"activation_aware": True}),
     "heads": ("prune-heads", {"unit": "query"}),
+    "heads-group": ("prune-heads", {"unit": "group"}),  # whole KV groups: past the query-head limit
     "mlp-width": ("prune-mlp", {"allocation": "uniform"}),
     "layers": ("drop-layers", {}),
 }
@@ -109,7 +111,7 @@ def measure_lm(path: Path, reference, windows: int, threads: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--plan", default="layers:10,20,30;mlp-width:10,20,30;low-rank:10,20,30;heads:0,10,20,30",
+    ap.add_argument("--plan", default="layers:10,20,30;mlp-width:10,20,30;low-rank:10,20,30;heads:0,10,20,30;heads-group:10",
                     help="method:levels;... with levels in percent of the parameters removed (heads: 0 = the most "
                          "query heads it can remove)")
     ap.add_argument("--windows", type=int, default=4)
@@ -217,15 +219,8 @@ def compose(work: Path, reference, args, log) -> dict:
     """Pruned (heads and MLP width) then int4, with the KV cache and fused GQA; greedy on 5 prompts."""
     import kiln
 
-    steps = ([(n, {}) for n in CLEANUP]
-             + [("prune-heads", {"unit": "query", "ratio": 0.34, "budget": 100.0}),
-                ("prune-mlp", {"target_params": 0.85, "budget": 100.0})]
-             + [("insert-kv-cache", {"only_causal_lm": True}), ("pack-matmuls", {})] + INT4
-             # fp32 activations: with the backend's default int8 activations (accuracy_level 4) the
-             # lowering's own check measured KL 0.146 on this model, over its 0.01 budget
-             + [("lower-matmul-nbits", {"accuracy_level": 0}), ("eliminate-dead-code", {})])
     out = work / "smollm2-pruned-int4"
-    got = compile_once("smollm2-135m", out, write_recipe(work / "recipes" / "pruned-int4.toml", "pruned-int4", steps), log)
+    got = compile_once("smollm2-135m", out, PRESETS_DIR / "pruned-int4.toml", log)
     if "error" in got:
         return {"error": got["error"]}
     m = got["manifest"]
@@ -288,6 +283,8 @@ def _detail(method: str, s: dict) -> str:
                 f"output error {s.get('output_error_mean')}")
     if method == "heads":
         return f"query heads per layer {s.get('heads_after')}"
+    if method == "heads-group":
+        return f"query heads per layer {s.get('heads_after')}, KV heads {s.get('kv_heads_after')}"
     if method == "mlp-width":
         return f"width {s.get('width_before')} → {s.get('width_min')}–{s.get('width_max')}"
     return f"dropped {s.get('dropped')} (BI {s.get('block_influence_dropped')})"
@@ -325,10 +322,9 @@ def write_table(results: dict, args, path: Path) -> None:
     comp = results.get("compose")
     if comp and "error" not in comp:
         lines += ["", "### Pruned + int4",
-                  ("prune-heads (one query head of three removed per KV group), then prune-mlp (to 85% of the parameters left), then the int4 "
-                  "recipe's passes (KV cache, packing, RTN int4 block 32; MatMulNBits with fp32 activations, as int8 activations "
-                  "exceeded the lowering's KL budget of 0.01 on this model: 0.146), lowered by the ORT backend "
-                  f"(GroupQueryAttention fused on {comp['gqa_fused']}/30 layers, KV cache {comp['kv_cache']} layers × {comp['kv_heads']} heads):"), "",
+                  (f"The `pruned-int4` preset: {load_recipe('pruned-int4').description} Lowered by the ORT backend "
+                   f"(GroupQueryAttention fused on {comp['gqa_fused']}/30 layers, KV cache {comp['kv_cache']} layers × "
+                   f"{comp['kv_heads']} heads):"), "",
                   (f"{comp['parameters'] / 1e6:.1f}M parameters, {comp['size_mb']} MB, PPL {comp['ppl']} (fp32 {fp['ppl']}), "
                   f"KL {comp['kl']}, top-1 {comp['top1']}, decode {comp['decode_tok_s']} tok/s."), "",
                   "Per-pass records (sample KL: the pipeline's check against the stage before): " + "; ".join(

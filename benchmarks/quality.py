@@ -1,6 +1,6 @@
 """Quantization quality tables for benchmarks/RESULTS.md, in one command.
 
-    python -m benchmarks.quality [--windows 10] [--only NAME ...] [--skip-encoder]
+    python -m benchmarks.quality [--windows 10] [--only NAME ...] [--skip-encoder] [--skip-peers]
 
 SmolLM2-135M: fp32 and every quantized configuration below are compiled by kiln (cached
 under $KILN_CACHE/quality, keyed by the recipe text) and measured with the same harness
@@ -8,6 +8,9 @@ as `kiln eval`: perplexity on the Lee corpus (windows of 512 tokens), mean KL an
 agreement against the fp32 artifact on the same tokens, bits per weight as stored
 (values + scales + zero points, over the quantized weights), artifact size, and greedy
 agreement with fp32 on 5 prompts × 64 new tokens (tokens before the first divergence).
+Peers in the same harness where installed (the `peers` extra): onnxruntime-genai's int4
+model-builder output, and llama.cpp on the source GGUF (Q4_1) and its Q4_0 and Q4_K_M
+re-quantizations.
 
 MiniLM-L6: fp32 and int8 kiln artifacts, and ONNX Runtime's own recipe on the same raw
 export (transformers optimizer + quantize_dynamic): cosine of the pooled embeddings to
@@ -29,17 +32,21 @@ from pathlib import Path
 import numpy as np
 
 import kiln
-from kiln.recipes import load_recipe
 from benchmarks.parity import PROMPTS
 from benchmarks.report import machine_line, write_section
+from kiln.corpus import default_corpus, read_text
+from kiln.evaluate import evaluate_lm, score_windows, sentences
 from kiln.models.cache import cache_dir
+from kiln.recipes import load_recipe
+from kiln.runtime.generate import Model
 
 PRESETS = ["fp32", "int8", "int8-dynamic", "int4", "int4-quality"]
 
 
 def _q(**params) -> str:
     lines = ['base = "fp32"', "[[passes]]", 'name = "quantize-weights"']
-    lines += [f"{k} = {json.dumps(v)}" for k, v in {"budget": 1.0, **params}.items()]
+    # the table measures quality itself: the per-pass budget must not refuse a weak config
+    lines += [f"{k} = {json.dumps(v)}" for k, v in {"budget": 10.0, **params}.items()]
     return "\n".join(lines + ["[[passes]]", 'name = "eliminate-dead-code"', ""])
 
 
@@ -49,21 +56,27 @@ CONFIGS: dict[str, str] = {
     "int8 (preset)": "int8",
     "int4 RTN b32, head+emb": _q(bits=4, block_size=32),
     "int4 RTN b32, head+emb fp32": _q(bits=4, block_size=32, include_lm_head=False, include_embedding=False),
+    "int4 RTN b128, head+emb": _q(bits=4, block_size=128),
+    "int4 RTN b128, head+emb fp32": _q(bits=4, block_size=128, include_lm_head=False, include_embedding=False),
     "int4 GPTQ b64, head+emb (int4 preset)": "int4",
     "int4 GPTQ b32, head+emb (int4-quality preset)": "int4-quality",
 }
 
 
+def _recipe_key(recipe: str | Path) -> str:
+    """The recipe's resolved passes, hashed: a changed preset (or its base) is recompiled."""
+    return hashlib.sha256(json.dumps(load_recipe(recipe).as_dict()["passes"]).encode()).hexdigest()[:10]
+
+
 def compile_config(name: str, recipe: str, workdir: Path) -> Path:
-    key = hashlib.sha256(recipe.encode()).hexdigest()[:10]
-    out = workdir / f"smollm2-{key}"
-    if (out / "kiln.json").exists():
-        return out
     with tempfile.TemporaryDirectory() as tmp:
         path = recipe
         if recipe not in PRESETS:
             path = Path(tmp) / "recipe.toml"
             path.write_text(f'name = "{name}"\n' + recipe)
+        out = workdir / f"smollm2-{_recipe_key(path)}"
+        if (out / "kiln.json").exists():
+            return out
         t0 = time.perf_counter()
         kiln.compile("smollm2-135m", out, recipe=path, force=True, progress=False)
         print(f"  compiled {name} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -81,11 +94,12 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def greedy_agreement(art, ref_tokens: dict[str, list[int]], new_tokens: int) -> tuple[float, int]:
-    """Mean fraction of tokens before the first divergence from fp32, and prompts fully equal."""
+def greedy_agreement(generate, ref_tokens: dict[str, list[int]], new_tokens: int) -> tuple[float, int]:
+    """Mean fraction of tokens before the first divergence from fp32, and prompts fully equal;
+    `generate(prompt, n)` returns n greedy token ids."""
     fractions, identical = [], 0
     for prompt in PROMPTS:
-        got = art.generate(prompt, new_tokens).token_ids
+        got = generate(prompt, new_tokens)
         ref = ref_tokens[prompt]
         same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
         fractions.append(same / max(len(ref), 1))
@@ -93,31 +107,107 @@ def greedy_agreement(art, ref_tokens: dict[str, list[int]], new_tokens: int) -> 
     return float(np.mean(fractions)), identical
 
 
-def smollm2(args, workdir: Path) -> tuple[str, dict]:
-    from kiln.evaluate import evaluate_lm
+class GenaiLM:
+    """onnxruntime-genai's model-builder output run by plain ORT: a whole window from an empty cache."""
 
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        cfg = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path / cfg["filename"]), opts, providers=["CPUExecutionProvider"])
+        self.past_shape = (1, cfg["num_key_value_heads"], 0, cfg["head_size"])
+
+    def all_logits(self, ids: np.ndarray) -> np.ndarray:
+        feeds = {}
+        for spec in self.session.get_inputs():
+            if spec.name == "input_ids":
+                feeds[spec.name] = ids
+            elif spec.name == "attention_mask":
+                feeds[spec.name] = np.ones_like(ids)
+            elif spec.name == "position_ids":
+                feeds[spec.name] = np.arange(ids.shape[1], dtype=np.int64)[None]
+            else:  # past keys and values
+                feeds[spec.name] = np.zeros(self.past_shape, dtype=np.float16 if "16" in spec.type else np.float32)
+        return self.session.run(["logits"], feeds)[0].astype(np.float32)
+
+
+class LlamaCppLM:
+    """A GGUF through llama-cpp-python, all positions' logits from a fresh context."""
+
+    def __init__(self, gguf: Path, threads: int, context: int = 640):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=context, logits_all=True, n_threads=threads, verbose=False)
+
+    def all_logits(self, ids: np.ndarray) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+        return np.array(self.llm.scores[: ids.shape[1]], dtype=np.float32)[None]
+
+
+def _peers(threads: int) -> dict:
+    """name -> (runtime, files) for the peers that are installed; the others are skipped with a note."""
+    from benchmarks.run import Skip, _genai_build, _gguf, gguf_requantized
+
+    bench = cache_dir("bench")
+    builders = {"onnxruntime-genai int4 (model builder)": lambda: (GenaiLM, _genai_build(bench, "int4")),
+                "llama.cpp Q4_1 (the source GGUF)": lambda: (LlamaCppLM, _gguf()),
+                "llama.cpp Q4_0 (re-quantized)": lambda: (LlamaCppLM, gguf_requantized(bench, "Q4_0")),
+                "llama.cpp Q4_K_M (re-quantized)": lambda: (LlamaCppLM, gguf_requantized(bench, "Q4_K_M"))}
+    peers = {}
+    for name, build in builders.items():
+        try:
+            cls, path = build()
+            peers[name] = (cls(path, threads), path)
+        except (ImportError, Skip) as exc:
+            print(f"  skipped {name}: {exc}", flush=True)
+    return peers
+
+
+def _greedy(model, encode):
+    def generate(prompt: str, n: int) -> list[int]:
+        ids = encode(prompt)
+        for _ in range(n):  # no cache: the whole sequence per token (5 short prompts)
+            ids.append(int(model.all_logits(np.array([ids], dtype=np.int64))[0, -1].argmax()))
+        return ids[-n:]
+    return generate
+
+
+def smollm2(args, workdir: Path) -> tuple[str, dict]:
     names = [n for n in CONFIGS if not args.only or any(o in n for o in args.only) or n == "fp32"]
     paths = {n: compile_config(n, CONFIGS[n], workdir) for n in names}
     ref = kiln.load(paths["fp32"])
     ref_tokens = {p: ref.generate(p, args.new_tokens).token_ids for p in PROMPTS}
     fp32_size = _size(paths["fp32"])
     rows, raw = [], {}
+
+    def add(name: str, report, generate, size: int, bits: float, bits_note: str = "", **extra) -> None:
+        agreement, identical = greedy_agreement(generate, ref_tokens, args.new_tokens)
+        entry = {"bits_per_weight": bits, "size_mb": round(size / 1e6, 1), "size_ratio": round(size / fp32_size, 3),
+                 "ppl": round(report.perplexity, 2), "ppl_increase": report.ppl_increase, "kl": report.kl,
+                 "top1": report.top1_agreement, "greedy_prefix": round(agreement, 3), "greedy_identical": identical}
+        raw[name] = {**entry, **extra}
+        print(f"  {name}: {json.dumps(entry)}", flush=True)
+        rows.append(f"| {name} | {bits:.2f}{bits_note} | {entry['size_mb']} | {entry['size_ratio']:.3f}× | "
+                    f"{entry['ppl']:.2f} | {_pct(entry['ppl_increase'])} | {_num(entry['kl'])} | "
+                    f"{_num(entry['top1'])} | {agreement:.0%} ({identical}/{len(PROMPTS)}) |")
+
     for name in names:
         art = kiln.load(paths[name])
         report = evaluate_lm(art, context=512, stride=512, max_windows=args.windows,
                              reference=None if name == "fp32" else ref)
-        agreement, identical = greedy_agreement(art, ref_tokens, args.new_tokens)
-        entry = {"bits_per_weight": _bits(art.manifest), "size_mb": round(_size(paths[name]) / 1e6, 1),
-                 "size_ratio": round(_size(paths[name]) / fp32_size, 3), "ppl": round(report.perplexity, 2),
-                 "ppl_increase": report.ppl_increase, "kl": report.kl, "top1": report.top1_agreement,
-                 "greedy_prefix": round(agreement, 3), "greedy_identical": identical,
-                 "recipe": CONFIGS[name], "artifact": str(paths[name])}
-        raw[name] = entry
-        print(f"  {name}: {json.dumps({k: v for k, v in entry.items() if k not in ('recipe', 'artifact')})}", flush=True)
-        rows.append(
-            f"| {name} | {entry['bits_per_weight']:.2f} | {entry['size_mb']} | {entry['size_ratio']:.3f}× | "
-            f"{entry['ppl']:.2f} | {_pct(entry['ppl_increase'])} | {_num(entry['kl'])} | {_num(entry['top1'])} | "
-            f"{entry['greedy_prefix']:.0%} ({identical}/{len(PROMPTS)}) |")
+        add(name, report, lambda p, n: art.generate(p, n).token_ids, _size(paths[name]), _bits(art.manifest),
+            recipe=CONFIGS[name], artifact=str(paths[name]))
+    if not args.skip_peers:
+        ids = np.array(ref.encode(read_text(default_corpus())), dtype=np.int64)
+        ref_model = Model(ref.session, ref.manifest)
+        params = ref.manifest["summary"]["artifact"]["parameters"]
+        for name, (model, path) in _peers(args.threads).items():
+            size = path.stat().st_size if path.is_file() else _size(path)
+            add(name, score_windows(model, ids, 512, 512, args.windows, ref_model), _greedy(model, ref.encode),
+                size, round(8 * size / params, 2), "*", peer=str(path))
     text = "\n".join([
         "## Quantization quality: SmolLM2-135M-Instruct",
         "",
@@ -128,7 +218,10 @@ def smollm2(args, workdir: Path) -> tuple[str, dict]:
         f"divergence from fp32, over {len(PROMPTS)} prompts (fully identical prompts in brackets). "
         "Bits per weight count values, fp32 scales and zero points of the quantized weights; the size "
         "ratio is against the fp32 artifact. ORT runs int4/int8 as MatMulNBits with int8 activations "
-        "(accuracy_level 4) and the embedding as GatherBlockQuantized sharing the LM head's bytes.",
+        "(accuracy_level 4) and the embedding as GatherBlockQuantized sharing the LM head's bytes. "
+        "Peers run in the same harness on the same token ids (fp32 reference: kiln's fp32 artifact, which is "
+        "the GGUF's Q4_1 weights dequantized); * their bits per weight are file bits over all parameters; "
+        "llama.cpp quantizes its activations to 8 bits as well.",
         "",
         "| config | bits/weight | size MB | size ratio | PPL | ΔPPL | KL | top-1 | greedy = fp32 |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -148,15 +241,11 @@ def _num(x):
 def minilm(args, workdir: Path) -> tuple[str, dict]:
     import onnxruntime as ort
 
-    from kiln.evaluate import sentences
-    from kiln.corpus import default_corpus, read_text
     from kiln.models import get_source, prepare
 
     paths = {}
     for recipe in ("fp32", "int8-dynamic"):
-        # keyed by the recipe's passes, so that a changed preset is recompiled
-        key = hashlib.sha256(json.dumps(load_recipe(recipe).as_dict()["passes"]).encode()).hexdigest()[:10]
-        paths[recipe] = workdir / f"minilm-{recipe}-{key}"
+        paths[recipe] = workdir / f"minilm-{recipe}-{_recipe_key(recipe)}"
         if not (paths[recipe] / "kiln.json").exists():
             kiln.compile("minilm-l6", paths[recipe], recipe=recipe, force=True, progress=False)
     fp32 = kiln.load(paths["fp32"], threads=args.threads)
@@ -243,6 +332,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", help="only configs whose name contains one of these")
     parser.add_argument("--skip-encoder", action="store_true")
     parser.add_argument("--skip-llm", action="store_true")
+    parser.add_argument("--skip-peers", action="store_true", help="LLM table without onnxruntime-genai and llama.cpp")
     args = parser.parse_args(argv)
     workdir = cache_dir("quality")
     results_json = Path(__file__).resolve().parent / "quality.json"

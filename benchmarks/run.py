@@ -290,7 +290,12 @@ def _gguf() -> Path:
 
 
 def _gguf_q4_0(workdir: Path) -> Path:
-    out = workdir / "llama-q4_0" / "SmolLM2-135M-Instruct.Q4_0.gguf"
+    return gguf_requantized(workdir, "Q4_0")
+
+
+def gguf_requantized(workdir: Path, kind: str) -> Path:
+    """The source GGUF re-quantized by llama.cpp to `kind` (Q4_0, Q4_K_M, ...)."""
+    out = workdir / f"llama-{kind.lower()}" / f"SmolLM2-135M-Instruct.{kind}.gguf"
     if out.exists():
         return out
     import ctypes
@@ -299,7 +304,7 @@ def _gguf_q4_0(workdir: Path) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
     params.allow_requantize = True  # the source is already Q4_1
     t0 = time.perf_counter()
     try:
@@ -310,7 +315,7 @@ def _gguf_q4_0(workdir: Path) -> Path:
         exc_text = f"return code {rc}"
     if rc != 0 or not out.exists():
         out.unlink(missing_ok=True)
-        raise Skip(f"llama_model_quantize to Q4_0 failed ({exc_text})")
+        raise Skip(f"llama_model_quantize to {kind} failed ({exc_text})")
     _record_build(out.parent, time.perf_counter() - t0)
     return out
 

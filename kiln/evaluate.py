@@ -58,12 +58,18 @@ def _windows(n: int, context: int, stride: int, max_windows: int):
 
 def evaluate_lm(art: Artifact, text_path: Path | None = None, context: int = 512, stride: int = 512,
                 max_windows: int = 10, reference: Artifact | None = None) -> LMReport:
+    ids = np.array(art.encode(read_text(text_path or default_corpus())), dtype=np.int64)
+    ref = Model(reference.session, reference.manifest) if reference is not None else None
+    return score_windows(Model(art.session, art.manifest), ids, context, stride, max_windows, ref)
+
+
+def score_windows(model, ids: np.ndarray, context: int = 512, stride: int = 512, max_windows: int = 10,
+                  reference=None) -> LMReport:
+    """The scores of `model` on the token ids; `model` and `reference` are anything with
+    `all_logits(ids [1, S]) -> [1, S, V]` (a kiln Model, or a peer's runtime)."""
     if context < 2 or stride < 1 or stride > context:
         raise KilnError("need context >= 2 and 1 <= stride <= context")
-    ids = np.array(art.encode(read_text(text_path or default_corpus())), dtype=np.int64)
-    models = [Model(art.session, art.manifest)]
-    if reference is not None:
-        models.append(Model(reference.session, reference.manifest))
+    models = [model] if reference is None else [model, reference]
     nll = [0.0, 0.0]
     kl_sum, agree, scored, windows = 0.0, 0, 0, 0
     for begin, end, first in _windows(len(ids), context, stride, max_windows):
