@@ -47,7 +47,9 @@ def _q(**params) -> str:
     lines = ['base = "fp32"', "[[passes]]", 'name = "quantize-weights"']
     # the table measures quality itself: the per-pass budget must not refuse a weak config
     lines += [f"{k} = {json.dumps(v)}" for k, v in {"budget": 10.0, **params}.items()]
-    return "\n".join(lines + ["[[passes]]", 'name = "eliminate-dead-code"', ""])
+    # lowered here with the backend's settings, so that its KL check on int8 activations cannot refuse either
+    lowering = ["[[passes]]", 'name = "lower-matmul-nbits"', "accuracy_level = 4", "budget = 10.0"]
+    return "\n".join(lines + ["[[passes]]", 'name = "eliminate-dead-code"'] + lowering + [""])
 
 
 # name -> preset name, or recipe text; the order is the table's.
