@@ -47,8 +47,11 @@ def _q(**params) -> str:
     lines = ['base = "fp32"', "[[passes]]", 'name = "quantize-weights"']
     # the table measures quality itself: the per-pass budget must not refuse a weak config
     lines += [f"{k} = {json.dumps(v)}" for k, v in {"budget": 10.0, **params}.items()]
-    # lowered here with the backend's settings, so that its KL check on int8 activations cannot refuse either
-    lowering = ["[[passes]]", 'name = "lower-matmul-nbits"', "accuracy_level = 4", "budget = 10.0"]
+    # lowered here as the ORT backend does (fusions, then MatMulNBits with int8 activations) but with a
+    # loose KL check, so that the backend's own check on int8 activations cannot refuse either
+    fusions = [line for name in ("fuse-rms-norm", "fuse-layer-norm", "fuse-gelu", "fuse-attention")
+               for line in ("[[passes]]", f'name = "{name}"')]
+    lowering = fusions + ["[[passes]]", 'name = "lower-matmul-nbits"', "accuracy_level = 4", "budget = 10.0"]
     return "\n".join(lines + ["[[passes]]", 'name = "eliminate-dead-code"'] + lowering + [""])
 
 
