@@ -1,19 +1,46 @@
-"""kiln.backends: turn an optimized IR into a deployable artifact for a target."""
+"""kiln.backends: turn an optimized IR into a deployable artifact for a target.
+
+A backend has `lowering_passes(target)` (appended to the recipe), `write(model, dir, target)`
+(the artifact files; returns the manifest's `backend` section) and a module-level
+`create_session(dir, backend_manifest, threads)`. A backend that needs static shapes also
+has `static_cache_length` (the compiler makes the recipe's KV cache static with it) and
+`check_feeds(model, feeds)` (sample inputs that exercise all of its compiled functions).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kiln.errors import KilnError
+
+BACKENDS = ("ort", "tvm")
 
 
 class BackendError(KilnError):
     pass
 
 
-def get_backend(name: str):
+def get_backend(name: str, **options):
     if name == "ort":
+        if options:
+            raise BackendError(f"backend 'ort' takes no option '{next(iter(options))}' (--tune-minutes is for --backend tvm)")
         from kiln.backends.ort import OrtBackend
 
         return OrtBackend()
     if name == "tvm":
-        raise BackendError("backend 'tvm' is not implemented yet (available: ort)")
-    raise BackendError(f"unknown backend '{name}' (available: ort)")
+        from kiln.backends.tvm import TvmBackend
+
+        return TvmBackend(**options)
+    raise BackendError(f"unknown backend '{name}' (available: {', '.join(BACKENDS)})")
+
+
+def create_session(directory: Path, backend_manifest: dict, threads: int | None = None):
+    """A session for the artifact, by the backend named in its manifest."""
+    name = backend_manifest.get("name", "ort")
+    if name == "ort":
+        from kiln.backends.ort import create_session as create
+    elif name == "tvm":
+        from kiln.backends.tvm import create_session as create
+    else:
+        raise BackendError(f"unknown backend '{name}' in the manifest (available: {', '.join(BACKENDS)})")
+    return create(Path(directory), backend_manifest, threads=threads)

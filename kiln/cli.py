@@ -88,7 +88,10 @@ def compile_cmd(
                                      "(default: the target's: fp32, int4 for LLMs on cpu, npu-int8 on npu)."),
     target: str = typer.Option("cpu", "--target", "-t", help="Deployment target profile: cpu, gpu (fp16, CUDA EP) "
                                                              "or npu (static shapes, int8 QDQ, op allow-list)."),
-    backend: str = typer.Option("ort", "--backend", "-b", help="Backend that writes the artifact."),
+    backend: str = typer.Option("ort", "--backend", "-b", help="Backend that writes the artifact: ort or tvm."),
+    tune_minutes: Optional[float] = typer.Option(
+        None, "--tune-minutes", min=0.0, help="TVM: MetaSchedule tuning budget for kernels without a record in the "
+                                              "tuning database (default 0: DLight schedules only)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, no summary."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="All stats, fusion coverage and reasons."),
@@ -114,7 +117,7 @@ def compile_cmd(
     _state["verbose"] |= verbose
     result = kiln.compile(model, output, recipe=recipe, target=target, backend=backend, force=force,
                           calibration=calibration, max_ppl_increase=_fraction(max_ppl_increase, "--max-ppl-increase"),
-                          min_cosine=min_cosine, target_params=target_params,
+                          min_cosine=min_cosine, target_params=target_params, tune_minutes=tune_minutes,
                           target_mb=_size_mb(target_size), progress=not quiet, console=err)
     if not quiet:
         _print_summary(result.path, result.manifest)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 import kiln
-from kiln.backends import get_backend
+from kiln.backends import create_session, get_backend
 from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA, VerificationError, load_model, summary, verify
 from kiln.manifest import SCHEMA_VERSION, write_manifest
@@ -78,6 +78,7 @@ def compile(  # noqa: A001
     target_mb: float | None = None,
     max_ppl_increase: float | None = None,
     min_cosine: float | None = None,
+    tune_minutes: float | None = None,
     progress: bool = True,
     console=None,
 ) -> CompileResult:
@@ -99,7 +100,10 @@ def compile(  # noqa: A001
         from kiln.passes.structure import retarget_steps
 
         plan = dataclasses.replace(plan, steps=retarget_steps(plan.steps, target_params, target_mb))
-    be = get_backend(backend)
+    be = get_backend(backend, **({} if tune_minutes is None else {"tune_minutes": tune_minutes}))
+    if getattr(be, "static_cache_length", 0):
+        plan = dataclasses.replace(plan, steps=[(n, {**p, "static_length": be.static_cache_length}
+                                                 if n == "insert-kv-cache" else p) for n, p in plan.steps])
     if max_ppl_increase is not None and min_cosine is not None:
         raise CompileError("give one quality budget: --max-ppl-increase (LLMs) or --min-cosine (encoders)")
     if max_ppl_increase is not None and not max_ppl_increase >= 0:
@@ -152,7 +156,8 @@ def compile(  # noqa: A001
                 manifest["compile"]["calibration"] = calib_info
             if run.quality:
                 manifest["compile"]["quality_budget"] = run.quality
-            manifest["compile"]["artifact_check"] = _check_artifact(tmp, backend_info, ir_model, feeds)
+            check = be.check_feeds(ir_model, feeds) if hasattr(be, "check_feeds") else feeds
+            manifest["compile"]["artifact_check"] = _check_artifact(tmp, backend_info, ir_model, check)
             manifest["compile"]["seconds"] = round(time.perf_counter() - start, 1)
             write_manifest(tmp, manifest)
     return CompileResult(output, manifest)
@@ -203,8 +208,8 @@ def _quality_budget(prepared: Prepared, signature, max_ppl_increase, min_cosine)
 
 def _check_artifact(directory: Path, backend_info: dict, model, feeds: dict[str, np.ndarray]) -> dict:
     """Reload the written artifact with the backend's own session settings and compare it
-    with the pipeline's last stage on the sample inputs."""
-    from kiln.backends.ort import create_session
+    with the pipeline's last stage, run by ORT, on the sample inputs (for a TVM artifact this
+    is the cross-check against ORT)."""
     from kiln.passes.numerics import run_ort
 
     session = create_session(directory, backend_info)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from kiln.backends.ort import create_session
+from kiln.backends import create_session
 from kiln.errors import KilnError
 from kiln.manifest import read_manifest
 from kiln.runtime.generate import (

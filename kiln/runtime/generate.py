@@ -121,9 +121,10 @@ class Model:
         for i in range(self.kv["num_layers"]):
             feeds[f"past_key_values.{i}.key"] = cache[2 * i]
             feeds[f"past_key_values.{i}.value"] = cache[2 * i + 1]
-        # OrtValues in and out: the cache goes from one step's outputs to the next step's
-        # inputs without a copy into numpy (the whole cache, every token, otherwise).
-        feeds = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+        # The session's own values in and out (OrtValues, or TVM tensors for a TVM artifact): the
+        # cache goes from one step's outputs to the next step's inputs without a copy into numpy
+        # (the whole cache, every token, otherwise).
+        feeds = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
                  for k, v in feeds.items()}
         named = dict(zip(self.output_names, self.session.run_with_ort_values(self.output_names, feeds)))
         present = [named[f"present.{i}.{k}"] for i in range(self.kv["num_layers"]) for k in ("key", "value")]
@@ -326,8 +327,8 @@ class Generator:
 
 
 def host(cache) -> np.ndarray:
-    """A cache entry as numpy (the runtime keeps them as ORT values between steps)."""
-    return cache.numpy() if isinstance(cache, ort.OrtValue) else cache
+    """A cache entry as numpy (the runtime keeps them as the session's values between steps)."""
+    return cache if isinstance(cache, np.ndarray) else cache.numpy()
 
 
 def _pad_seq(cache: np.ndarray, width: int) -> np.ndarray:

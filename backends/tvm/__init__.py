@@ -1,0 +1,272 @@
+"""TVM backend: kiln's portable IR compiled by Apache TVM (Relax) into shared libraries.
+
+Artifact files written by this backend:
+    <function>.so  one Relax VM executable per function (static shape, see below), entry `main`
+    params.npz     the weights, by name, shared by the functions (passed after their inputs)
+
+Functions (all batch 1, static shapes; the session in kiln.backends.tvm.session picks them):
+    main      models without a KV cache (encoders, full-recompute LMs): sequence `sequence`;
+              shorter inputs are padded at the end (masked or causal, so exact) and outputs cut
+    prefill   with a static KV cache: `sequence` tokens written into the cache at once
+    decode    with a static KV cache: one token
+A causal LM gets a static cache (insert-kv-cache with `static_length = cache_length`, set
+by the compiler from `static_cache_length`), so both functions take and return the whole
+cache. They are two libraries rather than two functions of one Relax module: each import
+brings its own helper functions, whose names would collide in one module.
+
+Per function: `specialize-shapes` (kiln pass: fixed dims, shape chains folded), Constant
+nodes lifted to initializers and weights made inputs (the importer would otherwise embed
+every weight in every function, and a weight-sized initializer it makes a parameter turns
+shape tensors dynamic), `relax.frontend.onnx.from_onnx`, then per Relax module:
+LegalizeOps -> FuseOps/FuseTIR (a DequantizeLinear fuses into its MatMul consumer) ->
+MetaSchedule records from the tuning database -> DLight CPU schedules (GEMV, reductions)
+for kernels without a record -> tvm.compile.
+
+Tuning: `tune_minutes` > 0 runs MetaSchedule over the tasks (of all functions together) that
+have no record yet, in
+rounds until the budget is spent. The database lives in the kiln cache
+(`$KILN_CACHE/tvm-tuning/<target hash>`) and is keyed by workload (MetaSchedule's structural
+hash of each kernel), so a recompile, or another model with the same kernels, reuses it.
+The target is a dict: llvm with the host CPU (`mcpu`) and `mattr` disabling the vector
+extensions that CPU model has but this host lacks (a VM may hide AVX-512; `mcpu=native`
+would silently mean `generic`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+from kiln.errors import KilnError
+from kiln.ir import KV_CACHE_METADATA, dims
+from kiln.models.cache import cache_dir
+from kiln.passes.base import KilnPass
+from kiln.passes.kv_layout import cache_feeds
+from kiln.passes.registry import create_pass
+from kiln.targets import Target
+
+PARAMS_FILE = "params.npz"
+WEIGHT_MIN_ELEMENTS = 1024  # smaller initializers stay constants (shape tensors must, to stay static)
+_ISA_PREFIXES = ("avx", "fma", "f16c", "gfni", "vaes", "vpclmulqdq", "amx")
+
+
+class TvmBackendError(KilnError):
+    pass
+
+
+def host_target() -> dict:
+    """The llvm target for this machine, as TVM 0.27 takes it (a dict)."""
+    import tvm
+    from tvm.target import codegen
+
+    cpu = codegen.llvm_get_system_cpu()
+    # MetaSchedule needs the core count; its schedules are parallelised for it.
+    target = {"kind": "llvm", "mcpu": cpu, "num-cores": len(os.sched_getaffinity(0))}
+    flags = _cpu_flags()
+    if flags:
+        features = codegen.llvm_get_cpu_features(tvm.target.Target(target))
+        missing = sorted(f for f in features if f.startswith(_ISA_PREFIXES) and f.replace(".", "_") not in flags)
+        if missing:
+            target["mattr"] = ["-" + f for f in missing]
+    return target
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+class TvmBackend:
+    name = "tvm"
+
+    def __init__(self, tune_minutes: float = 0.0, sequence: int = 128, cache_length: int = 256):
+        if tune_minutes < 0:
+            raise TvmBackendError(f"--tune-minutes must be >= 0, not {tune_minutes}")
+        if not 1 <= sequence <= cache_length:
+            raise TvmBackendError(f"the TVM sequence length must lie in [1, {cache_length}], not {sequence}")
+        self.tune_minutes = tune_minutes
+        self.sequence = sequence
+        self.static_cache_length = cache_length
+
+    def lowering_passes(self, target: Target) -> list[KilnPass]:
+        """None in the pipeline: each function is specialised from the final graph in `write`."""
+        return []
+
+    def functions(self, model: ir.Model) -> dict[str, int]:
+        """Function name -> the sequence length it is specialised to."""
+        layout = _layout(model)
+        if layout is None:
+            return {"main": self.sequence}
+        if not layout.get("static"):
+            raise TvmBackendError("the TVM backend needs a static KV cache (insert-kv-cache static_length)")
+        return {"prefill": self.sequence, "decode": 1}
+
+    def check_feeds(self, model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Sample inputs that run every function: one row of the samples, `sequence` tokens
+        (+1 with a cache, so that a decode step follows the prefill)."""
+        layout = _layout(model)
+        if layout is not None:
+            return cache_feeds(layout, np.resize(feeds["input_ids"][:1], (1, self.sequence + 1)))
+        fixed, out = {"batch": 1, "sequence": self.sequence}, {}
+        for value in model.graph.inputs:
+            shape = dims(value)
+            array = feeds[value.name][:1] if "batch" in shape else feeds[value.name]
+            out[value.name] = np.resize(array, [fixed.get(d, d) for d in shape])
+        return out
+
+    def write(self, model: ir.Model, directory: Path, target: Target) -> dict:
+        import tvm
+        from tvm.relax.frontend.onnx import from_onnx
+
+        tvm_target = host_target()
+        functions, params, modules = {}, {}, {}
+        for fn, sequence in self.functions(model).items():
+            spec = ir.from_proto(ir.to_proto(model))
+            specialized = create_pass("specialize-shapes", {"batch": 1, "sequence": sequence})(spec).stats
+            inputs, outputs = [v.name for v in spec.graph.inputs], [v.name for v in spec.graph.outputs]
+            weights = _weights_to_inputs(spec)
+            try:
+                modules[fn] = from_onnx(ir.to_proto(spec), keep_params_in_input=False)
+            except Exception as exc:
+                raise TvmBackendError(f"TVM cannot import the graph for '{fn}': {_first_line(exc)}") from exc
+            keys = []
+            for name, array in weights.items():
+                key = name if name not in params or np.array_equal(params[name], array) else f"{fn}:{name}"
+                params[key] = array
+                keys.append(key)
+            functions[fn] = {"library": f"{fn}.so", "sequence": sequence, "inputs": inputs, "outputs": outputs,
+                             "params": keys, "specialize": specialized}
+        start = time.perf_counter()
+        executables, tuning = build(modules, tvm_target, self.tune_minutes)
+        for fn, executable in executables.items():
+            executable.export_library(str(directory / functions[fn]["library"]))
+        np.savez(directory / PARAMS_FILE, **params)
+        return {
+            "name": self.name,
+            "tvm_version": tvm.__version__,
+            "target": tvm_target,
+            "params": PARAMS_FILE,
+            "batch": 1,
+            "functions": functions,
+            "sequence_axes": _axes(model, "sequence"),
+            "batch_axes": _axes(model, "batch"),
+            "cache": _cache_pairs(model),
+            "tuning": {**tuning, "build_seconds": round(time.perf_counter() - start, 1)},
+            "session": {"intra_op_num_threads": target.threads},
+        }
+
+
+def build(modules: dict, target: dict, tune_minutes: float) -> tuple[dict, dict]:
+    """Legalize, fuse, tune (within the budget), schedule and compile Relax modules."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight
+    from tvm.s_tir import meta_schedule as ms
+
+    tvm_target = tvm.target.Target(target)
+    with tvm_target:
+        fuse = tvm.transform.Sequential([
+            relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR(),
+        ])
+        modules = {fn: fuse(mod) for fn, mod in modules.items()}
+    db_dir = tuning_dir(target)
+    database = ms.database.JSONDatabase(work_dir=str(db_dir))
+    tasks = [t for mod in modules.values() for t in ms.relax_integration.extract_tasks(mod, tvm_target)]
+    untuned = [t for t in tasks if database.query_tuning_record(t.dispatched[0], tvm_target, t.task_name) is None]
+    trials = _tune(untuned, tvm_target, db_dir, tune_minutes * 60) if tune_minutes > 0 and untuned else 0
+    database = ms.database.JSONDatabase(work_dir=str(db_dir))
+    executables = {}
+    for fn, mod in modules.items():
+        with tvm_target, database:
+            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+            mod = dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())(mod)
+        executables[fn] = tvm.compile(mod, target=tvm_target)
+    tuned = sum(database.query_tuning_record(t.dispatched[0], tvm_target, t.task_name) is not None for t in tasks)
+    return executables, {"database": str(db_dir), "tasks": len(tasks), "tasks_with_record": tuned,
+                         "trials": trials, "minutes": tune_minutes}
+
+
+def _tune(tasks, target, db_dir: Path, seconds: float) -> int:
+    """MetaSchedule in rounds (it takes a trial count, not a time) until `seconds` are spent."""
+    from tvm.s_tir import meta_schedule as ms
+
+    # MutateComputeLocation and MutateParallel crash (a segfault in ToJSONGraph) when a
+    # TuneContext is created with them in the apache-tvm 0.27.0.post1 wheel: the search
+    # mutates tile sizes and unrolling only.
+    space = ms.space_generator.PostOrderApply(mutator_probs={ms.mutator.MutateTileSize(): 0.9,
+                                                             ms.mutator.MutateUnroll(): 0.1})
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(db_dir), space=space)
+    per_round = 16 * len(contexts)
+    start, trials, last = time.perf_counter(), 0, 0.0
+    while time.perf_counter() - start + last <= seconds:
+        round_start = time.perf_counter()
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=per_round,
+                      max_trials_per_task=per_round, num_trials_per_iter=16,
+                      database=ms.database.JSONDatabase(work_dir=str(db_dir)))
+        trials += per_round
+        last = time.perf_counter() - round_start
+    return trials
+
+
+def tuning_dir(target: dict) -> Path:
+    import tvm
+
+    key = hashlib.sha256(json.dumps([target, tvm.__version__], sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir("tvm-tuning", key)
+
+
+def _weights_to_inputs(model: ir.Model) -> dict[str, np.ndarray]:
+    """Large initializers become trailing graph inputs; returns them by name."""
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    graph, weights = model.graph, {}
+    for name, value in list(graph.initializers.items()):
+        if value.const_value is not None and value.const_value.size >= WEIGHT_MIN_ELEMENTS:
+            weights[name] = value.const_value.numpy()
+            graph.initializers.pop(name)
+            value.const_value = None
+            graph.inputs.append(value)
+    return weights
+
+
+def _axes(model: ir.Model, dim: str) -> dict[str, int]:
+    """Input/output name -> the axis of the symbolic dim `dim`, for those that have it."""
+    values = [*model.graph.inputs, *model.graph.outputs]
+    return {v.name: list(dims(v)).index(dim) for v in values if dim in (dims(v) or ())}
+
+
+def _cache_pairs(model: ir.Model) -> dict[str, str]:
+    layout = _layout(model)
+    if layout is None:
+        return {}
+    return {f"past_key_values.{i}.{k}": f"present.{i}.{k}" for i in range(layout["num_layers"]) for k in ("key", "value")}
+
+
+def _layout(model: ir.Model) -> dict | None:
+    text = model.metadata_props.get(KV_CACHE_METADATA)
+    return json.loads(text) if text else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def create_session(directory: Path, backend_manifest: dict, threads: int | None = None):
+    from kiln.backends.tvm.session import TvmSession
+
+    return TvmSession(Path(directory), backend_manifest, threads)

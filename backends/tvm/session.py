@@ -1,0 +1,144 @@
+"""A TVM artifact behind the session surface the runtime uses for ORT.
+
+    session.get_inputs() / get_outputs()         objects with `.name`, in the graph's order
+    session.run(names, feeds)                    numpy in, numpy out
+    session.run_with_ort_values(names, feeds)    values out that stay on the TVM side (they have
+                                                 `.numpy()`), so a KV cache goes from one step's
+                                                 outputs to the next step's inputs without a copy
+
+Any batch and sequence length are served by the batch-1, static-shape functions:
+- rows of a batch run one by one (rows are independent) and are stacked;
+- without a cache, `main` runs the inputs padded at the end to its length, and outputs with
+  a sequence axis are cut back (exact: padding is masked, or later tokens for a causal LM);
+- with a static cache, the tokens go through `prefill` in chunks of its length, then through
+  `decode` one at a time, each call writing its slots and handing the cache to the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+
+from kiln.errors import KilnError
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arg:
+    name: str
+
+
+class TvmSession:
+    def __init__(self, directory: Path, backend_manifest: dict, threads: int | None = None):
+        import tvm
+        from tvm import relax
+
+        # TVM's pool would pin the calling thread to core 0 (for the whole process), and by
+        # default it uses half the cores (it assumes hyper-threading).
+        os.environ.setdefault("TVM_BIND_THREADS", "0")
+        threads = threads or backend_manifest["session"].get("intra_op_num_threads")
+        if threads:
+            tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1: kBig, all cores alike
+        self._tvm = tvm
+        self.functions = backend_manifest["functions"]
+        self.vms = {fn: relax.VirtualMachine(tvm.runtime.load_module(str(directory / spec["library"])), tvm.cpu())
+                    for fn, spec in self.functions.items()}
+        self.sequence_axes = backend_manifest["sequence_axes"]
+        self.batch_axes = backend_manifest["batch_axes"]
+        self.cache = backend_manifest.get("cache", {})  # past input -> present output
+        with np.load(directory / backend_manifest["params"]) as stored:
+            tensors = {k: tvm.runtime.tensor(stored[k]) for k in stored.files}
+        self.params = {fn: [tensors[k] for k in spec["params"]] for fn, spec in self.functions.items()}
+        first = next(iter(self.functions.values()))
+        self._inputs, self._outputs = [_Arg(n) for n in first["inputs"]], [_Arg(n) for n in first["outputs"]]
+
+    def get_inputs(self) -> list[_Arg]:
+        return self._inputs
+
+    def get_outputs(self) -> list[_Arg]:
+        return self._outputs
+
+    def run(self, names, feeds: dict) -> list[np.ndarray]:
+        return [v.numpy() for v in self.run_with_ort_values(names, feeds)]
+
+    def run_with_ort_values(self, names, feeds: dict) -> list:
+        names = names or [o.name for o in self._outputs]
+        missing = [i.name for i in self._inputs if i.name not in feeds]
+        if missing:
+            raise KilnError(f"missing input '{missing[0]}'")
+        some = next((n for n in self.batch_axes if n in feeds), None)
+        rows = 1 if some is None else _shape(feeds[some])[self.batch_axes[some]]
+        if rows == 1:
+            out = self._row(feeds)
+        else:
+            parts = [self._row({k: _take(v, self.batch_axes.get(k), i) for k, v in feeds.items()}) for i in range(rows)]
+            out = {k: self._tensor(np.concatenate([p[k].numpy() for p in parts], axis=self.batch_axes[k]))
+                   for k in parts[0]}
+        return [out[n] for n in names]
+
+    def _row(self, feeds: dict) -> dict:
+        if "decode" in self.functions:
+            return self._through_cache(feeds)
+        length = self.functions["main"]["sequence"]
+        seq = self._sequence_length(feeds)
+        if seq is None:  # a graph exported with static shapes
+            return self._call("main", feeds)
+        if seq > length:
+            raise KilnError(f"this TVM artifact was compiled for at most {length} tokens, got {seq}")
+        padded = {k: _pad(_host(v), self.sequence_axes[k], length) if k in self.sequence_axes else v
+                  for k, v in feeds.items()}
+        out = self._call("main", padded)
+        return {k: self._tensor(np.take(v.numpy(), range(seq), axis=self.sequence_axes[k]))
+                if k in self.sequence_axes and seq < length else v for k, v in out.items()}
+
+    def _through_cache(self, feeds: dict) -> dict:
+        chunk, seq = self.functions["prefill"]["sequence"], self._sequence_length(feeds)
+        feeds, pieces, start = dict(feeds), [], 0
+        while start < seq:
+            fn, n = ("prefill", chunk) if seq - start >= chunk else ("decode", 1)
+            step = {k: np.take(_host(v), range(start, start + n), axis=self.sequence_axes[k])
+                    if k in self.sequence_axes else v for k, v in feeds.items()}
+            out = self._call(fn, step)
+            feeds.update({past: out[present] for past, present in self.cache.items()})
+            pieces.append(out)
+            start += n
+        last = pieces[-1]
+        return {k: self._tensor(np.concatenate([p[k].numpy() for p in pieces], axis=self.sequence_axes[k]))
+                if k in self.sequence_axes and len(pieces) > 1 else v for k, v in last.items()}
+
+    def _call(self, fn: str, feeds: dict) -> dict:
+        spec = self.functions[fn]
+        result = self.vms[fn]["main"](*[self._tensor(feeds[n]) for n in spec["inputs"]], *self.params[fn])
+        values = [result] if len(spec["outputs"]) == 1 else list(result)
+        return dict(zip(spec["outputs"], values))
+
+    def _sequence_length(self, feeds: dict) -> int | None:
+        name = next((n for n in self.sequence_axes if n in feeds), None)
+        return None if name is None else _shape(feeds[name])[self.sequence_axes[name]]
+
+    def _tensor(self, value):
+        if isinstance(value, self._tvm.runtime.Tensor):
+            return value
+        return self._tvm.runtime.tensor(np.ascontiguousarray(_host(value)))
+
+
+def _host(value) -> np.ndarray:
+    """numpy from numpy, an ORT value or a TVM tensor."""
+    return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+def _shape(value) -> tuple[int, ...]:
+    shape = value.shape
+    return tuple(shape() if callable(shape) else shape)  # an OrtValue's shape is a method
+
+
+def _take(value, axis: int | None, row: int):
+    return value if axis is None else np.take(_host(value), [row], axis=axis)
+
+
+def _pad(array: np.ndarray, axis: int, length: int) -> np.ndarray:
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, length - array.shape[axis])
+    return np.pad(array, widths)

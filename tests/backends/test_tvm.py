@@ -1,0 +1,112 @@
+"""The TVM backend on tiny random-init models: artifacts, numerics against ORT, errors."""
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import kiln
+from conftest import run_kiln
+from kiln.backends.tvm import host_target
+from kiln.errors import KilnError
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, prepared):
+    prepared("tiny-llama")
+    root = tmp_path_factory.mktemp("tvm-llama")
+    kiln.compile("tiny-llama", root / "ort", recipe="fp32", progress=False)
+    kiln.compile("tiny-llama", root / "tvm", recipe="fp32", backend="tvm", progress=False)
+    return kiln.load(root / "ort"), kiln.load(root / "tvm")
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory, prepared):
+    prepared("tiny-bert")
+    root = tmp_path_factory.mktemp("tvm-bert")
+    kiln.compile("tiny-bert", root / "ort", recipe="fp32", progress=False)
+    kiln.compile("tiny-bert", root / "tvm", recipe="fp32", backend="tvm", progress=False)
+    return kiln.load(root / "ort"), kiln.load(root / "tvm")
+
+
+def test_llm_artifact_has_prefill_and_decode_over_a_static_cache(llama):
+    _, art = llama
+    m = art.manifest
+    assert {p.name for p in art.path.iterdir()} == {"prefill.so", "decode.so", "params.npz", "kiln.json", "tokenizer.json"}
+    backend = m["backend"]
+    assert backend["name"] == "tvm" and backend["target"] == host_target()
+    assert backend["target"]["kind"] == "llvm" and backend["target"]["mcpu"] not in ("", "generic")
+    assert {fn: f["sequence"] for fn, f in backend["functions"].items()} == {"prefill": 128, "decode": 1}
+    assert m["kv_cache"]["static"] and m["kv_cache"]["max_length"] == 256
+    assert backend["tuning"]["tasks"] > 0 and backend["tuning"]["trials"] == 0
+    assert m["compile"]["artifact_check"]["max_rel"] <= 1e-3  # the cross-check against ORT
+
+
+def test_greedy_tokens_equal_ort_through_prefill_and_decode(llama):
+    ort_art, tvm_art = llama
+    rng = np.random.default_rng(0)
+    long_prompt = rng.integers(0, 256, size=131).tolist()  # one 128-token prefill, then 3 decode steps
+    for prompt in ["Hello, world", "a", long_prompt]:
+        assert tvm_art.generate(prompt, 24).token_ids == ort_art.generate(prompt, 24).token_ids
+    prompts = ["Hello, world", "The quick brown fox jumps"]
+    assert [g.token_ids for g in tvm_art.generate_batch(prompts, 8)] == [ort_art.generate(p, 8).token_ids for p in prompts]
+
+
+def test_cli_runs_a_tvm_artifact(llama):
+    _, art = llama
+    proc = run_kiln("run", str(art.path), "--prompt", "Hello", "-n", "5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["token_ids"] == art.generate("Hello", 5).token_ids
+
+
+def test_encoder_embeddings_match_ort(bert):
+    ort_art, tvm_art = bert
+    texts = ["hello world", "a somewhat longer sentence, padded to the compiled length"]
+    np.testing.assert_allclose(tvm_art.embed(texts), ort_art.embed(texts), atol=1e-4)
+    assert tvm_art.manifest["backend"]["functions"]["main"]["sequence"] == 128
+
+
+def test_input_longer_than_the_compiled_sequence_is_one_error(bert):
+    _, art = bert
+    with pytest.raises(KilnError, match="compiled for at most 128 tokens"):
+        art.embed(["word " * 300])
+
+
+def test_an_op_tvm_cannot_import_is_one_line_and_no_artifact(tmp_path):
+    x = ir.val("x", ir.DataType.INT64, ir.Shape([2, 3]))
+    cast = ir.node("Cast", [x], attributes={"to": ir.DataType.FLOAT}, num_outputs=1)
+    celu = ir.node("Celu", [cast.outputs[0]], num_outputs=1)
+    for value in (cast.outputs[0], celu.outputs[0]):
+        value.dtype, value.shape = ir.DataType.FLOAT, ir.Shape([2, 3])
+    celu.outputs[0].name = "y"
+    graph = ir.Graph([x], [celu.outputs[0]], nodes=[cast, celu], opset_imports={"": 21}, name="celu")
+    model = ir.Model(graph, ir_version=10)
+    path = tmp_path / "celu.onnx"
+    ir.save(model, path)
+    proc = run_kiln("compile", str(path), "-r", "none", "-b", "tvm", "-o", str(tmp_path / "out"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "TVM cannot import the graph for 'main'" in lines[0] and "Celu" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cross_check_mismatch_fails_the_compile_and_leaves_nothing(tmp_path, prepared, monkeypatch):
+    from kiln.backends.tvm.session import TvmSession
+
+    call = TvmSession._call
+
+    def off_by_a_little(self, fn, feeds):
+        return {k: self._tensor(v.numpy() + 0.1) for k, v in call(self, fn, feeds).items()}
+
+    monkeypatch.setattr(TvmSession, "_call", off_by_a_little)
+    prepared("tiny-bert")
+    with pytest.raises(KilnError, match="disagrees"):
+        kiln.compile("tiny-bert", tmp_path / "out", recipe="fp32", backend="tvm", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_tune_minutes_is_for_the_tvm_backend(tmp_path):
+    proc = run_kiln("compile", "tiny-llama", "--tune-minutes", "1", "-o", str(tmp_path / "out"))
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error: ")
+    assert "--tune-minutes is for --backend tvm" in proc.stderr
