@@ -27,6 +27,9 @@ have no record yet, in
 rounds until the budget is spent. The database lives in the kiln cache
 (`$KILN_CACHE/tvm-tuning/<target hash>`) and is keyed by workload (MetaSchedule's structural
 hash of each kernel), so a recompile, or another model with the same kernels, reuses it.
+Known problem: in the apache-tvm 0.27.0.post1 wheel, MetaSchedule segfaults (in
+ToJSONGraph) when its task scheduler initialises a task on CPU, even with the two mutators
+that crash at TuneContext creation left out, so `tune_minutes` > 0 crashes the compile.
 The target is a dict: llvm with the host CPU (`mcpu`) and `mattr` disabling the vector
 extensions that CPU model has but this host lacks (a VM may hide AVX-512; `mcpu=native`
 would silently mean `generic`).
