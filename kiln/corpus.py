@@ -41,18 +41,24 @@ def text_feeds(tokenizer: Path, signature: list[dict], text: Path | None = None,
                       length: int = 256) -> list[dict[str, np.ndarray]]:
     """`samples` feed dicts of one window of `length` tokens each, consecutive in the text.
 
-    Masks are ones (no padding), other integer inputs zeros; a text shorter than
-    samples × length gives fewer windows (at least one).
+    Each window carries the special tokens the tokenizer adds to a text (BERT's [CLS] ... [SEP],
+    a BOS), as the model sees them at run time. Masks are ones (no padding), other integer
+    inputs zeros; a text shorter than samples × length gives fewer windows (at least one).
     """
     from tokenizers import Tokenizer
 
-    ids = Tokenizer.from_file(str(tokenizer)).encode(read_text(text or calibration_corpus())).ids
+    tok = Tokenizer.from_file(str(tokenizer))
+    # tokenizer.json files may truncate (MiniLM: 128 tokens) or pad: the whole text is wanted here
+    tok.no_truncation()
+    tok.no_padding()
+    prefix, suffix = _special_tokens(tok)
+    ids = tok.encode(read_text(text or calibration_corpus()), add_special_tokens=False).ids
     if len(ids) < 8:
         raise KilnError(f"{text}: the text is too short (fewer than 8 tokens)")
-    length = min(length, len(ids))
+    body = min(length - len(prefix) - len(suffix), len(ids))
     feeds = []
-    for start in range(0, len(ids) - length + 1, length)[:samples]:
-        window = np.array(ids[start:start + length], dtype=np.int64)[None]
+    for start in range(0, len(ids) - body + 1, body)[:samples]:
+        window = np.array(prefix + ids[start:start + body] + suffix, dtype=np.int64)[None]
         feed = {}
         for spec in signature:
             name, dtype = spec["name"], spec["dtype"]
@@ -64,3 +70,13 @@ def text_feeds(tokenizer: Path, signature: list[dict], text: Path | None = None,
                 raise KilnError(f"cannot make a calibration feed for input '{name}' ({dtype})")
         feeds.append(feed)
     return feeds
+
+
+def _special_tokens(tok) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer's post-processor puts before and after a single text."""
+    core = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a").ids
+    for i in range(len(full) - len(core) + 1):
+        if full[i:i + len(core)] == core:
+            return full[:i], full[i + len(core):]
+    return [], []
