@@ -10,7 +10,8 @@ so it suits every backend; the ORT backend runs it after `lower-matmul-nbits`, w
 tables it can into GatherBlockQuantized. Exact.
 
 Preconditions: a constant table quantized along axis 1 (blocks along H), Gather on axis 0.
-Not handled: tables quantized along axis 0 (the dequantized rows would need every block).
+Not handled: tables quantized along axis 0 (the dequantized rows would need every block);
+4-bit tables (opset 21's Gather takes no int4), which stay whole.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class GatherRowsRule(pattern.RewriteRuleClassBase):
             return result.fail("the table is not 2-D quantized along axis 1")
         if gathered.producer().attributes.get_int("axis", 0) != 0:
             return result.fail("Gather is not along axis 0")
+        if q.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+            return result.fail("4-bit table: ONNX's Gather does not take int4 (GatherBlockQuantized does)")
         self._block = dq.attributes.get_int("block_size", 0)
         if scale.shape is None or len(scale.shape) != 2 or not self._block:
             return result.fail("per-tensor or per-axis scales: nothing to gather")

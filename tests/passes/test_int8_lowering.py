@@ -87,3 +87,13 @@ def test_gather_dequantizes_only_its_rows_exactly(symmetric):
     assert gather.inputs[0].const_value is not None  # reads the int8 table itself
     assert compare(before, run_ort(model, FEEDS))["max_rel"] == 0.0
     assert not GatherQuantizedRowsPass()(model).modified
+
+
+def test_a_4bit_table_is_left_whole():
+    """opset 21's Gather takes no int4: a 4-bit table that GatherBlockQuantized could not take stays as it is."""
+    model = _model()
+    QuantizeWeightsPass(bits=4, block_size=16, min_elements=0)(model)  # K = 40: not whole blocks
+    before = run_ort(model, FEEDS)
+    result = GatherQuantizedRowsPass()(model)
+    assert result.stats["rewritten"] == 0 and any("int4" in r for r in result.rejected)
+    assert compare(before, run_ort(model, FEEDS))["max_rel"] == 0.0
