@@ -157,7 +157,8 @@ def compile(  # noqa: A001
             if run.quality:
                 manifest["compile"]["quality_budget"] = run.quality
             check = be.check_feeds(ir_model, feeds) if hasattr(be, "check_feeds") else feeds
-            manifest["compile"]["artifact_check"] = _check_artifact(tmp, backend_info, ir_model, check)
+            manifest["compile"]["artifact_check"] = _check_artifact(tmp, backend_info, ir_model, check,
+                                                                    profile.precision)
             manifest["compile"]["seconds"] = round(time.perf_counter() - start, 1)
             write_manifest(tmp, manifest)
     return CompileResult(output, manifest)
@@ -206,7 +207,14 @@ def _quality_budget(prepared: Prepared, signature, max_ppl_increase, min_cosine)
                                                          samples=16, length=128))
 
 
-def _check_artifact(directory: Path, backend_info: dict, model, feeds: dict[str, np.ndarray]) -> dict:
+# max_rel allowed between the written artifact and the pipeline's last stage: the backend's own
+# graph optimizations reorder arithmetic, which fp16 rounds ten times more coarsely (SmolLM2 on
+# the gpu profile measured 2.5e-3 on the CPU EP)
+ARTIFACT_TOLERANCE = {"fp16": 1e-2}
+
+
+def _check_artifact(directory: Path, backend_info: dict, model, feeds: dict[str, np.ndarray],
+                    precision: str = "fp32") -> dict:
     """Reload the written artifact with the backend's own session settings and compare it
     with the pipeline's last stage, run by ORT, on the sample inputs (for a TVM artifact this
     is the cross-check against ORT)."""
@@ -216,8 +224,10 @@ def _check_artifact(directory: Path, backend_info: dict, model, feeds: dict[str,
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(names, feeds)))
     delta = compare(run_ort(model, feeds), got)
-    if delta["max_rel"] > 1e-3:
-        raise CompileError(f"the written artifact disagrees with the compiled graph: max_rel {delta['max_rel']:.3g}")
+    tolerance = ARTIFACT_TOLERANCE.get(precision, 1e-3)
+    if delta["max_rel"] > tolerance:
+        raise CompileError(f"the written artifact disagrees with the compiled graph: max_rel {delta['max_rel']:.3g} "
+                           f"(tolerance {tolerance:g} for {precision})")
     return {k: float(f"{v:.4g}") for k, v in delta.items()}
 
 

@@ -22,14 +22,13 @@ LegalizeOps -> FuseOps/FuseTIR (a DequantizeLinear fuses into its MatMul consume
 MetaSchedule records from the tuning database -> DLight CPU schedules (GEMV, reductions)
 for kernels without a record -> tvm.compile.
 
-Tuning: `tune_minutes` > 0 runs MetaSchedule over the tasks (of all functions together) that
-have no record yet, in
-rounds until the budget is spent. The database lives in the kiln cache
-(`$KILN_CACHE/tvm-tuning/<target hash>`) and is keyed by workload (MetaSchedule's structural
-hash of each kernel), so a recompile, or another model with the same kernels, reuses it.
-Known problem: in the apache-tvm 0.27.0.post1 wheel, MetaSchedule segfaults (in
-ToJSONGraph) when its task scheduler initialises a task on CPU, even with the two mutators
-that crash at TuneContext creation left out, so `tune_minutes` > 0 crashes the compile.
+Tuning: `tune_minutes` > 0 runs MetaSchedule over the kernels (of all functions together)
+that have no record yet, largest first, a batch of trials each, until the budget is spent.
+The database lives in the kiln cache (`$KILN_CACHE/tvm-tuning/<target hash>`) and is keyed
+by workload (MetaSchedule's structural hash of each kernel), so a recompile, or another model
+with the same kernels, reuses it. apache-tvm 0.27.0.post1 needs apache-tvm-ffi 0.1.14: with
+0.1.15 serializing any TIR object to JSON (which MetaSchedule does for every kernel)
+segfaults, hence the pin in pyproject.toml.
 The target is a dict: llvm with the host CPU (`mcpu`) and `mattr` disabling the vector
 extensions that CPU model has but this host lacks (a VM may hide AVX-512; `mcpu=native`
 would silently mean `generic`).
@@ -204,26 +203,30 @@ def build(modules: dict, target: dict, tune_minutes: float) -> tuple[dict, dict]
                          "trials": trials, "minutes": tune_minutes}
 
 
-def _tune(tasks, target, db_dir: Path, seconds: float) -> int:
-    """MetaSchedule in rounds (it takes a trial count, not a time) until `seconds` are spent."""
-    from tvm.s_tir import meta_schedule as ms
+TRIALS_PER_TASK = 8  # one MetaSchedule batch per kernel: the budget is checked between kernels
+BUILD_TIMEOUT_S = 180  # a builder worker imports TVM first: 30 s (the default) times out on a loaded 2-core host
 
-    # MutateComputeLocation and MutateParallel crash (a segfault in ToJSONGraph) when a
-    # TuneContext is created with them in the apache-tvm 0.27.0.post1 wheel: the search
-    # mutates tile sizes and unrolling only.
-    space = ms.space_generator.PostOrderApply(mutator_probs={ms.mutator.MutateTileSize(): 0.9,
-                                                             ms.mutator.MutateUnroll(): 0.1})
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(db_dir), space=space)
-    per_round = 16 * len(contexts)
-    start, trials, last = time.perf_counter(), 0, 0.0
-    while time.perf_counter() - start + last <= seconds:
-        round_start = time.perf_counter()
-        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=per_round,
-                      max_trials_per_task=per_round, num_trials_per_iter=16,
-                      database=ms.database.JSONDatabase(work_dir=str(db_dir)))
-        trials += per_round
-        last = time.perf_counter() - round_start
-    return trials
+
+def _tune(tasks, target, db_dir: Path, seconds: float) -> int:
+    """MetaSchedule, kernel by kernel (largest weighted FLOPs first), until `seconds` are spent;
+    returns the measured trials added to the database. MetaSchedule takes a trial count, not
+    a time, so the budget is checked between kernels and overshoots by at most one kernel's batch."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    database = ms.database.JSONDatabase(work_dir=str(db_dir))
+    before = len(database)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(db_dir))
+    order = sorted(range(len(tasks)), key=lambda i: -weights[i] * estimate_tir_flops(tasks[i].dispatched[0]))
+    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT_S)
+    start = time.perf_counter()
+    for i in order:
+        if time.perf_counter() - start >= seconds:
+            break
+        ms.tune_tasks(tasks=[contexts[i]], task_weights=[weights[i]], work_dir=str(db_dir),
+                      max_trials_global=TRIALS_PER_TASK, max_trials_per_task=TRIALS_PER_TASK,
+                      num_trials_per_iter=TRIALS_PER_TASK, builder=builder, database=database)
+    return len(database) - before
 
 
 def tuning_dir(target: dict) -> Path:

@@ -110,3 +110,19 @@ def test_tune_minutes_is_for_the_tvm_backend(tmp_path):
     proc = run_kiln("compile", "tiny-llama", "--tune-minutes", "1", "-o", str(tmp_path / "out"))
     assert proc.returncode != 0 and proc.stderr.strip().startswith("error: ")
     assert "--tune-minutes is for --backend tvm" in proc.stderr
+
+
+def test_tuning_fills_the_database_and_a_recompile_reuses_it(tmp_path, prepared, monkeypatch):
+    """A tiny budget tunes the largest kernel (one batch of trials); the recompile finds its record."""
+    import kiln.backends.tvm as tvm_backend
+
+    (tmp_path / "tuning").mkdir()
+    monkeypatch.setattr(tvm_backend, "tuning_dir", lambda target: tmp_path / "tuning")  # a fresh database
+    prepared("tiny-bert")
+    tuned = kiln.compile("tiny-bert", tmp_path / "a", recipe="fp32", backend="tvm", tune_minutes=0.01, progress=False)
+    tuning = tuned.manifest["backend"]["tuning"]
+    assert tuning["trials"] > 0 and tuning["tasks_with_record"] >= 1
+    again = kiln.compile("tiny-bert", tmp_path / "b", recipe="fp32", backend="tvm", progress=False)
+    assert again.manifest["backend"]["tuning"]["trials"] == 0
+    assert again.manifest["backend"]["tuning"]["tasks_with_record"] == tuning["tasks_with_record"]
+    assert again.manifest["compile"]["artifact_check"]["max_rel"] <= 1e-3
