@@ -451,7 +451,7 @@ def inspect_cmd(
     manifest = None
     if path.is_dir():
         manifest = read_manifest(path)
-        model_path = path / manifest["backend"]["model"]
+        model_path = roofline.graph_file(path, manifest)
     else:
         model_path = path
     s = summary(load_model(model_path, load_external=False))

@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from kiln.errors import KilnError
+
 WEIGHT_MATMULS = {"MatMul", "Gemm", "MatMulNBits", "FusedMatMul"}
 GATHERS = {"Gather", "GatherBlockQuantized"}
 ATTENTIONS = {"GroupQueryAttention", "MultiHeadAttention", "Attention"}
@@ -281,8 +283,17 @@ def from_artifact(path: str | Path) -> Arithmetic:
         from kiln.manifest import read_manifest
 
         manifest = read_manifest(path)
-        return analyze(path / manifest["backend"]["model"], layout_from_manifest(manifest))
+        return analyze(graph_file(path, manifest), layout_from_manifest(manifest))
     return analyze(path, Layout())
+
+
+def graph_file(path: Path, manifest: dict) -> Path:
+    """The ONNX graph of an artifact; backends that compile it away (TVM) have none to analyze."""
+    backend = manifest["backend"]
+    if "model" not in backend:
+        raise KilnError(f"{path}: a {backend.get('name')} artifact holds compiled code, not an ONNX graph; "
+                        "inspect the ORT artifact of the same recipe")
+    return path / backend["model"]
 
 
 def from_gguf(path: str | Path, layout: Layout) -> Arithmetic:

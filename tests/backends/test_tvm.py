@@ -126,3 +126,10 @@ def test_tuning_fills_the_database_and_a_recompile_reuses_it(tmp_path, prepared,
     assert again.manifest["backend"]["tuning"]["trials"] == 0
     assert again.manifest["backend"]["tuning"]["tasks_with_record"] == tuning["tasks_with_record"]
     assert again.manifest["compile"]["artifact_check"]["max_rel"] <= 1e-3
+
+
+def test_inspect_refuses_a_tvm_artifact_in_one_line(llama):
+    _, art = llama
+    proc = run_kiln("inspect", str(art.path))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "compiled code, not an ONNX graph" in proc.stderr
