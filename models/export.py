@@ -126,6 +126,9 @@ SAMPLE_TEXT = ("The committee met on Tuesday to discuss the new budget. Most mem
                "needed repair before winter, but they could not agree on how to pay for it. ")
 
 
+_FLOATS = {"float": "float32", "float32": "float32", "float16": "float16", "double": "float64", "float64": "float64"}
+
+
 def sample_inputs(meta: dict, signature: list[dict], seed: int = 0, tokenizer: Path | None = None) -> dict[str, np.ndarray]:
     """Fixed inputs for the pipeline's numeric checks: batch 2, sequence 12 for dynamic axes.
 
@@ -159,8 +162,8 @@ def sample_inputs(meta: dict, signature: list[dict], seed: int = 0, tokenizer: P
             else:
                 arr = np.zeros(shape, dtype=np.int64)
             feeds[name] = arr.astype(dtype)
-        elif dtype in ("float32", "float16", "float64"):
-            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype in _FLOATS:  # kiln.ir.summary names them as ONNX does ("float", "double")
+            feeds[name] = rng.standard_normal(shape).astype(_FLOATS[dtype])
         elif dtype == "bool":
             feeds[name] = np.ones(shape, dtype=bool)
         else:

@@ -64,6 +64,10 @@ def test_compile_any_module_with_example_inputs(tmp_path):
     (y,) = art.session.run(None, {"input": x.numpy()})
     np.testing.assert_allclose(y, net(x).detach().numpy(), rtol=1e-5, atol=1e-6)
     assert result.manifest["passes"][0]["delta"]["max_rel"] <= 1e-4
+    # the same graph as an .onnx file: kiln makes float sample inputs itself
+    again = kiln.compile(str(result.path / "model.onnx"), tmp_path / "d", progress=False)
+    (y2,) = kiln.load(again.path).session.run(None, {"input": x.numpy()})
+    np.testing.assert_allclose(y2, y, rtol=1e-5, atol=1e-6)
 
 
 def test_module_export_failure_is_a_clear_error(tmp_path):
