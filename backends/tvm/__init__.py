@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +143,9 @@ class TvmBackend:
             inputs, outputs = [v.name for v in spec.graph.inputs], [v.name for v in spec.graph.outputs]
             weights = _weights_to_inputs(spec)
             try:
-                modules[fn] = from_onnx(ir.to_proto(spec), keep_params_in_input=False)
+                with warnings.catch_warnings():  # one "Renaming name ..." per dotted ONNX name
+                    warnings.simplefilter("ignore", UserWarning)
+                    modules[fn] = from_onnx(ir.to_proto(spec), keep_params_in_input=False)
             except Exception as exc:
                 raise TvmBackendError(f"TVM cannot import the graph for '{fn}': {_first_line(exc)}") from exc
             keys = []
@@ -214,6 +218,8 @@ def _tune(tasks, target, db_dir: Path, seconds: float) -> int:
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
+    # MetaSchedule prints every trial at INFO on stdout; its log files (in the database folder) keep them
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     database = ms.database.JSONDatabase(work_dir=str(db_dir))
     before = len(database)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(db_dir))
