@@ -86,7 +86,7 @@ def compile(  # noqa: A001
     with `example_inputs`) into the artifact directory `output`.
 
     `recipe` defaults to the target's (cpu, gpu: fp32; npu: npu-int8), except that a
-    causal LM on the cpu gets int4. `calibration` is a
+    causal LM on the cpu through ORT gets int4. `calibration` is a
     text file for data-aware passes (default: kiln's calibration corpus, which is disjoint
     from the evaluation corpus). `max_ppl_increase` (LLMs, e.g. 0.05 for
     +5%) and `min_cosine` (encoders) are quality budgets measured on held-out text after
@@ -95,7 +95,7 @@ def compile(  # noqa: A001
     # Validate everything cheap before any expensive work.
     profile = get_target(target)
     source = get_source(model) if isinstance(model, str) and not model.endswith(".onnx") else None
-    plan = load_recipe(recipe or default_recipe(profile, source.task if source else None))
+    plan = load_recipe(recipe or default_recipe(profile, backend, source.task if source else None))
     if target_params is not None or target_mb is not None:
         from kiln.passes.structure import retarget_steps
 

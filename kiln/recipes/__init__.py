@@ -24,15 +24,15 @@ from kiln.passes.registry import UnknownPassError, create_pass
 
 PRESETS_DIR = Path(__file__).parent
 DEFAULT = "fp32"
-# Without --recipe, a causal LM on the CPU gets 4-bit weights: decode is bound by reading
-# the weights, so int4 (0.15x the bytes) is what a deployment wants. Everything else takes
-# its target's default.
-TASK_DEFAULTS = {("cpu", "causal-lm"): "int4"}
+# Without --recipe, a causal LM on the CPU through ORT gets 4-bit weights: decode is bound by
+# reading the weights, so int4 (0.15x the bytes) is what a deployment wants. Everything else
+# takes its target's default (TVM 0.27's importer takes no blocked DequantizeLinear yet).
+TASK_DEFAULTS = {("cpu", "ort", "causal-lm"): "int4"}
 
 
-def default_recipe(target, task: str | None) -> str:
-    """The preset used when no recipe is given, for a target profile and a model task."""
-    return TASK_DEFAULTS.get((target.name, task), target.default_recipe)
+def default_recipe(target, backend: str, task: str | None) -> str:
+    """The preset used when no recipe is given, for a target profile, a backend and a model task."""
+    return TASK_DEFAULTS.get((target.name, backend, task), target.default_recipe)
 
 
 class RecipeError(KilnError):

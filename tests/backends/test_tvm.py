@@ -133,3 +133,14 @@ def test_inspect_refuses_a_tvm_artifact_in_one_line(llama):
     proc = run_kiln("inspect", str(art.path))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "compiled code, not an ONNX graph" in proc.stderr
+
+
+def test_a_causal_lm_defaults_to_fp32_on_tvm_and_int4_on_ort():
+    from kiln.recipes import default_recipe
+    from kiln.targets import get_target
+
+    cpu = get_target("cpu")
+    assert default_recipe(cpu, "ort", "causal-lm") == "int4"
+    assert default_recipe(cpu, "tvm", "causal-lm") == "fp32"  # TVM 0.27 imports no blocked DequantizeLinear
+    assert default_recipe(cpu, "ort", "embedding") == "fp32"
+    assert default_recipe(get_target("npu"), "ort", "causal-lm") == "npu-int8"
