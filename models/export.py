@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 import torch
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -126,7 +127,15 @@ SAMPLE_TEXT = ("The committee met on Tuesday to discuss the new budget. Most mem
                "needed repair before winter, but they could not agree on how to pay for it. ")
 
 
-_FLOATS = {"float": "float32", "float32": "float32", "float16": "float16", "double": "float64", "float64": "float64"}
+def _numpy_dtype(name: str) -> np.dtype | None:
+    """An input's dtype as kiln.ir.summary names it (ONNX's names: "float" is float32) or as numpy does."""
+    onnx_type = ir.DataType.__members__.get(name.upper())
+    if onnx_type is not None:
+        return np.dtype(onnx_type.numpy())
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return None
 
 
 def sample_inputs(meta: dict, signature: list[dict], seed: int = 0, tokenizer: Path | None = None) -> dict[str, np.ndarray]:
@@ -147,9 +156,9 @@ def sample_inputs(meta: dict, signature: list[dict], seed: int = 0, tokenizer: P
     feeds: dict[str, np.ndarray] = {}
     for spec in signature:
         shape = [d if isinstance(d, int) else (2 if i == 0 else 12) for i, d in enumerate(spec["shape"] or [])]
-        dtype = spec["dtype"]
+        dtype = _numpy_dtype(spec["dtype"])
         name = spec["name"]
-        if dtype in ("int64", "int32"):
+        if dtype is not None and dtype.kind == "i":
             if "mask" in name:
                 arr = np.ones(shape, dtype=np.int64)
                 if arr.ndim == 2 and arr.shape[0] > 1 and arr.shape[1] > 4:
@@ -162,10 +171,10 @@ def sample_inputs(meta: dict, signature: list[dict], seed: int = 0, tokenizer: P
             else:
                 arr = np.zeros(shape, dtype=np.int64)
             feeds[name] = arr.astype(dtype)
-        elif dtype in _FLOATS:  # kiln.ir.summary names them as ONNX does ("float", "double")
-            feeds[name] = rng.standard_normal(shape).astype(_FLOATS[dtype])
-        elif dtype == "bool":
+        elif dtype is not None and dtype.kind == "f":
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is not None and dtype.kind == "b":
             feeds[name] = np.ones(shape, dtype=bool)
         else:
-            raise ExportError(f"cannot make a sample for input '{name}' of dtype {dtype}")
+            raise ExportError(f"cannot make a sample for input '{name}' of dtype {spec['dtype']}")
     return feeds
