@@ -85,12 +85,12 @@ def compile(  # noqa: A001
     """Compile `model` (a kiln model name, a path to an .onnx file, or a torch.nn.Module
     with `example_inputs`) into the artifact directory `output`.
 
-    `recipe` defaults to the target's (cpu, gpu: fp32; npu: npu-int8), except that a
-    causal LM on the cpu through ORT gets int4. `calibration` is a
-    text file for data-aware passes (default: kiln's calibration corpus, which is disjoint
-    from the evaluation corpus). `max_ppl_increase` (LLMs, e.g. 0.05 for
-    +5%) and `min_cosine` (encoders) are quality budgets measured on held-out text after
-    every lossy pass; the first pass over budget fails the compile and nothing is written."""
+    `recipe` defaults to the target's (cpu, gpu: fp32; npu: npu-int8), except that a causal
+    LM on the cpu through ORT gets int4. `calibration` is a text file for data-aware passes
+    (default: kiln's calibration corpus, which is disjoint from the evaluation corpus).
+    `max_ppl_increase` (LLMs, e.g. 0.05 for +5%) and `min_cosine` (encoders) are quality
+    budgets measured on held-out text after every lossy pass; the first pass over budget
+    fails the compile and nothing is written."""
     start = time.perf_counter()
     # Validate everything cheap before any expensive work.
     profile = get_target(target)

@@ -12,22 +12,23 @@ from kiln.backends.tvm import host_target
 from kiln.errors import KilnError
 
 
+def _ort_and_tvm(tmp_path_factory, prepared, name: str):
+    """The same fp32 recipe compiled for both backends, loaded."""
+    prepared(name)
+    root = tmp_path_factory.mktemp(f"tvm-{name}")
+    for backend in ("ort", "tvm"):
+        kiln.compile(name, root / backend, recipe="fp32", backend=backend, progress=False)
+    return kiln.load(root / "ort"), kiln.load(root / "tvm")
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, prepared):
-    prepared("tiny-llama")
-    root = tmp_path_factory.mktemp("tvm-llama")
-    kiln.compile("tiny-llama", root / "ort", recipe="fp32", progress=False)
-    kiln.compile("tiny-llama", root / "tvm", recipe="fp32", backend="tvm", progress=False)
-    return kiln.load(root / "ort"), kiln.load(root / "tvm")
+    return _ort_and_tvm(tmp_path_factory, prepared, "tiny-llama")
 
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory, prepared):
-    prepared("tiny-bert")
-    root = tmp_path_factory.mktemp("tvm-bert")
-    kiln.compile("tiny-bert", root / "ort", recipe="fp32", progress=False)
-    kiln.compile("tiny-bert", root / "tvm", recipe="fp32", backend="tvm", progress=False)
-    return kiln.load(root / "ort"), kiln.load(root / "tvm")
+    return _ort_and_tvm(tmp_path_factory, prepared, "tiny-bert")
 
 
 def test_llm_artifact_has_prefill_and_decode_over_a_static_cache(llama):
