@@ -19,6 +19,10 @@ Step 2, kiln's GQA rule, on the graph written by insert-kv-cache:
   outside (do_rotary=0). ORT's CPU kernel accepts S>1 with a non-empty past only for batch
   1, and with fused rotary it rotates a padded first prompt's cached K by slot; so the
   layout gets `padded_prefill: false` and runtimes prefill one sequence at a time.
+  When every attention is GQA, the layout also gets `shared_buffer: true` (checked numerically
+  on a preallocated past with random free slots): the past may be a longer preallocated
+  buffer, and present (the same length) may be bound to the same memory, as the
+  onnxruntime-genai runtime does, so a decode step writes one slot instead of copying the cache.
 Step 3, onnxscript's SDPA→MHA rule for the remaining SDPA nodes (K/V already repeated).
 
 Dims: B batch, S new tokens, P past, T = P + S, H query heads, Hkv kv heads, Dh head dim.
@@ -219,5 +223,23 @@ class FuseAttentionPass(KilnPass):
                 if decode > 1e-4:
                     raise KilnError(f"fuse-attention: decoding through the fused cache differs from full recompute "
                                     f"(max_rel {decode:.3g})")
+            if gqa and gqa == seen:
+                self._mark_shared_buffer(model, stats)
         return self.result(model, modified=sdpa > 0, stats=stats, rejected=sdpa_reasons + gqa_reasons,
                            warnings=warnings)
+
+    @staticmethod
+    def _mark_shared_buffer(model: ir.Model, stats: dict) -> None:
+        """Every attention is GQA, whose present is max(past slots, T) long and keeps the past's
+        layout: a runtime may then preallocate the cache and bind one buffer as both past and
+        present, so a decode step writes one slot instead of copying the whole cache. Proven
+        here on a buffer whose free slots hold random values."""
+        layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
+        try:
+            shared = decode_consistency(model, capacity=16)
+        except Exception:  # noqa: BLE001 - a graph that cannot take a longer past does not get the flag
+            shared = float("inf")
+        stats["shared_buffer_check_max_rel"] = float(f"{shared:.3g}")
+        if shared <= 1e-4:
+            layout["shared_buffer"] = True
+            model.metadata_props[KV_CACHE_METADATA] = json.dumps(layout)

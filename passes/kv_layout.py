@@ -32,15 +32,26 @@ def cache_feeds(layout: dict, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     return feeds
 
 
-def decode_consistency(model: ir.Model, prefill: int = 5, steps: int = 3) -> float:
-    """max_rel between one full prefill and prefill + `steps` single-token decodes through the cache."""
+def decode_consistency(model: ir.Model, prefill: int = 5, steps: int = 3, capacity: int = 0) -> float:
+    """max_rel between one full prefill and prefill + `steps` single-token decodes through the cache.
+
+    With `capacity` > 0 the past is a preallocated buffer of that many slots, as a runtime
+    that shares one buffer between past and present passes it: the used slots first, random
+    values in the free ones (which must not leak into the result), and each step's present
+    (the whole buffer) fed back as the next past."""
     layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
+    rng = np.random.default_rng(2)
     vocab = model.graph.outputs[0].shape[-1] if model.graph.outputs[0].shape is not None else 2
     vocab = vocab if isinstance(vocab, int) else 2
     ids = np.random.default_rng(1).integers(0, vocab, size=(2, prefill + steps))
     name = model.graph.outputs[0].name
     full = run_ort(model, cache_feeds(layout, ids))
-    out = run_ort(model, cache_feeds(layout, ids[:, :prefill]))
+    feeds = cache_feeds(layout, ids[:, :prefill])
+    if capacity:
+        for k in [k for k in feeds if k.startswith("past_key_values.")]:
+            shape = feeds[k].shape[:2] + (capacity,) + feeds[k].shape[3:]
+            feeds[k] = rng.standard_normal(shape).astype(feeds[k].dtype)
+    out = run_ort(model, feeds)
     pieces = [out[name]]
     for step in range(steps):
         t = prefill + step

@@ -71,6 +71,10 @@ class Model:
         self.pad = gen.get("pad_token_id") if gen.get("pad_token_id") is not None else (self.eos[0] if self.eos else 0)
         # A static-shape artifact (ORT, target npu) takes a fixed number of tokens per call.
         self.chunk = manifest.get("backend", {}).get("session", {}).get("chunk")
+        # Past and present in one preallocated buffer (ORT on the CPU, where the buffer lives).
+        providers = session.get_providers() if hasattr(session, "get_providers") else []
+        self.shared = bool(self.kv and self.kv.get("shared_buffer") and not self.static
+                           and providers == ["CPUExecutionProvider"])
 
     @property
     def static(self) -> bool:
@@ -88,6 +92,7 @@ class Model:
 
         `attention_mask` covers the slots used so far including the new tokens ([B, P + S]);
         for a static cache it is padded to the fixed length and the write slots are added.
+        The cache passed in is consumed: a shared-buffer cache is updated in place.
         """
         logits, present = self._run(input_ids, attention_mask, position_ids, cache)
         return logits[:, -1], present
@@ -118,6 +123,8 @@ class Model:
             mask[:, :used] = attention_mask
             feeds["attention_mask"] = mask
             feeds["cache_position"] = np.arange(used - new, used, dtype=np.int64)
+        if self.shared:
+            return self._run_shared(feeds, cache)
         for i in range(self.kv["num_layers"]):
             feeds[f"past_key_values.{i}.key"] = cache[2 * i]
             feeds[f"past_key_values.{i}.value"] = cache[2 * i + 1]
@@ -130,6 +137,31 @@ class Model:
         present = [named[f"present.{i}.{k}"] for i in range(self.kv["num_layers"]) for k in ("key", "value")]
         return named["logits"].numpy(), present
 
+
+    def _run_shared(self, feeds, cache):
+        """One call with past and present bound to the same buffers: the new tokens' K/V are
+        written into free slots of the buffer, nothing is copied. A buffer that is too short
+        (or a cache that a caller re-built as arrays) is copied once into a buffer twice as long."""
+        total = feeds["attention_mask"].shape[1]
+        slots = [entry if isinstance(entry, SharedSlots) and entry.capacity >= total
+                 else SharedSlots.allocate(host(entry), self._capacity(total)) for entry in cache]
+        binding = self.session.io_binding()
+        inputs = [(k, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))) for k, v in feeds.items()]
+        for name, value in inputs:
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits")
+        for i in range(self.kv["num_layers"]):
+            for j, kind in enumerate(("key", "value")):
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", slots[2 * i + j].value)
+                binding.bind_ortvalue_output(f"present.{i}.{kind}", slots[2 * i + j].value)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return logits, [SharedSlots(s.array, s.value, total) for s in slots]
+
+    def _capacity(self, total: int) -> int:
+        capacity = max(256, 1 << (total - 1).bit_length())
+        limit = self.kv.get("max_positions")
+        return max(total, min(capacity, limit)) if limit else capacity
 
     def _run_chunks(self, input_ids, attention_mask, position_ids, cache):
         """Tokens in fixed chunks through the static cache: the last chunk is padded, its padding
@@ -324,6 +356,29 @@ class Generator:
         self.logits, self.cache = m.forward(ids, self.mask, positions, self.cache)
         for r in self.rows:
             r.next_position += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedSlots:
+    """A cache entry of a shared-buffer layout: `array` [B, Hkv, capacity, Dh] (and the session
+    value over the same memory), of which the first `length` slots are used."""
+
+    array: np.ndarray
+    value: ort.OrtValue
+    length: int
+
+    @classmethod
+    def allocate(cls, used: np.ndarray, capacity: int) -> SharedSlots:
+        array = np.zeros(used.shape[:2] + (capacity,) + used.shape[3:], dtype=used.dtype)
+        array[:, :, :used.shape[2]] = used
+        return cls(array, ort.OrtValue.ortvalue_from_numpy(array), used.shape[2])
+
+    @property
+    def capacity(self) -> int:
+        return self.array.shape[2]
+
+    def numpy(self) -> np.ndarray:
+        return self.array[:, :, :self.length]
 
 
 def host(cache) -> np.ndarray:

@@ -1,12 +1,15 @@
 """ORT fusions: coverage on every layer, exactness, idempotence, and the reason when a site does not fuse."""
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 import pytest
 
-from kiln.ir import load_model, summary
+from kiln.ir import KV_CACHE_METADATA, load_model, summary
 from kiln.models import sample_inputs
 from kiln.passes import create_pass, run_pipeline
+from kiln.passes.fuse_attention import FuseAttentionPass
 from kiln.passes.numerics import compare, run_ort
 
 FP32 = ["fold-constants", "simplify", "eliminate-common-subexpressions", "fold-constants"]
@@ -29,6 +32,11 @@ def test_rms_norm_and_gqa_fuse_on_every_layer(prepared, name):
     meta, model, feeds = _prepared_model(prepared, name, ["insert-kv-cache"])
     layers = meta["num_layers"]
     before = run_ort(model, feeds)
+    # The shared-buffer check can fail: the unfused cache concatenates the whole past buffer.
+    unfused = {}
+    FuseAttentionPass._mark_shared_buffer(model, unfused)
+    assert unfused["shared_buffer_check_max_rel"] > 1e-2
+    assert "shared_buffer" not in json.loads(model.metadata_props[KV_CACHE_METADATA])
     rms = create_pass("fuse-rms-norm")(model)
     assert rms.stats["norms_seen"] == rms.stats["rms_fused"] == 2 * layers + 1
     assert rms.stats["skip_fused"] == 2 * layers
@@ -36,6 +44,8 @@ def test_rms_norm_and_gqa_fuse_on_every_layer(prepared, name):
     att = create_pass("fuse-attention")(model)
     assert att.stats["gqa_fused"] == layers and att.stats["mha_fused"] == 0
     assert att.stats["decode_check_max_rel"] < 1e-5
+    assert att.stats["shared_buffer_check_max_rel"] < 1e-5
+    assert json.loads(model.metadata_props[KV_CACHE_METADATA])["shared_buffer"] is True
     assert not att.warnings
     ops = _ops(model)
     assert ops["com.microsoft::GroupQueryAttention"] == layers
