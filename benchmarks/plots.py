@@ -55,7 +55,8 @@ def speed_plot(plt, data: dict, path: Path) -> None:
     panels = [(f"prefill tok/s, {p}-token prompt", f"prefill_tok_s_{p}")]
     panels += [(f"decode tok/s at KV depth {d}", f"decode_tok_s_{d}") for d in plan["depths"]]
     for ax, (title, key) in zip(axes, panels):
-        groups = {f"{t} thread{'s' if t != '1' else ''}": {n: r[key] for n, r in res.items()} for t, res in data["llm"].items()}
+        groups = {f"{t} thread{'s' if t != '1' else ''}": {n: r[key] for n, r in res.items() if r.get(key) is not None}
+                  for t, res in data["llm"].items()}
         _bars(ax, groups, title, "tokens / s")
     fig.suptitle("SmolLM2-135M, batch 1 (higher is better)", fontsize=11)
     fig.tight_layout()
@@ -89,9 +90,10 @@ def roofline_plot(plt, data: dict, path: Path) -> None:
     markers = iter("os^vDP*Xhp<>")
     for name, row in block["systems"].items():
         m = next(markers, "o")
-        x = row[f"decode_{d}"]
+        x, pre = row.get(f"decode_{d}"), row.get(f"prefill_{p}")
+        if x is None or pre is None:  # a system that cannot run that long (a static cache)
+            continue
         ax.scatter([x["intensity"]], [x["measured_tok_s"] * x["gflop_per_token"]], marker=m, label=f"{name} decode @{d}")
-        pre = row[f"prefill_{p}"]
         ax.scatter([pre["intensity"]], [pre["gflop_s"]], marker=m, facecolors="none",
                    edgecolors=ax.collections[-1].get_facecolor(), label=f"{name} prefill {p}")
     ax.set_xscale("log", base=2)

@@ -18,14 +18,20 @@ Options:
 
 LLM systems (SmolLM2-135M-Instruct, batch 1, greedy, identical prompt token ids):
   kiln-ort-fp32/int8/int4   kiln artifacts (recipes fp32, int8, int4), compiled on first use and
-                            recompiled when the preset recipe changed
-  kiln-tvm                  not implemented yet: skipped with a message
+                            recompiled when the preset recipe or kiln's source changed
+  kiln-tvm-fp32             kiln's TVM artifact (fp32; prefill in 128-token chunks, decode over a
+                            256-slot static cache, so it runs only the cells that fit: no 512);
+                            compiled with the tuning records already in the database (no new
+                            tuning in this run: `kiln compile ... -b tvm --tune-minutes N` adds them).
+                            Untuned it is slow, so its decode is timed over --raw-decode-tokens
   ort-raw-fp32              the raw torch.export ONNX in plain ORT (no kiln passes, no KV cache)
   pytorch-eager             transformers' model with its KV cache (what generate() runs)
   ort-genai-fp32/int4       onnxruntime-genai's model builder output (needs onnxruntime-genai)
   llama.cpp-q4_1            the GGUF kiln compiles from, through llama-cpp-python
   llama.cpp-q4_0            the same GGUF re-quantized to Q4_0 (llama_model_quantize); optional
-Encoder systems (all-MiniLM-L6-v2): kiln-ort-fp32, kiln-ort-int8, ort-raw-fp32, pytorch-eager.
+Encoder systems (all-MiniLM-L6-v2): kiln-ort-fp32, kiln-ort-int8, kiln-tvm-fp32 (batch-1, 128-token
+functions: shorter inputs are padded to 128 and batch rows run one after another), ort-raw-fp32,
+pytorch-eager.
 Peers that are not installed (or fail to build) are skipped with a message.
 
 Metrics: TTFT and prefill tok/s per prompt length, decode tok/s per depth, artifact size,
@@ -46,6 +52,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import hashlib
 import json
 import statistics
 import subprocess
@@ -68,11 +75,15 @@ from kiln.bench import (
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks"
 
-LLM_SYSTEMS = ["kiln-ort-fp32", "kiln-ort-int8", "kiln-ort-int4", "kiln-tvm", "ort-raw-fp32", "pytorch-eager",
+LLM_SYSTEMS = ["kiln-ort-fp32", "kiln-ort-int8", "kiln-ort-int4", "kiln-tvm-fp32", "ort-raw-fp32", "pytorch-eager",
                "ort-genai-fp32", "ort-genai-int4", "llama.cpp-q4_1", "llama.cpp-q4_0"]
-ENCODER_SYSTEMS = ["kiln-ort-fp32", "kiln-ort-int8", "ort-raw-fp32", "pytorch-eager"]
-KILN_LLM_RECIPES = {"kiln-ort-fp32": "fp32", "kiln-ort-int8": "int8", "kiln-ort-int4": "int4"}
-KILN_ENCODER_RECIPES = {"kiln-ort-fp32": "fp32", "kiln-ort-int8": "int8"}
+ENCODER_SYSTEMS = ["kiln-ort-fp32", "kiln-ort-int8", "kiln-tvm-fp32", "ort-raw-fp32", "pytorch-eager"]
+# system -> (recipe, backend)
+KILN_LLM = {"kiln-ort-fp32": ("fp32", "ort"), "kiln-ort-int8": ("int8", "ort"), "kiln-ort-int4": ("int4", "ort"),
+            "kiln-tvm-fp32": ("fp32", "tvm")}
+KILN_ENCODER = {"kiln-ort-fp32": ("fp32", "ort"), "kiln-ort-int8": ("int8", "ort"), "kiln-tvm-fp32": ("fp32", "tvm")}
+# Timed over --raw-decode-tokens: ort-raw recomputes the sequence per token, untuned TVM is slow.
+SLOW_DECODE = {"ort-raw-fp32", "kiln-tvm-fp32"}
 LLM_MODEL, ENCODER_MODEL = "smollm2-135m", "minilm-l6"
 
 
@@ -93,6 +104,8 @@ class KilnLM(LMRunner):
 
         self.inner = ArtifactLM(kiln.load(path, threads=threads), name)
         self.name, self.size_bytes = name, self.inner.size_bytes
+        layout = self.inner.model.kv or {}
+        self.max_tokens = layout.get("max_length") if layout.get("static") else None
 
     def prefill(self, ids):
         return self.inner.prefill(ids)
@@ -213,25 +226,42 @@ class LlamaCppLM(LMRunner):
 
 # --- building what the systems run ----------------------------------------------------------
 
-def _kiln_artifact(model: str, recipe: str, path: Path) -> Path:
-    """Compile (or reuse) a kiln artifact; recompile when the preset's passes changed."""
+def _source_digest() -> str:
+    """kiln's own source (package, passes, backends, IR, models): an artifact built by other code is rebuilt."""
+    digest = hashlib.sha256()
+    for folder in ("kiln", "passes", "backends", "ir", "models"):
+        for f in sorted((ROOT / folder).rglob("*")):
+            if f.suffix in (".py", ".toml", ".json"):
+                digest.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _kiln_artifact(model: str, recipe: str, path: Path, backend: str = "ort") -> Path:
+    """Compile (or reuse) a kiln artifact; recompile when the preset's passes or kiln's source changed."""
     import kiln
     from kiln.recipes import load_recipe
 
+    stamp = {"recipe": load_recipe(recipe).as_dict()["passes"], "backend": backend, "source": _source_digest()}
     if (path / "kiln.json").exists():
-        built = json.loads((path / "kiln.json").read_text()).get("recipe", {}).get("passes")
-        if built == load_recipe(recipe).as_dict()["passes"]:
+        if _read_stamp(path) == stamp:
             return path
-        print(f"  {path.name}: the '{recipe}' recipe changed since it was compiled: recompiling", flush=True)
+        print(f"  {path.name}: the '{recipe}' recipe or kiln's source changed since it was compiled: recompiling", flush=True)
     else:
-        print(f"  compiling {model} with recipe {recipe} -> {path}", flush=True)
+        print(f"  compiling {model} with recipe {recipe}, backend {backend} -> {path}", flush=True)
     from kiln.errors import KilnError
 
     try:
-        kiln.compile(model, path, recipe=recipe, force=True, progress=False)
+        kiln.compile(model, path, recipe=recipe, backend=backend, force=True, progress=False)
     except KilnError as exc:
-        raise Skip(f"kiln could not compile {model} with recipe {recipe}: {str(exc).splitlines()[0]}") from exc
+        raise Skip(f"kiln could not compile {model} with recipe {recipe}, backend {backend}: "
+                   f"{str(exc).splitlines()[0]}") from exc
+    (path.parent / f"{path.name}.stamp.json").write_text(json.dumps(stamp))
     return path
+
+
+def _read_stamp(path: Path) -> dict | None:
+    stamp = path.parent / f"{path.name}.stamp.json"
+    return json.loads(stamp.read_text()) if stamp.exists() else None
 
 
 def _hf_dir(target: Path) -> Path:
@@ -331,12 +361,11 @@ def prepare_llm(name: str, workdir: Path) -> dict:
     """Build what `name` runs (cached in workdir); returns its spec: how to open it, its files."""
     from kiln.models import get_source, prepare
 
-    if name in KILN_LLM_RECIPES:
-        path = _kiln_artifact(LLM_MODEL, KILN_LLM_RECIPES[name], workdir / f"kiln-smollm2-{KILN_LLM_RECIPES[name]}")
+    if name in KILN_LLM:
+        recipe, backend = KILN_LLM[name]
+        path = _kiln_artifact(LLM_MODEL, recipe, workdir / f"kiln-smollm2-{backend}-{recipe}", backend)
         manifest = json.loads((path / "kiln.json").read_text())
         return {"kind": "kiln", "path": str(path), "compile_s": manifest["compile"]["seconds"]}
-    if name == "kiln-tvm":
-        raise Skip("the TVM backend does not exist yet")
     if name == "ort-raw-fp32":
         prepared = prepare(get_source(LLM_MODEL), progress=False)
         return {"kind": "raw", "path": str(prepared.path), "compile_s": prepared.meta.get("export_seconds")}
@@ -423,8 +452,9 @@ class TorchEncoder(EncoderSystem):
 def prepare_encoder(name: str, workdir: Path) -> dict:
     from kiln.models import get_source, prepare
 
-    if name in KILN_ENCODER_RECIPES:
-        path = _kiln_artifact(ENCODER_MODEL, KILN_ENCODER_RECIPES[name], workdir / f"kiln-minilm-{KILN_ENCODER_RECIPES[name]}")
+    if name in KILN_ENCODER:
+        recipe, backend = KILN_ENCODER[name]
+        path = _kiln_artifact(ENCODER_MODEL, recipe, workdir / f"kiln-minilm-{backend}-{recipe}", backend)
         return {"kind": "kiln", "path": str(path), "compile_s": json.loads((path / "kiln.json").read_text())["compile"]["seconds"]}
     if name == "ort-raw-fp32":
         prepared = prepare(get_source(ENCODER_MODEL), progress=False)
@@ -460,11 +490,13 @@ def run_llm(systems: list[LMRunner], ids: list[int], plan: Plan, skipped: dict |
     systems = list(systems)
     for rep in range(plan.repeats + 1):
         for s in list(systems):
-            steps = plan.raw_decode_tokens if s.name == "ort-raw-fp32" else plan.decode_tokens
+            steps = plan.raw_decode_tokens if s.name in SLOW_DECODE else plan.decode_tokens
             line = []
             for p in lengths:
                 depth = 0 if p == 1 else p
                 decode = steps if depth in plan.depths else 0
+                if getattr(s, "max_tokens", None) and p + decode > s.max_tokens:
+                    continue  # past its static cache
                 try:
                     r = time_generation(s, ids[:p], decode)
                 except Exception as exc:  # noqa: BLE001 (a peer's runtime error must not end the run)
@@ -489,15 +521,17 @@ def run_llm(systems: list[LMRunner], ids: list[int], plan: Plan, skipped: dict |
     reference = tokens.get("pytorch-eager", [])
     for s in systems:
         r: dict = {"size_mb": round(s.size_bytes / 1e6, 1)}
-        for p in plan.prompts:
-            ttft = statistics.median(samples[s.name][f"ttft_{p}"])
-            r[f"ttft_ms_{p}"] = round(1000 * ttft, 1)
-            r[f"prefill_tok_s_{p}"] = round(p / ttft, 1)
+        for p in plan.prompts:  # None: a cell the system cannot run
+            ttft = statistics.median(samples[s.name][f"ttft_{p}"]) if f"ttft_{p}" in samples[s.name] else None
+            r[f"ttft_ms_{p}"] = round(1000 * ttft, 1) if ttft else None
+            r[f"prefill_tok_s_{p}"] = round(p / ttft, 1) if ttft else None
         for d in plan.depths:
-            r[f"decode_tok_s_{d}"] = round(1 / statistics.median(samples[s.name][f"decode_{d}"]), 1)
-        n = min(len(reference), len(tokens[s.name]))
-        r["greedy_same_as_pytorch"] = (f"{next((i for i in range(n) if tokens[s.name][i] != reference[i]), n)}/{n}"
-                                       if reference else "-")
+            step = statistics.median(samples[s.name][f"decode_{d}"]) if f"decode_{d}" in samples[s.name] else None
+            r[f"decode_tok_s_{d}"] = round(1 / step, 1) if step else None
+        mine = tokens.get(s.name, [])
+        n = min(len(reference), len(mine))
+        r["greedy_same_as_pytorch"] = (f"{next((i for i in range(n) if mine[i] != reference[i]), n)}/{n}"
+                                       if reference and mine else "-")
         results[s.name] = r
     return results
 
@@ -545,7 +579,8 @@ def _probe_main(kind: str, name: str, spec: dict, threads: int) -> int:
 
         system = open_llm(name, spec, threads)
         tok = Tokenizer.from_file(str(Path(_tokenizer_path())))
-        time_generation(system, text_ids(lambda t: tok.encode(t).ids, 512), 16)
+        prompt = min(512, (getattr(system, "max_tokens", None) or 528) - 16)  # a static cache bounds it
+        time_generation(system, text_ids(lambda t: tok.encode(t).ids, prompt), 16)
     else:
         system = open_encoder(name, spec, threads)
         system.run(encoder_ids(32, 128))
@@ -595,10 +630,15 @@ def roofline_rows(results: dict, arith: dict, ceiling, plan: Plan) -> dict:
             step = a.decode(d)
             b = bound(step["bytes"], step["flops"], ceiling)
             measured = r[f"decode_tok_s_{d}"]
+            if measured is None:
+                continue
             row[f"decode_{d}"] = {"mb_per_token": round(step["bytes"] / 1e6, 2), "gflop_per_token": round(step["flops"] / 1e9, 3),
                                   "intensity": round(b["intensity"], 3), "bound": b["bound"], "ceiling_tok_s": round(1 / b["seconds"], 1),
                                   "measured_tok_s": measured, "fraction": round(measured * b["seconds"], 3),
                                   "gb_s": round(measured * step["bytes"] / 1e9, 2)}
+        if r[f"prefill_tok_s_{p}"] is None:
+            rows[name] = row
+            continue
         pre = a.prefill(p)
         b = bound(pre["bytes"], pre["flops"], ceiling)
         achieved = pre["flops"] / p * r[f"prefill_tok_s_{p}"] / 1e9
@@ -648,7 +688,9 @@ def llm_section(data: dict, command: str) -> str:
         ("Batch 1, greedy, identical prompt token ids for every system. Runs interleaved (A, B, C, A, B, C, ...), "
         f"one warm-up round, medians of {plan['repeats']}. Decode tok/s at depth d: {plan['decode_tokens']} steps after a "
         f"d-token prompt (depth 0: a one-token prompt); ort-raw-fp32 has no KV cache and recomputes the sequence per "
-        f"token, so it is timed over {plan['raw_decode_tokens']} steps. Peak RSS: the system alone in a child process "
+        f"token, and untuned TVM is slow, so those two are timed over {plan['raw_decode_tokens']} steps. kiln-tvm-fp32 "
+        "has a 256-slot static cache: '-' marks what does not fit (its peak RSS uses a 240-token prompt). "
+        "Peak RSS: the system alone in a child process "
         "(load, 512-token prefill, 16 decode steps). Compile: kiln's compile time (export cached), the export time for "
         "ort-raw, the builder's time for onnxruntime-genai, the re-quantization for llama.cpp Q4_0. Greedy: tokens "
         f"identical to PyTorch's before the first difference, after the {max(depths)}-token prompt."),
@@ -733,12 +775,12 @@ def roofline_section(data: dict) -> str:
         for name, row in block["systems"].items():
             cells = []
             for d in plan["depths"]:
-                x = row[f"decode_{d}"]
+                x = row.get(f"decode_{d}")
                 cells.append(f"{x['mb_per_token']}, {x['bound']}, {x['ceiling_tok_s']}, {x['measured_tok_s']}, "
-                             f"{100 * x['fraction']:.0f}%")
-            pre = row[f"prefill_{p}"]
+                             f"{100 * x['fraction']:.0f}%" if x else "-")
+            pre = row.get(f"prefill_{p}")
             lines.append(f"| {name} | {row['weight_mb_per_token']} | {row['gflop_per_token']} | " + " | ".join(cells)
-                         + f" | {pre['gflop_s']}, {100 * pre['fraction_of_peak']:.0f}% |")
+                         + (f" | {pre['gflop_s']}, {100 * pre['fraction_of_peak']:.0f}% |" if pre else " | - |"))
         lines.append("")
     lines.append(data["machine_line"])
     return "\n".join(lines)
@@ -785,7 +827,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--no-roofline", action="store_true")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--no-write", action="store_true", help="Print the tables; leave RESULTS.md and results.json alone.")
+    parser.add_argument("--no-write", action="store_true", help="Print the tables; leave RESULTS.md, results.json and the plots alone.")
     parser.add_argument("--workdir", type=Path, default=None, help="Where models are built (default: $KILN_CACHE/bench).")
     parser.add_argument("--probe", nargs=3, metavar=("KIND", "NAME", "SPEC"), help=argparse.SUPPRESS)
     return parser
@@ -906,7 +948,7 @@ def main(argv=None) -> int:
         (OUT / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
         print(f"\nwrote benchmarks/RESULTS.md ({', '.join(sections)}) and benchmarks/results.json "
               f"in {data['seconds'] / 60:.1f} min")
-    if not args.no_plots:
+    if not args.no_plots and not args.no_write:
         from benchmarks.plots import make_plots
 
         make_plots(data, OUT / "plots")

@@ -29,9 +29,13 @@ class Fake(LMRunner):
 PLAN = run.Plan(prompts=[4, 8], depths=[0, 8], decode_tokens=3, raw_decode_tokens=2, repeats=2)
 
 
-def _results():
+def _results(static=False):
     log = []
     systems = [Fake("kiln-ort-fp32", log), Fake("pytorch-eager", log), Fake("llama.cpp-q4_1", log, (7, 8, 1, 1))]
+    if static:
+        tvm = Fake("kiln-tvm-fp32", log)
+        tvm.max_tokens = 6  # a static cache: prompt 4 fits, prompt 8 and depth 8 do not
+        systems.append(tvm)
     return run.run_llm(systems, list(range(100, 120)), PLAN), log
 
 
@@ -49,8 +53,16 @@ def test_rounds_are_interleaved_with_a_warm_up():
     assert results["llama.cpp-q4_1"]["greedy_same_as_pytorch"] == "2/4"
 
 
-def _data():
-    results, _ = _results()
+def test_a_static_cache_runs_only_what_fits():
+    results, log = _results(static=True)
+    assert {n for n, length in log if n == "kiln-tvm-fp32" and length == 8} == set()
+    r = results["kiln-tvm-fp32"]
+    assert r["prefill_tok_s_4"] and r["decode_tok_s_0"]
+    assert r["prefill_tok_s_8"] is None and r["decode_tok_s_8"] is None and r["greedy_same_as_pytorch"] == "-"
+
+
+def _data(static=False):
+    results, _ = _results(static)
     from kiln.roofline import Arithmetic
 
     a = Arithmetic(Layout(2, 4, 2, 16, 16, 4, True), matmul_params=1000, matmul_bytes=4000, gather_row_bytes=64)
@@ -69,7 +81,7 @@ def _data():
 
 
 def test_sections_have_ratios_against_every_peer():
-    data = _data()
+    data = _data(static=True)
     text = run.llm_section(data, "python -m benchmarks.run")
     assert "Skipped: kiln-tvm (not yet)" in text
     assert "| pytorch-eager |" in text and "| llama.cpp-q4_1 |" in text
@@ -78,6 +90,7 @@ def test_sections_have_ratios_against_every_peer():
     assert "| pytorch-eager |" in enc and "| 2.00× | 2.00× |" in enc and "fp32 ratio: throughput" in enc
     roof = run.roofline_section(data)
     assert "10 GB/s read" in roof and "memory" in roof
+    assert "| kiln-tvm-fp32 |" in text and "| - |" in text and "| kiln-tvm-fp32 |" in roof
 
 
 def test_unsectioned_text_is_replaced(tmp_path):
@@ -100,6 +113,6 @@ def test_pareto_front():
 
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
-    written = plots.make_plots(_data(), tmp_path / "plots", quality=tmp_path / "none.json", compression=tmp_path / "none.json")
+    written = plots.make_plots(_data(static=True), tmp_path / "plots", quality=tmp_path / "none.json", compression=tmp_path / "none.json")
     assert {p.name for p in written} == {"speed.png", "encoder.png", "roofline.png"}
     assert all(p.stat().st_size > 1000 for p in written)
