@@ -154,11 +154,11 @@ class LlamaCppLM:
 
 def _peers(threads: int) -> dict:
     """name -> (runtime, files) for the peers that are installed; the others are skipped with a note."""
-    from benchmarks.run import Skip, _genai_build, _gguf, gguf_requantized
+    from benchmarks.run import Skip, genai_build, gguf_requantized, source_gguf
 
     bench = cache_dir("bench")
-    builders = {"onnxruntime-genai int4 (model builder)": lambda: (GenaiLM, _genai_build(bench, "int4")),
-                "llama.cpp Q4_1 (the source GGUF)": lambda: (LlamaCppLM, _gguf()),
+    builders = {"onnxruntime-genai int4 (model builder)": lambda: (GenaiLM, genai_build(bench, "int4")),
+                "llama.cpp Q4_1 (the source GGUF)": lambda: (LlamaCppLM, source_gguf()),
                 "llama.cpp Q4_0 (re-quantized)": lambda: (LlamaCppLM, gguf_requantized(bench, "Q4_0")),
                 "llama.cpp Q4_K_M (re-quantized)": lambda: (LlamaCppLM, gguf_requantized(bench, "Q4_K_M"))}
     peers = {}

