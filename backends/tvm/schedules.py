@@ -1,0 +1,125 @@
+"""A DLight schedule rule for matmuls on the CPU, for kernels without a MetaSchedule record.
+
+TVM 0.27's DLight CPU rules (GEMV, Reduction) take `y[s] = sum_r W[s, r] x[r]`: the reduction
+innermost in the weight. An ONNX MatMul's weight is [K, N] with N innermost, so without tuning
+every projection of a transformer fell through to TVM's unscheduled loop nest (SmolLM2 decoded
+at about 1 token/s). This rule schedules
+
+    C[..., m, n] = sum_k A[..., m, k] * B[..., k, n]      (+ one injective epilogue, e.g. bias, GELU)
+
+GEMM (M > 1): register tiles of mt × nt outputs (mt from 4, 3, 2, 1 and nt from 16, 8,
+the largest that divide M and N, so no tile is partial); loops (n-tile, m-tile) parallel, then k,
+then the tile, its nt columns vectorized and its mt rows unrolled; the tile accumulates in a local
+buffer and is written back, through the epilogue, right after its k loop.
+GEMV (M = 1): the columns are split into chunks (one parallel task each); a chunk streams its part
+of every weight row in order (k outer, columns vectorized inside), which reads the weight
+sequentially instead of one column panel at a time.
+
+A dequantize fused into the kernel (kiln's expanded DequantizeLinear) is inlined into the matmul
+block, so the weight is read as integers and scales inside the k loop.
+
+Not handled (returns None, so the next rule or TVM's default applies): a weight whose reduction
+axis is innermost (Q·Kᵀ), dynamic extents, N not a multiple of 8, more than one epilogue block.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
+from tvm.target import Target
+
+M_TILES = (4, 3, 2, 1)
+N_TILES = (16, 8)  # 4 x 16 outputs: 8 AVX2 accumulators; 24 and 32 measured slower (spills, shuffles)
+GEMV_CHUNKS = 8  # parallel tasks per GEMV: a few per core evens out the load
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _indices(region) -> list:
+    return [r.min for r in region]
+
+
+def _uses(expr, var) -> bool:
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
+
+
+def _is_matmul(block: tirx.Block) -> bool:
+    """C[spatial...] += A[..., m, k] * W(k, n) with k the only reduction, n the last spatial var,
+    A's last index k, and every other operand's last index a function of n: a plain weight
+    B[k, n], or the integers and scales of a dequantize inlined into the block."""
+    iters = list(block.iter_vars)
+    if len(iters) < 2 or any(v.iter_type != tirx.IterVar.DataPar for v in iters[:-1]) \
+            or iters[-1].iter_type != tirx.IterVar.CommReduce or len(block.reads) < 2 or len(block.writes) != 1:
+        return False
+    spatial, k = [v.var for v in iters[:-1]], iters[-1].var
+    out = [i for i in _indices(block.writes[0].region) if not isinstance(i, tirx.IntImm)]  # unit dims are 0
+    if len(out) != len(spatial) or any(not (isinstance(i, tirx.Var) and i.same_as(v)) for i, v in zip(out, spatial)):
+        return False
+    n = spatial[-1]
+    lasts = [_indices(r.region)[-1] for r in block.reads]
+    activations = [i for i, last in enumerate(lasts) if isinstance(last, tirx.Var) and last.same_as(k)]
+    if len(activations) != 1:
+        return False
+    weights = [last for i, last in enumerate(lasts) if i != activations[0]]
+    return all(_uses(last, n) and not _uses(last, k) for last in weights)
+
+
+class CpuMatmul(ScheduleRule):
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
+        if infos is None:
+            return None
+        main = [i for i in infos if i.is_reduction()]
+        rest = [i for i in infos if not i.is_reduction()]
+        if len(main) != 1 or len(rest) > 1 or (rest and not rest[0].is_injective()):
+            return None
+        block = main[0].block_rv
+        if not _is_matmul(sch.get(block)):
+            return None
+        *ms, n, k = sch.get_loops(block)
+        extents = [_extent(sch, loop) for loop in (*ms, n, k)]
+        if None in extents or extents[-2] % 8:
+            return None
+        epilogue = rest[0].block_rv if rest else None
+        if not ms or all(e == 1 for e in extents[:-2]):
+            return self._gemv(sch, block, n, k, epilogue)
+        return self._gemm(sch, block, sch.fuse(*ms) if len(ms) > 1 else ms[0], n, k, epilogue)
+
+    @staticmethod
+    def _gemm(sch, block, m, n, k, epilogue):
+        big_m, big_n = _extent(sch, m), _extent(sch, n)
+        mt = next(t for t in M_TILES if big_m % t == 0)
+        nt = next(t for t in N_TILES if big_n % t == 0)
+        mo, mi = sch.split(m, [None, mt])
+        no, ni = sch.split(n, [None, nt])
+        sch.reorder(no, mo, k, mi, ni)
+        tile = sch.fuse(no, mo)
+        sch.parallel(tile)
+        local = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(local, tile)
+        if epilogue is not None:
+            sch.reverse_compute_at(epilogue, tile)
+            sch.vectorize(sch.get_loops(epilogue)[-1])
+        sch.vectorize(ni)
+        sch.unroll(mi)
+        sch.decompose_reduction(block, k)
+        sch.vectorize(sch.get_loops(local)[-1])
+        return sch
+
+    @staticmethod
+    def _gemv(sch, block, n, k, epilogue):
+        chunk, columns, lanes = sch.split(n, [GEMV_CHUNKS, None, 8])
+        sch.reorder(chunk, k, columns, lanes)
+        sch.parallel(chunk)
+        if epilogue is not None:
+            sch.reverse_compute_at(epilogue, chunk)
+        sch.vectorize(lanes)
+        sch.decompose_reduction(block, k)
+        return sch
