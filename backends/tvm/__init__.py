@@ -19,8 +19,9 @@ nodes lifted to initializers and weights made inputs (the importer would otherwi
 every weight in every function, and a weight-sized initializer it makes a parameter turns
 shape tensors dynamic), `relax.frontend.onnx.from_onnx`, then per Relax module:
 LegalizeOps -> FuseOps/FuseTIR (a DequantizeLinear fuses into its MatMul consumer) ->
-MetaSchedule records from the tuning database -> DLight CPU schedules (GEMV, reductions)
-for kernels without a record -> tvm.compile.
+MetaSchedule records from the tuning database -> for kernels without a record, kiln's CPU
+matmul rule (`schedules.CpuMatmul`: register-tiled GEMM, row-streaming GEMV over [K, N]
+weights) then DLight's CPU rules (GEMV, reductions) -> tvm.compile.
 
 Tuning: `tune_minutes` > 0 runs MetaSchedule over the kernels (of all functions together)
 that have no record yet, largest first, a batch of trials each, until the budget is spent.
@@ -182,6 +183,8 @@ def build(modules: dict, target: dict, tune_minutes: float) -> tuple[dict, dict]
     from tvm.s_tir import dlight
     from tvm.s_tir import meta_schedule as ms
 
+    from .schedules import CpuMatmul
+
     tvm_target = tvm.target.Target(target)
     with tvm_target:
         fuse = tvm.transform.Sequential([
@@ -200,7 +203,7 @@ def build(modules: dict, target: dict, tune_minutes: float) -> tuple[dict, dict]
     for fn, mod in modules.items():
         with tvm_target, database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-            mod = dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())(mod)
+            mod = dlight.ApplyDefaultSchedule(CpuMatmul(), dlight.cpu.GEMV(), dlight.cpu.Reduction())(mod)
         executables[fn] = tvm.compile(mod, target=tvm_target)
     tuned = sum(database.query_tuning_record(t.dispatched[0], tvm_target, t.task_name) is not None for t in tasks)
     return executables, {"database": str(db_dir), "tasks": len(tasks), "tasks_with_record": tuned,
