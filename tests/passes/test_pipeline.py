@@ -110,3 +110,47 @@ def test_contract_violations_name_the_pass(bad, message):
 def test_without_samples_the_check_is_recorded_as_skipped():
     records = run_pipeline(tiny_graph(), [ScaleWeights(2.0)], None, progress=False).records
     assert records[0]["delta"] is None
+
+
+def _cancelling_graph() -> ir.Model:
+    """y = (x·W + C1) - C2 with C1 = C2 = 1e5: float32 rounding of the large constants dominates y."""
+    rng = np.random.default_rng(0)
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["N", 4]))
+    w = ir.val("W", const_value=ir.tensor(rng.standard_normal((4, 3)).astype(np.float32), name="W"))
+    c1 = ir.val("C1", const_value=ir.tensor(np.full(3, 1e5 + 0.3, np.float32), name="C1"))
+    c2 = ir.val("C2", const_value=ir.tensor(np.full(3, 1e5 + 0.3, np.float32), name="C2"))
+    mm = ir.node("MatMul", [x, w], num_outputs=1)
+    add = ir.node("Add", [mm.outputs[0], c1], num_outputs=1)
+    sub = ir.node("Sub", [add.outputs[0], c2], num_outputs=1)
+    for v in (mm.outputs[0], add.outputs[0], sub.outputs[0]):
+        v.dtype, v.shape = ir.DataType.FLOAT, ir.Shape(["N", 3])
+    sub.outputs[0].name = "y"
+    return ir.Model(ir.Graph([x], [sub.outputs[0]], nodes=[mm, add, sub], initializers=[w, c1, c2],
+                             opset_imports={"": 21}, name="g"), ir_version=10)
+
+
+class CancelFirst(KilnPass):
+    """(m + C1) - C2 -> m + (C1 - C2): the same value, rounded differently (here: not at all)."""
+
+    name = "cancel-first"
+
+    def call(self, model):
+        mm, add, sub = list(model.graph)
+        c1, c2 = add.inputs[1], sub.inputs[1]
+        diff = ir.node("Sub", [c1, c2], num_outputs=1)
+        total = ir.node("Add", [mm.outputs[0], diff.outputs[0]], num_outputs=1)
+        diff.outputs[0].dtype, diff.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([3])
+        total.outputs[0].dtype, total.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(["N", 3])
+        ir.convenience.replace_nodes_and_values(model.graph, sub, [add, sub], [diff, total],
+                                                [sub.outputs[0]], [total.outputs[0]])
+        return self.result(model, modified=True)
+
+
+def test_exact_budget_follows_a_model_that_amplifies_rounding():
+    records = run_pipeline(_cancelling_graph(), [CancelFirst()], FEEDS, progress=False).records
+    record = records[0]
+    assert record["delta"]["max_rel"] > 1e-4  # over the fixed budget: rounding of 1e5 in a result of size ~3
+    assert record["rounding_noise"] > 1e-4 and record["budget"] == pytest.approx(10 * record["rounding_noise"], rel=1e-3)
+    # a well-conditioned model keeps the fixed budget: a 1% change is still caught
+    with pytest.raises(PipelineError, match=r"exact pass changed the outputs: max_rel [0-9.e-]+ vs budget 0.0001$"):
+        run_pipeline(tiny_graph(), [ScaleWeights(1.01)], FEEDS, progress=False)
