@@ -14,14 +14,21 @@ by the compiler from `static_cache_length`), so both functions take and return t
 cache. They are two libraries rather than two functions of one Relax module: each import
 brings its own helper functions, whose names would collide in one module.
 
-Per function: `specialize-shapes` (kiln pass: fixed dims, shape chains folded), Constant
-nodes lifted to initializers and weights made inputs (the importer would otherwise embed
-every weight in every function, and a weight-sized initializer it makes a parameter turns
-shape tensors dynamic), `relax.frontend.onnx.from_onnx`, then per Relax module:
-LegalizeOps -> FuseOps/FuseTIR (a DequantizeLinear fuses into its MatMul consumer) ->
-MetaSchedule records from the tuning database -> for kernels without a record, kiln's CPU
-matmul rule (`schedules.CpuMatmul`: register-tiled GEMM, row-streaming GEMV over [K, N]
-weights) then DLight's CPU rules (GEMV, reductions) -> tvm.compile.
+Lowering (in the pipeline): `expand-dequantize`. The importer takes no blocked
+DequantizeLinear, so quantized weights (kiln's QDQ int8/int4) become integer storage (4-bit
+packed two per byte) plus Cast/Sub/Mul/Reshape (and BitShift/BitwiseAnd for 4 bits); an
+embedding table's Gather dequantizes only the rows it reads. params.npz keeps them quantized.
+
+Per function: Constant nodes lifted to initializers and weights made inputs (the importer
+would otherwise embed every weight in every function, a weight-sized initializer it makes a
+parameter turns shape tensors dynamic, and the folding below would turn quantized weights
+back into float ones), `specialize-shapes` (kiln pass: fixed dims, shape chains folded),
+`relax.frontend.onnx.from_onnx`, then per Relax module: LegalizeOps -> FuseOps/FuseTIR ->
+each weight's dequantize kernel grouped into its matmul's kernel (FuseOps fuses only what
+follows a matmul) -> MetaSchedule records from the tuning database -> for kernels without a
+record, kiln's CPU matmul rule (`schedules.CpuMatmul`: register-tiled GEMM, row-streaming
+GEMV over [K, N] weights) then DLight's CPU rules (GEMV, reductions), kernel by kernel (a
+kernel a rule fails on keeps the default lowering) -> tvm.compile.
 
 Tuning: `tune_minutes` > 0 runs MetaSchedule over the kernels (of all functions together)
 that have no record yet, largest first, a batch of trials each, until the budget is spent.
@@ -53,6 +60,7 @@ from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA, dims
 from kiln.models.cache import cache_dir
 from kiln.passes.base import KilnPass
+from kiln.passes.expand_dequantize import ExpandDequantizePass
 from kiln.passes.kv_layout import cache_feeds
 from kiln.passes.registry import create_pass
 from kiln.targets import Target
@@ -107,8 +115,9 @@ class TvmBackend:
         self.static_cache_length = cache_length
 
     def lowering_passes(self, target: Target) -> list[KilnPass]:
-        """None in the pipeline: each function is specialised from the final graph in `write`."""
-        return []
+        """Quantized weights expanded into ops the importer takes (it rejects blocked
+        DequantizeLinear); shapes are specialised per function from the final graph in `write`."""
+        return [ExpandDequantizePass()]
 
     def functions(self, model: ir.Model) -> dict[str, int]:
         """Function name -> the sequence length it is specialised to."""
@@ -140,9 +149,13 @@ class TvmBackend:
         functions, params, modules = {}, {}, {}
         for fn, sequence in self.functions(model).items():
             spec = ir.from_proto(ir.to_proto(model))
-            specialized = create_pass("specialize-shapes", {"batch": 1, "sequence": sequence})(spec).stats
             inputs, outputs = [v.name for v in spec.graph.inputs], [v.name for v in spec.graph.outputs]
+            # Weights become inputs before the shape folding, which would otherwise fold the
+            # dequantize chains of quantized weights (Cast, Sub, Mul) into float weights; then
+            # once more for the constants the folding made.
             weights = _weights_to_inputs(spec)
+            specialized = create_pass("specialize-shapes", {"batch": 1, "sequence": sequence})(spec).stats
+            weights.update(_weights_to_inputs(spec))
             try:
                 with warnings.catch_warnings():  # one "Renaming name ..." per dotted ONNX name
                     warnings.simplefilter("ignore", UserWarning)
@@ -192,7 +205,7 @@ def build(modules: dict, target: dict, tune_minutes: float) -> tuple[dict, dict]
             relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
             relax.transform.FuseOps(), relax.transform.FuseTIR(),
         ])
-        modules = {fn: fuse(mod) for fn, mod in modules.items()}
+        modules = {fn: _fuse_dequantize_matmul(fuse(mod)) for fn, mod in modules.items()}
     db_dir = tuning_dir(target)
     database = ms.database.JSONDatabase(work_dir=str(db_dir))
     tasks = [t for mod in modules.values() for t in ms.relax_integration.extract_tasks(mod, tvm_target)]
@@ -203,11 +216,81 @@ def build(modules: dict, target: dict, tune_minutes: float) -> tuple[dict, dict]
     for fn, mod in modules.items():
         with tvm_target, database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-            mod = dlight.ApplyDefaultSchedule(CpuMatmul(), dlight.cpu.GEMV(), dlight.cpu.Reduction())(mod)
+            mod = _default_schedules(mod, dlight.ApplyDefaultSchedule(CpuMatmul(), dlight.cpu.GEMV(),
+                                                                         dlight.cpu.Reduction()))
         executables[fn] = tvm.compile(mod, target=tvm_target)
     tuned = sum(database.query_tuning_record(t.dispatched[0], tvm_target, t.task_name) is not None for t in tasks)
     return executables, {"database": str(db_dir), "tasks": len(tasks), "tasks_with_record": tuned,
                          "trials": trials, "minutes": tune_minutes}
+
+
+_INJECTIVE, _OUT_EWISE_FUSABLE = 2, 4  # TVM's OpPatternKind
+_MATMUL_ARITIES = (2, 3, 4, 5)  # x, w, then a bias and a residual that FuseOps may have added
+
+
+def _fuse_dequantize_matmul(mod):
+    """Put each weight dequantize kernel into the matmul kernel that is its only reader.
+
+    FuseOps fuses what follows a matmul, never an injective producer into it, so the
+    expanded DequantizeLinear (kiln's expand-dequantize: Cast, Sub, Mul, Reshape of 8-bit
+    integers) stays a kernel of its own that writes the whole float weight on every call.
+    Grouped with its matmul, one kernel reads the integer weight (which MetaSchedule then
+    schedules as one, inlining the dequantize)."""
+    from tvm import relax
+    from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
+    from tvm.relax.transform import FusionPattern
+
+    mod = relax.transform.AnnotateTIROpPattern()(mod)  # FuseTIR leaves its kernels unannotated
+
+    def kind(gv) -> int:
+        attrs = mod[gv].attrs
+        return int(attrs["op_pattern"]) if attrs is not None and "op_pattern" in attrs else -1
+
+    def check(context) -> bool:
+        dequantize, matmul = context.annotated_expr["dequantize"], context.annotated_expr["matmul"]
+        reads_bytes = any(str(getattr(a.ty, "dtype", "")) in ("int8", "uint8") for a in dequantize.args[1].fields)
+        bound = [v for v, e in context.matched_bindings.items() if e.same_as(dequantize)]
+        return (reads_bytes and 0 <= kind(dequantize.args[0]) <= _INJECTIVE
+                and kind(matmul.args[0]) == _OUT_EWISE_FUSABLE and _has_block(mod[matmul.args[0]], "matmul")
+                and all(len(context.var_usages.get(v, [])) == 1 for v in bound))
+
+    patterns = []
+    for arity in _MATMUL_ARITIES:
+        dequantize = is_op("relax.call_tir")(GlobalVarPattern(), wildcard())
+        args = [wildcard() for _ in range(arity)]
+        args[1] = dequantize
+        matmul = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern(args))
+        patterns.append(FusionPattern("dequantize_matmul", matmul, {"dequantize": dequantize, "matmul": matmul}, check))
+    group = relax.transform.FuseOpsByPattern(patterns, bind_constants=False)
+    return relax.transform.FuseTIR()(group(mod))
+
+
+def _has_block(func, name: str) -> bool:
+    from tvm import s_tir
+
+    try:
+        s_tir.Schedule(func).get_sblock(name)
+    except Exception:  # noqa: BLE001 (the schedule raises its own error type for a missing block)
+        return False
+    return True
+
+
+def _default_schedules(mod, rules):
+    """DLight's rules, kernel by kernel: a rule that fails on a kernel (its CPU GEMV rule
+    asserts on a matmul with a dequantize inlined) leaves that kernel to the default
+    lowering, as a kernel no rule matches is, instead of failing the build."""
+    import tvm
+    from tvm import tirx
+
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        try:
+            scheduled = rules(tvm.IRModule({gv: func}))[gv]
+        except Exception:  # noqa: BLE001 (DLight raises assertion and schedule errors alike)
+            continue
+        mod[gv] = scheduled
+    return mod
 
 
 TRIALS_PER_TASK = 8  # one MetaSchedule batch per kernel: the budget is checked between kernels
