@@ -24,10 +24,11 @@ from kiln.passes.registry import UnknownPassError, create_pass
 
 PRESETS_DIR = Path(__file__).parent
 DEFAULT = "fp32"
-# Without --recipe, a causal LM on the CPU through ORT gets 4-bit weights: decode is bound by
-# reading the weights, so int4 (0.15x the bytes) is what a deployment wants. Everything else
-# takes its target's default (TVM 0.27's importer takes no blocked DequantizeLinear yet).
-TASK_DEFAULTS = {("cpu", "ort", "causal-lm"): "int4"}
+# Without --recipe, a causal LM on the CPU gets 4-bit weights: decode is bound by reading the
+# weights, so int4 (0.15x the bytes) is what a deployment wants. ORT runs them as MatMulNBits;
+# TVM keeps them packed (expand-dequantize) and dequantizes inside the matmul kernels.
+# Everything else takes its target's default.
+TASK_DEFAULTS = {("cpu", "ort", "causal-lm"): "int4", ("cpu", "tvm", "causal-lm"): "int4"}
 
 
 def default_recipe(target, backend: str, task: str | None) -> str:
