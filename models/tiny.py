@@ -1,7 +1,8 @@
-"""Random-init, seeded, few-layer models for tests: tiny-llama, tiny-gpt2, tiny-qwen2, tiny-bert.
+"""Random-init, seeded, few-layer models for tests: tiny-llama, tiny-gpt2, tiny-qwen2, tiny-opt, tiny-bert.
 
 tiny-qwen2 has a different attention layout from tiny-llama (q/k/v projections with
-biases, GQA 4/1), to check that graph passes do not depend on one architecture.
+biases, GQA 4/1), and tiny-opt learned positions counted from its attention mask (cumsum,
+offset 2), to check that graph passes do not depend on one architecture.
 
 They share a byte-level tokenizer (256 byte tokens plus specials) so that `kiln run`
 works on them end to end. Weights use a larger init range than the HF default so that
@@ -33,6 +34,10 @@ CONFIGS = {
         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
         rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.2, rope_theta=10000.0,
         bos_token_id=None, eos_token_id=EOS, pad_token_id=EOS)),
+    "tiny-opt": ("OPTConfig", "OPTForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=512, word_embed_proj_dim=64, init_std=0.2,
+        bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS)),
     "tiny-bert": ("BertConfig", "BertModel", dict(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=128, max_position_embeddings=512, pad_token_id=PAD)),

@@ -9,7 +9,9 @@ After:
     per attention i:  K_i ← Concat(past_key_values.{i}.key, K_i, axis=2), same for V
     every attention mask ← Where(allowed, 0, finfo.min),
         allowed[b,0,s,t] = (t <= P + s) and attention_mask[b,t]
-    the token-numbering Range(0, S) feeding the positional encoding ← position_ids
+    the token-numbering Range(0, S) feeding the positional encoding ← position_ids, and so does
+    any other integer [1|B, S] tensor computed from input_ids' shape alone whose value is 0..S-1
+    in every row (probed numerically: e.g. OPT's cumsum(ones) - 1)
 
 How K and V are found (no names, no per-architecture code): every Softmax whose input is
 a MatMul (Q·Kᵀ, possibly scaled, plus an additive mask or inside a Where) is an attention;
@@ -55,7 +57,7 @@ from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA as METADATA_KEY
 from kiln.passes.base import KilnPass
 from kiln.passes.kv_layout import cache_feeds, decode_consistency
-from kiln.passes.numerics import run_ort
+from kiln.passes.numerics import evaluate_subgraph, run_ort
 from kiln.passes.registry import register_pass
 
 LAYOUT_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Cast", "Identity"}
@@ -350,6 +352,7 @@ class InsertKVCachePass(KilnPass):
             graph.inputs.insert(3, slot_in)
         RemoveUnusedNodesPass()(model)
         positions, rejected = self._replace_positions(graph, pos_in)
+        positions += self._replace_counted_positions(model, pos_in)
         RemoveUnusedNodesPass()(model)
 
         kv_heads = layers[0]["key"]["heads"]
@@ -433,6 +436,48 @@ class InsertKVCachePass(KilnPass):
                 u.outputs[0].replace_all_uses_with(target)
                 replaced += 1
         return replaced, rejected
+
+    @staticmethod
+    def _replace_counted_positions(model: ir.Model, pos_in: ir.Value) -> int:
+        """Positions computed some other way (OPT: cumsum of an all-ones mask, minus one): every
+        integer [1 or B, S] tensor computed from the shape of input_ids alone whose value is
+        0..S-1 in every row, for two lengths and two token contents (probed numerically), is
+        replaced by position_ids; the first such tensor of a chain is enough."""
+        graph = model.graph
+        input_ids = graph.inputs[0]
+        integer = (ir.DataType.INT64, ir.DataType.INT32)
+        sources: dict[ir.Value, set[ir.Value]] = {}
+        for node in graph:
+            deps: set[ir.Value] = set()
+            for v in node.inputs:
+                if v is not None:
+                    deps |= {v} if v.is_graph_input() else sources.get(v, set())
+            for out in node.outputs:
+                sources[out] = deps
+        candidates = [v for v, deps in sources.items() if deps == {input_ids} and v.dtype in integer
+                      and v.shape is not None and len(v.shape) == 2 and list(v.uses())]
+        if not candidates:
+            return 0
+        rng = np.random.default_rng(3)
+        probes = [rng.integers(0, 100, size=(2, s)) for s in (5, 7, 7)]
+        runs = [evaluate_subgraph(model, {input_ids: ids}, candidates) for ids in probes]
+        counted = [v for i, v in enumerate(candidates)
+                   if all(r[i].shape[0] in (1, ids.shape[0]) and r[i].shape[1] == ids.shape[1]
+                          and np.array_equal(r[i], np.broadcast_to(np.arange(ids.shape[1]), r[i].shape))
+                          for r, ids in zip(runs, probes))]
+        replaced = 0
+        for v in counted:
+            producer = v.producer()
+            if producer is not None and any(i in counted for i in producer.inputs):
+                continue  # below another counted tensor: replaced with it
+            target = pos_in
+            if v.dtype != ir.DataType.INT64:
+                cast = ir.node("Cast", [pos_in], attributes={"to": v.dtype}, num_outputs=1)
+                graph.insert_after(producer, cast)
+                target = cast.outputs[0]
+            v.replace_all_uses_with(target)
+            replaced += 1
+        return replaced
 
     def adapt_feeds(self, feeds: dict[str, np.ndarray], model: ir.Model) -> dict[str, np.ndarray]:
         if METADATA_KEY not in model.metadata_props or "past_key_values.0.key" in feeds:
