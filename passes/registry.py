@@ -35,6 +35,7 @@ _BUILTIN_MODULES = (
     "kiln.passes.prune_heads",
     "kiln.passes.drop_layers",
     "kiln.passes.specialize_shapes",
+    "kiln.passes.expand_dequantize",
     "kiln.passes.quantize_activations",
     "kiln.passes.check_op_allowlist",
     "kiln.passes.convert_float16",
