@@ -227,7 +227,9 @@ def compose(work: Path, reference, args, log) -> dict:
     fused = next((r["stats"] for r in m["passes"] if r["name"] == "fuse-attention"), {})
     art = kiln.load(out, threads=args.threads)
     outputs = [{"prompt": p, "output": art.generate(p, max_new_tokens=24).text} for p in PROMPTS]
-    return {"size_mb": size_mb(out), "parameters": m["summary"]["artifact"]["parameters"],
+    removed = sum(r["stats"].get("params_removed") or 0 for r in m["passes"] if r["name"] in ("prune-heads", "prune-mlp"))
+    # the model's weights after pruning (the artifact's own count adds the int4 scales)
+    return {"size_mb": size_mb(out), "parameters": m["summary"]["source"]["parameters"] - removed,
             "ops": {k: v for k, v in m["summary"]["artifact"]["ops"].items()
                     if k.split("::")[-1] in ("GroupQueryAttention", "MatMulNBits", "MatMul")},
             "gqa_fused": fused.get("gqa_fused"), "kv_cache": m.get("kv_cache", {}).get("num_layers"),
