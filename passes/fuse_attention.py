@@ -51,6 +51,13 @@ from kiln.passes.registry import register_pass
 from kiln.passes.rewriting import apply_rules, count_ops
 
 
+def _bsd_shape(x: ir.Value) -> ir.Shape | None:
+    """[B, S, H·D] for an annotated [B, H, S, D] value."""
+    if x.shape is None or len(x.shape) != 4 or not isinstance(x.shape[1], int) or not isinstance(x.shape[3], int):
+        return None
+    return ir.Shape([x.shape[0], x.shape[2], x.shape[1] * x.shape[3]])
+
+
 def _dim(value: ir.Value, axis: int):
     if value.shape is None or len(value.shape) <= axis:
         return None
@@ -100,7 +107,9 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         bsd = op.Constant(value=ir.tensor(np.array([0, 0, -1], dtype=np.int64)))
 
         def to_bsd(x):
-            return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), bsd)
+            out = op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), bsd)
+            out.dtype, out.shape = x.dtype, _bsd_shape(x)  # lets simplify drop the model's own BSD -> BSHD -> BSD round trips
+            return out
 
         # From the mask only (shared by every layer), so CSE leaves one copy for the whole model
         # and the query's layout ops are not kept alive by a Shape.
@@ -116,6 +125,7 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         out, present_key, present_value = op.GroupQueryAttention(
             to_bsd(query), to_bsd(key), to_bsd(value), past_key, past_value, seqlens, total,
             cos_cache, sin_cache, positions, mask, _domain="com.microsoft", _outputs=3, **attrs)
+        out.dtype, out.shape = query.dtype, _bsd_shape(query)
         bhsd = op.Constant(value=ir.tensor(np.array([0, 0, self._heads, self._head_dim], dtype=np.int64)))
         return op.Transpose(op.Reshape(out, bhsd), perm=[0, 2, 1, 3]), present_key, present_value
 

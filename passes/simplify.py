@@ -4,10 +4,12 @@
     Slice chains -> one Slice;  Expand / Reshape to the same shape -> x;  Min/Max -> Clip ...
     Identity(x) -> x   (onnx_ir's identity elimination; graph outputs keep their names)
     Reshape(Reshape(x, s1), s2) -> x   when s2's result is x's own shape, dims copied (0) included,
-                                       e.g. [B, S, H·D] -> [0, 0, H, D] -> [0, 0, -1] (kiln's rule)
+                                       e.g. [B, S, H·D] -> [0, 0, H, D] -> [0, 0, -1] (kiln's rule);
+                                       a target computed at run time is read from the annotated
+                                       result shape (symbolic dims compared by name)
 
 The pattern rules are onnxscript's general-purpose set (the one its `optimize()` uses);
-kiln counts how many fired. Exact: each rule preserves values bit for bit, except
+kiln counts how many fired, and sweeps again while a sweep rewrote something (at most 4). Exact: each rule preserves values bit for bit, except
 where a removed Cast pair round-tripped through a narrower type, which the rules check.
 Nodes left dead by a rewrite are removed here so the graph stays tidy.
 """
@@ -33,15 +35,21 @@ class ReshapeRoundTrip(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, s1, s2, inner=None, outer=None, **_):
         result = pattern.MatchResult()
-        if x.shape is None or s1.const_value is None or s2.const_value is None:
-            return result.fail("unknown input shape or non-constant target shapes")
-        if any(v.producer().attributes.get_int("allowzero", 0) for v in (inner, outer)):
-            return result.fail("allowzero=1: a 0 is an empty dim, not a copy")
-        dims = list(x.shape)
-        if any(isinstance(d, ir.SymbolicDim) and d.value is None for d in dims):
-            return result.fail("the input has an unnamed dim")
-        middle = _apply(dims, s1.const_value.numpy().tolist())
-        final = _apply(middle, s2.const_value.numpy().tolist()) if middle is not None else None
+        dims = _named(x)
+        if dims is None:
+            return result.fail("the input's shape is unknown or has an unnamed dim")
+        # A target computed at run time (from Shape ops) is read from the annotated result.
+        t1, t2 = ir.convenience.get_const_tensor(s1), ir.convenience.get_const_tensor(s2)
+        for t, v in ((t1, inner), (t2, outer)):
+            if t is not None and 0 in t.numpy().tolist() and v.producer().attributes.get_int("allowzero", 0):
+                return result.fail("allowzero=1: a 0 is an empty dim, not a copy")
+        middle = _apply(dims, t1.numpy().tolist()) if t1 is not None else _named(inner)
+        if middle is None:
+            final = None
+        elif t2 is not None:
+            final = _apply(middle, t2.numpy().tolist())
+        else:
+            final = _named(outer)
         if final is None or len(final) != len(dims):
             return result.fail("the round trip changes the rank")
         unknown = [i for i, d in enumerate(final) if d is None]
@@ -51,6 +59,14 @@ class ReshapeRoundTrip(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, **_):
         return op.Identity(x)
+
+
+def _named(value: ir.Value) -> list | None:
+    """The value's annotated dims, if every one is an int or a named symbol."""
+    if value is None or value.shape is None:
+        return None
+    dims = list(value.shape)
+    return None if any(isinstance(d, ir.SymbolicDim) and d.value is None for d in dims) else dims
 
 
 def _apply(dims: list, shape: list) -> list | None:
@@ -66,16 +82,26 @@ def _apply(dims: list, shape: list) -> list | None:
     return out
 
 
+MAX_SWEEPS = 4
+
+
 @register_pass("simplify")
 class SimplifyPass(KilnPass):
     def call(self, model: ir.Model):
         # onnxscript keeps its default rule list private; it is the set optimize() applies.
         before, nodes = fingerprint(model), count_nodes(model)
         rules = pattern.RewriteRuleSet([ReshapeRoundTrip.rule(), *rewriter._DEFAULT_REWRITE_RULES])
-        count = rules.apply_to_model(model)
-        identities = sum(n.op_type == "Identity" for n in ir.traversal.RecursiveGraphIterator(model.graph))
-        IdentityEliminationPass()(model)
-        identities -= sum(n.op_type == "Identity" for n in ir.traversal.RecursiveGraphIterator(model.graph))
-        RemoveUnusedNodesPass()(model)
+        count = identities = 0
+        # Until nothing changes: a rewrite can make a new match (Transpose pairs cancel, and the
+        # Reshapes around them become a round trip).
+        for _ in range(MAX_SWEEPS):
+            fired = rules.apply_to_model(model)
+            found = sum(n.op_type == "Identity" for n in ir.traversal.RecursiveGraphIterator(model.graph))
+            IdentityEliminationPass()(model)
+            identities += found - sum(n.op_type == "Identity" for n in ir.traversal.RecursiveGraphIterator(model.graph))
+            RemoveUnusedNodesPass()(model)
+            count += fired
+            if not fired:
+                break
         stats = {"rewrites": count, "identities_removed": identities, "nodes_removed": nodes - count_nodes(model)}
         return self.result(model, modified=fingerprint(model) != before, stats=stats)
