@@ -29,7 +29,8 @@ LLM systems (SmolLM2-135M-Instruct, batch 1, greedy, identical prompt token ids)
   ort-genai-fp32/int4       onnxruntime-genai's model builder output (needs onnxruntime-genai)
   llama.cpp-q4_1            the GGUF kiln compiles from, through llama-cpp-python
   llama.cpp-q4_0            the same GGUF re-quantized to Q4_0 (llama_model_quantize); optional
-Encoder systems (all-MiniLM-L6-v2): kiln-ort-fp32, kiln-ort-int8, kiln-tvm-fp32 (batch-1, 128-token
+Encoder systems (all-MiniLM-L6-v2): kiln-ort-fp32, kiln-ort-int8 (recipe int8-dynamic),
+kiln-tvm-fp32 (batch-1, 128-token
 functions: shorter inputs are padded to 128 and batch rows run one after another), ort-raw-fp32,
 pytorch-eager.
 Peers that are not installed (or fail to build) are skipped with a message.
@@ -81,7 +82,9 @@ ENCODER_SYSTEMS = ["kiln-ort-fp32", "kiln-ort-int8", "kiln-tvm-fp32", "ort-raw-f
 # system -> (recipe, backend)
 KILN_LLM = {"kiln-ort-fp32": ("fp32", "ort"), "kiln-ort-int8": ("int8", "ort"), "kiln-ort-int4": ("int4", "ort"),
             "kiln-tvm-fp32": ("fp32", "tvm")}
-KILN_ENCODER = {"kiln-ort-fp32": ("fp32", "ort"), "kiln-ort-int8": ("int8", "ort"), "kiln-tvm-fp32": ("fp32", "tvm")}
+# MiniLM int8: the preset made for encoders (int8 matmuls with run-time activation scales,
+# DynamicQuantizeMatMul); `int8` (8-bit MatMulNBits) is the decode-oriented one.
+KILN_ENCODER = {"kiln-ort-fp32": ("fp32", "ort"), "kiln-ort-int8": ("int8-dynamic", "ort"), "kiln-tvm-fp32": ("fp32", "tvm")}
 # Timed over --raw-decode-tokens: ort-raw recomputes the sequence per token, untuned TVM is slow.
 SLOW_DECODE = {"ort-raw-fp32", "kiln-tvm-fp32"}
 LLM_MODEL, ENCODER_MODEL = "smollm2-135m", "minilm-l6"
