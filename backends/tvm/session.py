@@ -10,8 +10,9 @@ Any batch and sequence length are served by the batch-1, static-shape functions:
 - rows of a batch run one by one (rows are independent) and are stacked;
 - without a cache, `main` runs the inputs padded at the end to its length, and outputs with
   a sequence axis are cut back (exact: padding is masked, or later tokens for a causal LM);
-- with a static cache, the tokens go through `prefill` in chunks of its length, then through
-  `decode` one at a time, each call writing its slots and handing the cache to the next.
+- with a static cache, the tokens go through `prefill` in chunks of its length (the last one
+  padded into free slots after the real tokens, masked out, when the cache has room; else
+  one token at a time through `decode`), each call writing its slots and handing the cache on.
 """
 
 from __future__ import annotations
@@ -95,12 +96,25 @@ class TvmSession:
 
     def _through_cache(self, feeds: dict) -> dict:
         chunk, seq = self.functions["prefill"]["sequence"], self._sequence_length(feeds)
+        slots = _shape(feeds["attention_mask"])[1]
         feeds, pieces, start = dict(feeds), [], 0
         while start < seq:
-            fn, n = ("prefill", chunk) if seq - start >= chunk else ("decode", 1)
+            n = min(chunk, seq - start)
             step = {k: np.take(_host(v), range(start, start + n), axis=self.sequence_axes[k])
                     if k in self.sequence_axes else v for k, v in feeds.items()}
+            fn = "decode" if n == 1 else "prefill"
+            if 1 < n < chunk:
+                end = int(_host(step["cache_position"])[-1]) + 1
+                if end + chunk - n > slots:  # no free slots for the padding: one token at a time
+                    fn, n = "decode", 1
+                    step = {k: np.take(v, [0], axis=self.sequence_axes[k]) if k in self.sequence_axes else v
+                            for k, v in step.items()}
+                else:
+                    step = _pad_chunk(step, self.sequence_axes, chunk, end)
             out = self._call(fn, step)
+            if fn == "prefill" and n < chunk:
+                out = {k: self._tensor(np.take(v.numpy(), range(n), axis=self.sequence_axes[k]))
+                       if k in self.sequence_axes else v for k, v in out.items()}
             feeds.update({past: out[present] for past, present in self.cache.items()})
             pieces.append(out)
             start += n
@@ -136,6 +150,23 @@ def _shape(value) -> tuple[int, ...]:
 
 def _take(value, axis: int | None, row: int):
     return value if axis is None else np.take(_host(value), [row], axis=axis)
+
+
+def _pad_chunk(step: dict, axes: dict, chunk: int, end: int) -> dict:
+    """A partial prefill chunk padded to `chunk` tokens: the padding repeats the last token and
+    position and is written to the free slots after the real ones (`end`, ...), where the mask
+    hides it until later tokens overwrite it; the caller keeps only the real positions' outputs."""
+    out = {}
+    for k, v in step.items():
+        if k not in axes:
+            out[k] = v
+            continue
+        a = _host(v)
+        widths = [(0, 0)] * a.ndim
+        widths[axes[k]] = (0, chunk - a.shape[axes[k]])
+        out[k] = (np.concatenate([a, np.arange(end, end + chunk - a.shape[0], dtype=a.dtype)]) if k == "cache_position"
+                  else np.pad(a, widths, mode="edge"))
+    return out
 
 
 def _pad(array: np.ndarray, axis: int, length: int) -> np.ndarray:
