@@ -85,7 +85,7 @@ def compile_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create."),
     recipe: Optional[str] = typer.Option(
         None, "--recipe", "-r", help="Preset name (see kiln/recipes) or path to a .toml recipe "
-                                     "(default: the target's: fp32, int4 for LLMs on cpu, npu-int8 on npu)."),
+                                     "(default: the target's: fp32, int4 for LLMs on cpu with ort, npu-int8 on npu)."),
     target: str = typer.Option("cpu", "--target", "-t", help="Deployment target profile: cpu, gpu (fp16, CUDA EP) "
                                                              "or npu (static shapes, int8 QDQ, op allow-list)."),
     backend: str = typer.Option("ort", "--backend", "-b", help="Backend that writes the artifact: ort or tvm."),

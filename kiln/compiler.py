@@ -86,7 +86,7 @@ def compile(  # noqa: A001
     with `example_inputs`) into the artifact directory `output`.
 
     `recipe` defaults to the target's (cpu, gpu: fp32; npu: npu-int8), except that a causal
-    LM on the cpu gets int4. `calibration` is a text file for data-aware passes
+    LM on the cpu through ORT gets int4. `calibration` is a text file for data-aware passes
     (default: kiln's calibration corpus, which is disjoint from the evaluation corpus).
     `max_ppl_increase` (LLMs, e.g. 0.05 for +5%) and `min_cosine` (encoders) are quality
     budgets measured on held-out text after every lossy pass; the first pass over budget

@@ -49,8 +49,8 @@ def _uses(expr, var) -> bool:
 
 def _is_matmul(block: tirx.Block) -> bool:
     """C[spatial...] += A[..., m, k] * W(k, n) with k the only reduction, n the last spatial var,
-    A's last index k, and every other operand's last index a function of n: a plain weight
-    B[k, n], or the integers and scales of a dequantize inlined into the block."""
+    A's last index k, and no other operand's last index a function of k, one of them of n: a plain
+    weight B[k, n], or the integers, scales and constants of a dequantize inlined into the block."""
     iters = list(block.iter_vars)
     if len(iters) < 2 or any(v.iter_type != tirx.IterVar.DataPar for v in iters[:-1]) \
             or iters[-1].iter_type != tirx.IterVar.CommReduce or len(block.reads) < 2 or len(block.writes) != 1:
@@ -65,7 +65,7 @@ def _is_matmul(block: tirx.Block) -> bool:
     if len(activations) != 1:
         return False
     weights = [last for i, last in enumerate(lasts) if i != activations[0]]
-    return all(_uses(last, n) and not _uses(last, k) for last in weights)
+    return any(_uses(last, n) for last in weights) and not any(_uses(last, k) for last in weights)
 
 
 class CpuMatmul(ScheduleRule):

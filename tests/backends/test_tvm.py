@@ -136,12 +136,12 @@ def test_inspect_refuses_a_tvm_artifact_in_one_line(llama):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "compiled code, not an ONNX graph" in proc.stderr
 
 
-def test_a_causal_lm_defaults_to_int4_on_ort_and_tvm():
+def test_a_causal_lm_defaults_to_int4_on_ort_and_fp32_on_tvm():
     from kiln.recipes import default_recipe
     from kiln.targets import get_target
 
     cpu = get_target("cpu")
     assert default_recipe(cpu, "ort", "causal-lm") == "int4"
-    assert default_recipe(cpu, "tvm", "causal-lm") == "int4"  # expand-dequantize keeps the weights packed
+    assert default_recipe(cpu, "tvm", "causal-lm") == "fp32"  # untuned TVM int4 is slower than fp32
     assert default_recipe(cpu, "ort", "embedding") == "fp32"
     assert default_recipe(get_target("npu"), "ort", "causal-lm") == "npu-int8"
