@@ -1,4 +1,5 @@
-"""Random-init, seeded, few-layer models for tests: tiny-llama, tiny-gpt2, tiny-qwen2, tiny-opt, tiny-bert.
+"""Random-init, seeded, few-layer models for tests: tiny-llama, tiny-gpt2, tiny-qwen2, tiny-opt,
+tiny-phi3, tiny-gemma, tiny-neox (rotary on half of each head), tiny-bert.
 
 tiny-qwen2 has a different attention layout from tiny-llama (q/k/v projections with
 biases, GQA 4/1), and tiny-opt learned positions counted from its attention mask (cumsum,
@@ -38,6 +39,18 @@ CONFIGS = {
         vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=512, word_embed_proj_dim=64, init_std=0.2,
         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS)),
+    "tiny-phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=EOS, pad_token_id=EOS)),
+    "tiny-gemma": ("GemmaConfig", "GemmaForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=512, initializer_range=0.2,
+        bos_token_id=None, eos_token_id=EOS, pad_token_id=EOS)),
+    "tiny-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=512, initializer_range=0.2, rotary_pct=0.5,
+        bos_token_id=None, eos_token_id=EOS, pad_token_id=EOS)),
     "tiny-bert": ("BertConfig", "BertModel", dict(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=128, max_position_embeddings=512, pad_token_id=PAD)),

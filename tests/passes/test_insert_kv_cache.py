@@ -16,7 +16,7 @@ from kiln.passes.numerics import compare, run_ort
 CLEANUP = ["fold-constants", "simplify", "eliminate-common-subexpressions", "fold-constants"]
 
 
-@pytest.fixture(params=["tiny-llama", "tiny-gpt2", "tiny-qwen2", "tiny-opt"])
+@pytest.fixture(params=["tiny-llama", "tiny-gpt2", "tiny-qwen2", "tiny-opt", "tiny-phi3", "tiny-gemma", "tiny-neox"])
 def decoder(request, prepared):
     p = prepared(request.param)
     model = load_model(p.path)
