@@ -54,12 +54,7 @@ def rounding_noise(model: ir.Model, feeds: dict[str, np.ndarray], outputs: dict[
         toward = np.where(rng.random(w.shape) < 0.5, -np.inf, np.inf).astype(np.float32)  # float32: one float32 ulp
         moved = np.nextafter(w, toward)
         init.CopyFrom(onnx.numpy_helper.from_array(moved, init.name))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return compare(outputs, dict(zip(names, session.run(names, feeds))))["max_rel"]
+    return compare(outputs, run_ort(ir.from_proto(proto), feeds))["max_rel"]
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

@@ -162,14 +162,12 @@ def _pad_chunk(step: dict, axes: dict, chunk: int, end: int) -> dict:
             out[k] = v
             continue
         a = _host(v)
-        widths = [(0, 0)] * a.ndim
-        widths[axes[k]] = (0, chunk - a.shape[axes[k]])
         out[k] = (np.concatenate([a, np.arange(end, end + chunk - a.shape[0], dtype=a.dtype)]) if k == "cache_position"
-                  else np.pad(a, widths, mode="edge"))
+                  else _pad(a, axes[k], chunk, mode="edge"))
     return out
 
 
-def _pad(array: np.ndarray, axis: int, length: int) -> np.ndarray:
+def _pad(array: np.ndarray, axis: int, length: int, mode: str = "constant") -> np.ndarray:
     widths = [(0, 0)] * array.ndim
     widths[axis] = (0, length - array.shape[axis])
-    return np.pad(array, widths)
+    return np.pad(array, widths, mode=mode)
