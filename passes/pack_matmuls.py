@@ -9,6 +9,10 @@ projections of a gated MLP. One wide GEMM instead of several narrow ones halves 
 kernel launches and lets the threads share one pass over A; for weight-only quantization
 it also means one MatMulNBits per group.
 
+When every MatMul of a group is followed by an Add of a constant bias b_i [N_i] (Qwen2's Q/K/V),
+the biases pack too: Split(Add(MatMul(A, Wcat), Concat(b1, b2, ...))), which leaves the packed
+projection whole for consumers that take it packed (GroupQueryAttention, `pack-attention-qkv`).
+
 Dims: A[..., K]; every W constant, 2-D, same K and dtype. Exact (the same dot products).
 Not handled: weights read through a Transpose (a tied LM head stands alone anyway),
 MatMuls on different activations, weights that are not constants.
@@ -22,6 +26,22 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
+
+
+def _bias(node: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
+    """(Add, bias) when the MatMul's only reader adds a constant [N] bias."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return None
+    other = add.inputs[1 - uses[0].idx]
+    width = node.inputs[1].const_value.shape[1]
+    if other is None or other.const_value is None or tuple(other.const_value.shape) != (width,):
+        return None
+    return add, other.const_value.numpy()
 
 
 def _packable(node: ir.Node, a: ir.Value) -> bool:
@@ -63,11 +83,17 @@ class PackMatMulsPass(KilnPass):
                 matmul = ir.node("MatMul", [a, wide], num_outputs=1)
                 sizes = ir.val(f"{wide.name}.split", const_value=ir.tensor(np.array(widths, dtype=np.int64)))
                 graph.register_initializer(sizes)
-                split = ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(nodes))
-                first = nodes[0]
-                graph.insert_before(first, [matmul, split])
-                out = first.outputs[0]
-                matmul.outputs[0].dtype = out.dtype
+                biases = [_bias(n) for n in nodes]
+                new_nodes = [matmul]
+                if all(b is not None for b in biases):
+                    bias = ir.val(f"{wide.name}.bias", const_value=ir.tensor(np.concatenate([b for _, b in biases])))
+                    graph.register_initializer(bias)
+                    new_nodes.append(ir.node("Add", [matmul.outputs[0], bias], num_outputs=1))
+                    new_nodes[-1].outputs[0].dtype = nodes[0].outputs[0].dtype
+                    nodes = [add for add, _ in biases]  # the packed Add's slices replace the Adds' outputs
+                split = ir.node("Split", [new_nodes[-1].outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(nodes))
+                graph.insert_before(min(nodes, key=order.__getitem__), [*new_nodes, split])
+                matmul.outputs[0].dtype = nodes[0].outputs[0].dtype
                 for node, piece in zip(nodes, split.outputs):
                     old = node.outputs[0]
                     piece.dtype, piece.shape = old.dtype, old.shape

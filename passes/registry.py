@@ -24,6 +24,7 @@ _BUILTIN_MODULES = (
     "kiln.passes.fuse_layer_norm",
     "kiln.passes.fuse_gelu",
     "kiln.passes.fuse_attention",
+    "kiln.passes.pack_attention_qkv",
     "kiln.passes.pack_matmuls",
     "kiln.passes.smooth_activations",
     "kiln.passes.quantize_weights",

@@ -11,10 +11,14 @@ those channels by s and multiplying the matching weight rows by s leaves the pro
 unchanged in exact arithmetic (Xiao et al., 2022) and evens out the activation ranges; α
 trades activation range against weight range. max|X_k| comes from calibration text.
 
-Where X comes from a norm with constant per-channel γ (and β) and only MatMuls with constant
-2-D weights read it (pre-norm decoders: Q/K/V, gate/up share one s), 1/s folds into γ and β
-for free. Elsewhere (post-norm encoders, whose norm output is also the residual; attention
-outputs; MLP activations) the MatMuls read X through an inserted Mul(X, 1/s).
+Where only MatMuls with constant 2-D weights read X, 1/s folds into what made X, for free:
+  - a norm with constant per-channel γ (and β): γ/s, β/s (pre-norm decoders: Q/K/V, gate/up
+    share one s);
+  - a gated product X = Mul(a, b) with b a slice of a MatMul with constant weights, read by
+    nothing else (SwiGLU's up projection, packed with gate or not): b's weight columns / s.
+Elsewhere (post-norm encoders, whose norm output is also the residual; attention outputs) the
+MatMuls read X through an inserted Mul(X, 1/s), one op per site per call; `runtime_scales=False`
+leaves those sites unsmoothed instead.
 Exact in fp32 (a reparametrization; the pipeline holds it to 1e-4).
 """
 
@@ -62,15 +66,45 @@ def _norm_scales(x: ir.Value) -> list[tuple[ir.Node, int]] | None:
     return None
 
 
+def _gate_columns(x: ir.Value) -> tuple[ir.Node, int] | None:
+    """(MatMul, first column) of the weight columns that produce one factor of X = Mul(a, b),
+    where that factor is a MatMul's output or a slice of it along the last axis, read only here."""
+    node = x.producer()
+    if node is None or node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or x.shape is None:
+        return None
+    width = x.shape[-1]
+    for b in node.inputs:
+        if b is None or b.shape is None or b.shape[-1] != width or len(list(b.uses())) != 1 or b.is_graph_output():
+            continue
+        producer, start = b.producer(), 0
+        if producer is not None and producer.op_type == "Split" and len(producer.inputs) > 1:
+            sizes = producer.inputs[1].const_value if producer.inputs[1] is not None else None
+            rank = len(b.shape)
+            if sizes is None or producer.attributes.get_int("axis", 0) not in (-1, rank - 1):
+                continue
+            start = int(sum(sizes.numpy()[:b.index()]))
+            if len(list(producer.inputs[0].uses())) != 1:
+                continue
+            producer = producer.inputs[0].producer()
+        if producer is None or producer.op_type != "MatMul" or producer.domain not in ("", "ai.onnx"):
+            continue
+        w = producer.inputs[1]
+        if w.const_value is None or len(w.shape or ()) != 2 or len(list(w.uses())) != 1:
+            continue
+        return producer, start
+    return None
+
+
 @register_pass("smooth-activations")
 class SmoothActivationsPass(KilnPass):
     uses_calibration = True
 
-    def __init__(self, alpha: float = 0.5):
+    def __init__(self, alpha: float = 0.5, runtime_scales: bool = True):
         super().__init__()
         if not 0 <= alpha <= 1:
             raise ValueError("alpha must be in [0, 1]")
         self.alpha = alpha
+        self.runtime_scales = runtime_scales
 
     def call(self, model: ir.Model):
         sites = []
@@ -81,12 +115,14 @@ class SmoothActivationsPass(KilnPass):
                 if not readers:
                     continue
                 others = len(list(x.uses())) - len(readers)
-                sites.append((x, None if others else _norm_scales(x), readers))
+                fold = None if others else (_norm_scales(x) or _gate_columns(x))
+                if fold is not None or self.runtime_scales:
+                    sites.append((x, fold, readers))
         if not sites:
             return self.result(model, modified=False, stats={"sites": 0})
         feeds = calib.require(self.calibration, "smooth-activations")
         stats = calib.collect(model, feeds, [x.name for x, _, _ in sites])
-        spread_before, spread_after, folded = [], [], 0
+        spread_before, spread_after, folded, gated = [], [], 0, 0
         for x, slots, readers in sites:
             act = np.maximum(stats[x.name].abs_max.astype(np.float64), 1e-5)
             w_max = np.max([np.abs(r.inputs[1].const_value.numpy()).max(axis=1) for r, _ in readers], axis=0)
@@ -94,12 +130,19 @@ class SmoothActivationsPass(KilnPass):
             s = np.clip(s, 1e-5, None)
             spread_before.append(act.max() / np.median(act))
             spread_after.append((act / s).max() / np.median(act / s))
-            if slots is not None:  # fold 1/s into the norm's γ and β
+            if isinstance(slots, list):  # fold 1/s into the norm's γ and β
                 folded += 1
                 for node, index in slots:
                     value = node.inputs[index]
                     new = (value.const_value.numpy().astype(np.float64) / s).astype(np.float32)
                     node.replace_input_with(index, _initializer(model.graph, f"{value.name}.smoothed", new))
+            elif slots is not None:  # fold 1/s into the weight columns that make the gated factor
+                gated += 1
+                matmul, start = slots
+                w = matmul.inputs[1]
+                new = w.const_value.numpy().astype(np.float64)
+                new[:, start:start + len(s)] /= s
+                matmul.replace_input_with(1, _initializer(model.graph, f"{w.name}.smoothed", new.astype(np.float32)))
             else:  # X has other readers or no norm to fold into: scale the MatMuls' copy at run time
                 inv = _initializer(model.graph, f"{x.name}.smooth_scale", (1 / s).astype(np.float32))
                 mul = ir.node("Mul", [x, inv], num_outputs=1)
@@ -115,7 +158,8 @@ class SmoothActivationsPass(KilnPass):
                 reader.replace_input_with(1, _initializer(model.graph, f"{w.name}.smoothed", new))
         RemoveUnusedNodesPass()(model)
         return self.result(model, modified=True, stats={
-            "sites": len(sites), "folded_into_norms": folded, "runtime_scales": len(sites) - folded,
+            "sites": len(sites), "folded_into_norms": folded, "folded_into_gates": gated,
+            "runtime_scales": len(sites) - folded - gated,
             "matmuls": sum(len(r) for _, _, r in sites),
             "activation_outlier_ratio_before": round(float(np.mean(spread_before)), 2),
             "activation_outlier_ratio_after": round(float(np.mean(spread_after)), 2)})

@@ -55,12 +55,12 @@ class OrtBackend:
         fusions = [create_pass(n) for n in _FUSIONS]
         if target.device == "cuda":
             return [*fusions, create_pass("lower-matmul-nbits"), create_pass("gather-quantized-rows"),
-                    *[create_pass(n) for n in _CLEANUP], create_pass("convert-float16")]
+                    *[create_pass(n) for n in _CLEANUP], create_pass("pack-attention-qkv"), create_pass("convert-float16")]
         # accuracy_level 4 (int8 activations) is what makes MatMulNBits fast on CPU (measured
         # on SmolLM2 int4: level 0 decodes barely faster than fp32); it is recorded as lossy.
         return [*fusions, create_pass("lower-matmul-nbits", {"accuracy_level": 4}),
                 create_pass("lower-dynamic-quantize-matmul"), create_pass("gather-quantized-rows"),
-                *[create_pass(n) for n in _CLEANUP]]
+                *[create_pass(n) for n in _CLEANUP], create_pass("pack-attention-qkv")]
 
     def write(self, model: ir.Model, directory: Path, target: Target) -> dict:
         save_model(model, directory / MODEL_FILE)

@@ -76,6 +76,7 @@ class Model:
         self.shared = bool(self.kv and self.kv.get("shared_buffer") and not self.static
                            and providers == ["CPUExecutionProvider"])
         self._binding = None  # the IOBinding kept across shared-buffer steps (see _run_shared)
+        self._cache_out = None  # the cache list the last shared-buffer step returned
         logits = next((o for o in session.get_outputs() if o.name == "logits"), None) if self.shared else None
         self._logits_spec = ((logits.shape[-1], np.float16 if logits.type == "tensor(float16)" else np.float32)
                              if logits is not None and isinstance(logits.shape[-1], int) else None)
@@ -147,8 +148,10 @@ class Model:
         written into free slots of the buffer, nothing is copied. A buffer that is too short
         (or a cache that a caller re-built as arrays) is copied once into a buffer twice as long."""
         total = feeds["attention_mask"].shape[1]
-        slots = [entry if isinstance(entry, SharedSlots) and entry.capacity >= total
-                 else SharedSlots.allocate(host(entry), self._capacity(total)) for entry in cache]
+        # The previous step's cache comes back as the same list: its buffers are bound already.
+        same = cache is self._cache_out and cache[0].capacity >= total
+        slots = cache if same else [entry if isinstance(entry, SharedSlots) and entry.capacity >= total
+                                    else SharedSlots.allocate(host(entry), self._capacity(total)) for entry in cache]
         # One binding kept across steps: the cache buffers are rebound only when they change and a
         # decode step's logits land in a kept array, because 120 binds and 61 output wrappers per
         # step cost SmolLM2 about 0.8 ms of a 7 ms step in Python.
@@ -159,8 +162,9 @@ class Model:
         inputs = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
         for name, value in zip(feeds, inputs):
             binding.bind_ortvalue_input(name, value)
-        values = [s.value for s in slots]
-        if self._bound is None or len(values) != len(self._bound) or any(a is not b for a, b in zip(values, self._bound)):
+        values = None if same else [s.value for s in slots]
+        if values is not None and (self._bound is None or len(values) != len(self._bound)
+                                   or any(a is not b for a, b in zip(values, self._bound))):
             for i in range(self.kv["num_layers"]):
                 for j, kind in enumerate(("key", "value")):
                     binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", values[2 * i + j])
@@ -179,7 +183,10 @@ class Model:
         self.session.run_with_iobinding(binding)
         # a copy: the kept array is the next decode step's output
         logits = self._logits[0].copy() if kept else binding.get_outputs()[0].numpy()
-        return logits, [SharedSlots(s.array, s.value, total) for s in slots]
+        for entry in slots:  # the cache passed in is consumed: its entries are updated in place
+            entry.length = total
+        self._cache_out = slots
+        return logits, slots
 
     def _capacity(self, total: int) -> int:
         capacity = max(256, 1 << (total - 1).bit_length())
@@ -381,7 +388,7 @@ class Generator:
             r.next_position += 1
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class SharedSlots:
     """A cache entry of a shared-buffer layout: `array` [B, Hkv, capacity, Dh] (and the session
     value over the same memory), of which the first `length` slots are used."""

@@ -40,6 +40,32 @@ def test_packs_matmuls_on_one_activation():
     assert not PackMatMulsPass()(model).modified
 
 
+def test_biases_pack_with_their_matmuls():
+    """y_i = x @ W_i + b_i -> Split(Add(MatMul(x, Wcat), bcat)); a group where one MatMul has no
+    bias keeps its Adds."""
+    for with_bias in ((True, True, True), (True, False, True)):
+        model = _three_heads()
+        rng = np.random.default_rng(1)
+        graph = model.graph
+        for i, (mm, biased) in enumerate(zip(list(graph), with_bias)):
+            if not biased:
+                continue
+            b = ir.val(f"b{i}", const_value=ir.tensor(rng.standard_normal(mm.inputs[1].shape[1]).astype(np.float32)))
+            graph.register_initializer(b)
+            add = ir.node("Add", [mm.outputs[0], b], num_outputs=1)
+            graph.insert_after(mm, add)
+            name, mm.outputs[0].name = mm.outputs[0].name, f"{mm.outputs[0].name}.mm"
+            add.outputs[0].name, add.outputs[0].dtype, add.outputs[0].shape = name, mm.outputs[0].dtype, mm.outputs[0].shape
+            graph.outputs[i] = add.outputs[0]
+        before = ir.from_proto(ir.to_proto(model))
+        PackMatMulsPass()(model)
+        verify(model)
+        ops = [n.op_type for n in model.graph]
+        assert ops == (["MatMul", "Add", "Split"] if all(with_bias) else ["MatMul", "Split", "Add", "Add"])
+        feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32), "x2": np.zeros((2, 8), dtype=np.float32)}
+        assert_same_outputs(before, model, feeds, rtol=1e-6)
+
+
 def test_different_activations_are_not_packed():
     model = _three_heads(shared=False)
     result = PackMatMulsPass(min_group=3)(model)

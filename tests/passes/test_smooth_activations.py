@@ -39,6 +39,24 @@ def test_smoothing_is_exact_and_evens_out_activations(prepared, name, folded):
     assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-4
 
 
+def test_gated_mlp_folds_into_the_up_projection_and_runtime_scales_can_be_skipped(prepared):
+    """SwiGLU's down-projection input folds into the up weights (tiny-llama: one per layer, also
+    after gate/up are packed); runtime_scales=False leaves the attention outputs unsmoothed: no Mul."""
+    layers = 2
+    for runtime_scales in (True, False):
+        model, feeds, calibration = _model(prepared, "tiny-llama")
+        run_pipeline(model, [create_pass("pack-matmuls")], feeds, progress=False)
+        before, muls = run_ort(model, feeds), sum(n.op_type == "Mul" for n in model.graph)
+        p = SmoothActivationsPass(runtime_scales=runtime_scales)
+        p.calibration = calibration
+        result = p(model)
+        verify(model)
+        assert result.stats["folded_into_gates"] == layers
+        assert result.stats["runtime_scales"] == (layers if runtime_scales else 0)
+        assert sum(n.op_type == "Mul" for n in model.graph) == muls + result.stats["runtime_scales"]
+        assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-4
+
+
 def test_smoothing_needs_calibration(prepared):
     model, _, _ = _model(prepared, "tiny-llama")
     with pytest.raises(CalibrationError):
