@@ -36,8 +36,8 @@ class TvmSession:
         import tvm
         from tvm import relax
 
-        # TVM's pool would pin the calling thread to core 0 (for the whole process), and by
-        # default it uses half the cores (it assumes hyper-threading).
+        # TVM's pool would pin the calling thread to core 0 (for the whole process); its size
+        # is set where the backend is imported (TVM_NUM_THREADS), the threads it runs on here.
         os.environ.setdefault("TVM_BIND_THREADS", "0")
         threads = threads or backend_manifest["session"].get("intra_op_num_threads")
         if threads:

@@ -36,6 +36,7 @@ def _matmul(m, k, n, epilogue=False, dequantize=False):
     (1, 96, 200, False, False),   # GEMV, N not a multiple of the chunking
     (1, 64, 64, True, True),      # GEMV with a dequantize inlined and an epilogue
     (32, 64, 64, False, True),    # GEMM with a dequantize inlined
+    (24, 48, 256, True, False),   # GEMM whose weight is copied panel by panel (16 panels)
 ])
 def test_rule_schedules_matmuls_exactly(m, k, n, epilogue, dequantize):
     func = _matmul(m, k, n, epilogue, dequantize)
@@ -64,6 +65,21 @@ def test_rule_schedules_matmuls_exactly(m, k, n, epilogue, dequantize):
     # the schedule really is one: parallel loops and vector lanes
     text = sch.mod.script()
     assert "T.parallel" in text and "T.vectorized" in text
+    # a plain weight wide enough for the parallel panels is read through a contiguous copy
+    assert ("B_global" in text) == (not dequantize and m > 1 and n // 16 >= 8)
+
+
+def test_thread_pool_has_every_core():
+    """TVM would size its pool at half the cores (one on a 2-core machine); the backend sizes it
+    at every core, so a session asked for 2 threads runs on 2."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core")
+    assert os.environ["TVM_NUM_THREADS"] == str(cores)
+    tvm.get_global_func("runtime.config_threadpool")(1, 2)
+    assert tvm.get_global_func("runtime.NumThreads")() == 2
 
 
 def test_rule_leaves_other_kernels_alone():
