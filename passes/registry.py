@@ -37,6 +37,7 @@ _BUILTIN_MODULES = (
     "kiln.passes.drop_layers",
     "kiln.passes.specialize_shapes",
     "kiln.passes.expand_dequantize",
+    "kiln.passes.transpose_weights",
     "kiln.passes.quantize_activations",
     "kiln.passes.check_op_allowlist",
     "kiln.passes.convert_float16",

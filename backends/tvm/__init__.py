@@ -123,8 +123,10 @@ class TvmBackend:
 
     def lowering_passes(self, target: Target) -> list[KilnPass]:
         """Quantized weights expanded into ops the importer takes (it rejects blocked
-        DequantizeLinear); shapes are specialised per function from the final graph in `write`."""
-        return [ExpandDequantizePass()]
+        DequantizeLinear), weights read through a Transpose stored transposed (the weights are
+        the compiled functions' inputs: nothing folds them); shapes are specialised per function
+        from the final graph in `write`."""
+        return [ExpandDequantizePass(), create_pass("transpose-weights")]
 
     def functions(self, model: ir.Model) -> dict[str, int]:
         """Function name -> the sequence length it is specialised to."""

@@ -53,7 +53,7 @@ def _record(art, name: str) -> dict:
 
 def test_int4_weights_stay_packed_in_the_params(llama_int4):
     _, art = llama_int4
-    assert art.manifest["backend"]["lowering"] == ["expand-dequantize"]
+    assert art.manifest["backend"]["lowering"] == ["expand-dequantize", "transpose-weights"]
     stats = _record(art, "expand-dequantize")["stats"]
     assert stats["dequantize_expanded"] == stats["packed_4bit"] > 0 and stats["gathers_by_row"] == 1
     assert art.manifest["compile"]["artifact_check"]["max_rel"] <= 1e-3  # the cross-check against ORT
