@@ -23,7 +23,6 @@ LLM systems (SmolLM2-135M-Instruct, batch 1, greedy, identical prompt token ids)
                             256-slot static cache, so it runs only the cells that fit: no 512);
                             compiled with the tuning records already in the database (no new
                             tuning in this run: `kiln compile ... -b tvm --tune-minutes N` adds them).
-                            Untuned it is slow, so its decode is timed over --raw-decode-tokens
   ort-raw-fp32              the raw torch.export ONNX in plain ORT (no kiln passes, no KV cache)
   pytorch-eager             transformers' model with its KV cache (what generate() runs)
   ort-genai-fp32/int4       onnxruntime-genai's model builder output (needs onnxruntime-genai)
@@ -85,8 +84,11 @@ KILN_LLM = {"kiln-ort-fp32": ("fp32", "ort"), "kiln-ort-int8": ("int8", "ort"), 
 # MiniLM int8: the preset made for encoders (int8 matmuls with run-time activation scales,
 # DynamicQuantizeMatMul); `int8` (8-bit MatMulNBits) is the decode-oriented one.
 KILN_ENCODER = {"kiln-ort-fp32": ("fp32", "ort"), "kiln-ort-int8": ("int8-dynamic", "ort"), "kiln-tvm-fp32": ("fp32", "tvm")}
-# Timed over --raw-decode-tokens: ort-raw recomputes the sequence per token, untuned TVM is slow.
-SLOW_DECODE = {"ort-raw-fp32", "kiln-tvm-fp32"}
+# Timed over --raw-decode-tokens: ort-raw recomputes the sequence per token.
+SLOW_DECODE = {"ort-raw-fp32"}
+# Idle between systems: spinning worker threads of the previous system (ORT's, TVM's, OpenMP's)
+# must not take the cores of the next one.
+COOL_DOWN_S = 0.2
 LLM_MODEL, ENCODER_MODEL = "smollm2-135m", "minilm-l6"
 
 
@@ -493,6 +495,7 @@ def run_llm(systems: list[LMRunner], ids: list[int], plan: Plan, skipped: dict |
     systems = list(systems)
     for rep in range(plan.repeats + 1):
         for s in list(systems):
+            time.sleep(COOL_DOWN_S)
             steps = plan.raw_decode_tokens if s.name in SLOW_DECODE else plan.decode_tokens
             line = []
             for p in lengths:
@@ -544,6 +547,7 @@ def run_encoder(systems: list[EncoderSystem], plan: Plan, vocab: int) -> dict:
     inputs = {k: encoder_ids(b, s, vocab) for k, (b, s) in ENCODER_SHAPES.items()}
     for rep in range(plan.repeats + 1):
         for s in systems:
+            time.sleep(COOL_DOWN_S)
             line = []
             for key, ids in inputs.items():
                 t = time_encoder(s.run, ids)
@@ -689,9 +693,9 @@ def llm_section(data: dict, command: str) -> str:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
         "",
         ("Batch 1, greedy, identical prompt token ids for every system. Runs interleaved (A, B, C, A, B, C, ...), "
-        f"one warm-up round, medians of {plan['repeats']}. Decode tok/s at depth d: {plan['decode_tokens']} steps after a "
-        f"d-token prompt (depth 0: a one-token prompt); ort-raw-fp32 has no KV cache and recomputes the sequence per "
-        f"token, and untuned TVM is slow, so those two are timed over {plan['raw_decode_tokens']} steps. kiln-tvm-fp32 "
+        f"{COOL_DOWN_S} s idle between systems, one warm-up round, medians of {plan['repeats']}. Decode tok/s at depth d: "
+        f"{plan['decode_tokens']} steps after a d-token prompt (depth 0: a one-token prompt); ort-raw-fp32 has no KV "
+        f"cache and recomputes the sequence per token, so it is timed over {plan['raw_decode_tokens']} steps. kiln-tvm-fp32 "
         "has a 256-slot static cache: '-' marks what does not fit (its peak RSS uses a 240-token prompt). "
         "Peak RSS: the system alone in a child process "
         "(load, 512-token prefill, 16 decode steps). Compile: kiln's compile time (export cached), the export time for "
