@@ -6,7 +6,7 @@ shape helpers, and a networkx view for graph algorithms.
 """
 
 from kiln.ir.graph import as_networkx
-from kiln.ir.io import load_model, save_model, to_bytes
+from kiln.ir.io import load_model, save_model, without_weights
 from kiln.ir.shapes import dims, infer_shapes, is_static
 from kiln.ir.summary import Summary, summary
 from kiln.ir.verify import VerificationError, verify
@@ -26,6 +26,6 @@ __all__ = [
     "load_model",
     "save_model",
     "summary",
-    "to_bytes",
+    "without_weights",
     "verify",
 ]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import onnx
 import onnx_ir as ir
 
+from kiln.ir.io import IN_MEMORY, without_weights
+
 
 class VerificationError(ValueError):
     """The model is structurally invalid; `problems` lists every finding."""
@@ -35,13 +37,27 @@ def verify(model: ir.Model, *, checker: bool = True, max_problems: int = 20) -> 
     _verify_graph(model.graph, outer=frozenset(), problems=problems)
     if checker and not problems:
         try:
-            proto = ir.to_proto(model)
+            proto = _weights_as_inputs(without_weights(model)[0])  # the checker needs no weight data
             _hide_runtime_ops(proto)
             onnx.checker.check_model(proto, full_check=False)
         except Exception as exc:  # the checker raises several exception types
             problems.append(f"onnx checker: {str(exc).strip().splitlines()[0]}")
     if problems:
         raise VerificationError(problems[:max_problems])
+
+
+def _weights_as_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Left-out weights as graph inputs of their type: the checker would look for their file."""
+    kept = []
+    for init in proto.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL and any(
+                e.key == "location" and e.value == IN_MEMORY for e in init.external_data):
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            kept.append(init)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    return proto
 
 
 # ONNX Runtime registers these contrib ops in the default domain; the ONNX checker does

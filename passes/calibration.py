@@ -21,7 +21,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from kiln.errors import KilnError
-from kiln.ir.io import to_bytes
+from kiln.passes.numerics import ort_session, serialize_for_ort
 
 
 class CalibrationError(KilnError):
@@ -82,13 +82,13 @@ def capture(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], values: Seq
     graph_outputs = list(model.graph.outputs)
     model.graph.outputs.extend(extra)
     try:
-        payload = to_bytes(model)
+        payload = serialize_for_ort(model)
     finally:
         model.graph.outputs.clear()
         model.graph.outputs.extend(graph_outputs)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(payload, opts, providers=["CPUExecutionProvider"])
+    session = ort_session(payload, opts)
     del payload
     inputs = {i.name for i in session.get_inputs()}
     wanted = [n for n in dict.fromkeys(values) if n not in inputs]

@@ -19,9 +19,29 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from kiln.ir.io import to_bytes
+from kiln.ir.io import without_weights
 
 HIGHER_IS_BETTER = {"top1", "cosine"}
+
+
+def serialize_for_ort(model: ir.Model) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The model as ORT session input: the proto without its large weights, and those weights."""
+    proto, weights = without_weights(model)
+    return proto.SerializeToString(), weights
+
+
+def ort_session(payload: tuple[bytes, dict[str, np.ndarray]], opts: ort.SessionOptions | None = None,
+                providers: list[str] | None = None) -> ort.InferenceSession:
+    """A session over `serialize_for_ort`'s output: the weights go in as OrtValues over the arrays
+    already in memory, not through the proto."""
+    model, weights = payload
+    opts = opts or ort.SessionOptions()
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
+    if values:
+        opts.add_external_initializers(list(weights), values)
+    session = ort.InferenceSession(model, opts, providers=providers or ["CPUExecutionProvider"])
+    session.kiln_weights = values  # ORT reads them in place: they live as long as the session
+    return session
 
 
 def run_ort(model: ir.Model, feeds: dict[str, np.ndarray], threads: int = 0) -> dict[str, np.ndarray]:
@@ -30,7 +50,7 @@ def run_ort(model: ir.Model, feeds: dict[str, np.ndarray], threads: int = 0) -> 
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(to_bytes(model), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(serialize_for_ort(model), opts)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
 

@@ -22,8 +22,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from kiln.ir.io import to_bytes
-from kiln.passes.numerics import log_softmax
+from kiln.passes.numerics import log_softmax, ort_session, serialize_for_ort
 
 METRICS = ("ppl_increase", "cosine")
 
@@ -45,7 +44,7 @@ class QualityBudget:
         """Metric values for `model`; the first call (the source) sets the baseline."""
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        session = ort.InferenceSession(to_bytes(model), opts, providers=["CPUExecutionProvider"])
+        session = ort_session(serialize_for_ort(model), opts)
         output = session.get_outputs()[0].name
         inputs = {i.name for i in session.get_inputs()}
         outputs = [session.run([output], {k: v for k, v in f.items() if k in inputs})[0] for f in self.feeds]

@@ -23,7 +23,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-from kiln.ir.io import to_bytes
+
+from kiln.passes.numerics import ort_session, serialize_for_ort
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sigmoid", "Tanh", "Relu", "Erf", "Gelu", "FastGelu", "Pow", "Neg",
                "Exp", "Sqrt", "Identity", "Cast", "Clip", "Max", "Min", "LeakyRelu", "HardSigmoid", "Softplus",
@@ -448,7 +449,7 @@ def refresh_shapes(model: ir.Model, feed: dict[str, np.ndarray], values: Iterabl
     outputs = list(graph.outputs)
     graph.outputs.extend(targets)
     try:
-        payload = to_bytes(model)
+        payload = serialize_for_ort(model)
     finally:
         graph.outputs.clear()
         graph.outputs.extend(outputs)
@@ -457,7 +458,7 @@ def refresh_shapes(model: ir.Model, feed: dict[str, np.ndarray], values: Iterabl
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
-    session = ort.InferenceSession(payload, opts, providers=["CPUExecutionProvider"])
+    session = ort_session(payload, opts)
     names = [v.name for v in targets]
     inputs = {i.name for i in session.get_inputs()}
     arrays = session.run(names, {k: v for k, v in feed.items() if k in inputs})

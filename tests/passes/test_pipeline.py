@@ -154,3 +154,28 @@ def test_exact_budget_follows_a_model_that_amplifies_rounding():
     # a well-conditioned model keeps the fixed budget: a 1% change is still caught
     with pytest.raises(PipelineError, match=r"exact pass changed the outputs: max_rel [0-9.e-]+ vs budget 0.0001$"):
         run_pipeline(tiny_graph(), [ScaleWeights(1.01)], FEEDS, progress=False)
+
+
+def test_large_weights_reach_ort_in_memory_and_the_model_is_untouched():
+    """run_ort and the verifier leave weights over 1 MB out of the serialized proto (ORT gets them
+    as OrtValues); the numbers are the model's and its weights stay in place."""
+    import onnx_ir as ir
+
+    from kiln.ir import verify, without_weights
+    from kiln.passes.numerics import run_ort
+
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((512, 600)).astype(np.float32)  # 1.2 MB
+    w = ir.val("W", const_value=ir.tensor(big))
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape([2, 512]))
+    mm = ir.node("MatMul", [x, w], num_outputs=1)
+    mm.outputs[0].name, mm.outputs[0].dtype, mm.outputs[0].shape = "y", ir.DataType.FLOAT, ir.Shape([2, 600])
+    model = ir.Model(ir.Graph([x], mm.outputs, nodes=[mm], initializers=[w], opset_imports={"": 21}, name="g"),
+                     ir_version=10)
+    proto, weights = without_weights(model)
+    assert list(weights) == ["W"] and proto.ByteSize() < 10_000
+    verify(model)
+    feed = rng.standard_normal((2, 512)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(model, {"x": feed})["y"], feed @ big, rtol=1e-5, atol=1e-4)
+    assert model.graph.initializers["W"].const_value.numpy() is not None
+    np.testing.assert_array_equal(model.graph.initializers["W"].const_value.numpy(), big)
