@@ -362,15 +362,28 @@ def _require(module: str, hint: str) -> None:
         raise Skip(f"{module} is not installed ({hint})")
 
 
+def _kiln_spec(path: Path) -> dict:
+    manifest = json.loads((path / "kiln.json").read_text())
+    spec = {"kind": "kiln", "path": str(path), "compile_s": manifest["compile"]["seconds"]}
+    if "tuning" in manifest["backend"]:
+        spec["tuning"] = manifest["backend"]["tuning"]
+    return spec
+
+
+def _tuning_lines(specs: dict) -> list[str]:
+    """What a TVM artifact's kernels were scheduled by: its tuning is part of its result."""
+    return [f"{name}: {t['tasks_with_record']} of {t['tasks']} kernels from MetaSchedule records in the tuning "
+            f"database ({t['trials']} trials in this compile), the rest by kiln's matmul rule and DLight's CPU rules; "
+            f"TVM build {t['build_seconds']} s." for name, spec in specs.items() if (t := spec.get("tuning"))]
+
+
 def prepare_llm(name: str, workdir: Path) -> dict:
     """Build what `name` runs (cached in workdir); returns its spec: how to open it, its files."""
     from kiln.models import get_source, prepare
 
     if name in KILN_LLM:
         recipe, backend = KILN_LLM[name]
-        path = _kiln_artifact(LLM_MODEL, recipe, workdir / f"kiln-smollm2-{backend}-{recipe}", backend)
-        manifest = json.loads((path / "kiln.json").read_text())
-        return {"kind": "kiln", "path": str(path), "compile_s": manifest["compile"]["seconds"]}
+        return _kiln_spec(_kiln_artifact(LLM_MODEL, recipe, workdir / f"kiln-smollm2-{backend}-{recipe}", backend))
     if name == "ort-raw-fp32":
         prepared = prepare(get_source(LLM_MODEL), progress=False)
         return {"kind": "raw", "path": str(prepared.path), "compile_s": prepared.meta.get("export_seconds")}
@@ -459,8 +472,7 @@ def prepare_encoder(name: str, workdir: Path) -> dict:
 
     if name in KILN_ENCODER:
         recipe, backend = KILN_ENCODER[name]
-        path = _kiln_artifact(ENCODER_MODEL, recipe, workdir / f"kiln-minilm-{backend}-{recipe}", backend)
-        return {"kind": "kiln", "path": str(path), "compile_s": json.loads((path / "kiln.json").read_text())["compile"]["seconds"]}
+        return _kiln_spec(_kiln_artifact(ENCODER_MODEL, recipe, workdir / f"kiln-minilm-{backend}-{recipe}", backend))
     if name == "ort-raw-fp32":
         prepared = prepare(get_source(ENCODER_MODEL), progress=False)
         return {"kind": "raw", "path": str(prepared.path), "compile_s": prepared.meta.get("export_seconds")}
@@ -702,6 +714,7 @@ def llm_section(data: dict, command: str) -> str:
         "ort-raw, the builder's time for onnxruntime-genai, the re-quantization for llama.cpp Q4_0. Greedy: tokens "
         f"identical to PyTorch's before the first difference, after the {max(depths)}-token prompt."),
         "This is a shared 2-core VM: read the ratios, not the absolute numbers.",
+        *_tuning_lines(data["specs"]),
     ]
     if data.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in data["skipped"].items()) + "."]
@@ -739,7 +752,7 @@ def encoder_section(data: dict) -> str:
              ("Same harness: identical token ids, interleaved rounds, one warm-up, medians of "
              f"{plan['repeats']}. Latency: batch 1; throughput: sequences per second at batch 32 × 128 tokens. "
              "Ratios per kiln system: the peer's latency ÷ kiln's, and kiln's throughput ÷ the peer's "
-             "(above 1: kiln is faster)."), ""]
+             "(above 1: kiln is faster)."), *_tuning_lines(data["encoder_specs"]), ""]
     for threads, results in data["encoder"].items():
         kilns = [k for k in results if k.startswith("kiln-")]
         lines += [f"### {threads} thread{'s' if threads != '1' else ''}", "",
