@@ -27,8 +27,9 @@ back into float ones), `specialize-shapes` (kiln pass: fixed dims, shape chains 
 each weight's dequantize kernel grouped into its matmul's kernel (FuseOps fuses only what
 follows a matmul) -> MetaSchedule records from the tuning database -> for kernels without a
 record, kiln's CPU matmul rule (`schedules.CpuMatmul`: register-tiled GEMM, row-streaming
-GEMV over [K, N] weights) then DLight's CPU rules (GEMV, reductions), kernel by kernel (a
-kernel a rule fails on keeps the default lowering) -> tvm.compile.
+GEMV over [K, N] weights), DLight's CPU rules (GEMV, reductions), then kiln's elementwise rule
+(`schedules.CpuElementwise`), kernel by kernel (a kernel a rule fails on keeps the default
+lowering) -> tvm.compile.
 
 Tuning: `tune_minutes` > 0 runs MetaSchedule over the kernels (of all functions together)
 that have no record yet, largest first, a batch of trials each, until the budget is spent.
@@ -210,7 +211,7 @@ def build(modules: dict, target: dict, tune_minutes: float) -> tuple[dict, dict]
     from tvm.s_tir import dlight
     from tvm.s_tir import meta_schedule as ms
 
-    from .schedules import CpuMatmul
+    from .schedules import CpuElementwise, CpuMatmul
 
     tvm_target = tvm.target.Target(target)
     with tvm_target:
@@ -235,7 +236,7 @@ def build(modules: dict, target: dict, tune_minutes: float) -> tuple[dict, dict]
         with tvm_target, database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
             mod = _default_schedules(mod, dlight.ApplyDefaultSchedule(CpuMatmul(), dlight.cpu.GEMV(),
-                                                                         dlight.cpu.Reduction()))
+                                                                         dlight.cpu.Reduction(), CpuElementwise()))
         executables[fn] = tvm.compile(mod, target=tvm_target)
     tuned = sum(database.query_tuning_record(t.dispatched[0], tvm_target, t.task_name) is not None for t in tasks)
     return executables, {"database": str(db_dir), "tasks": len(tasks), "tasks_with_record": tuned,

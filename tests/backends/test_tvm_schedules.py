@@ -93,3 +93,25 @@ def test_rule_leaves_other_kernels_alone():
     c = te.reduce_axis((0, 64), name="c")
     total = te.compute((4,), lambda i: te.sum(x[i, c], axis=c))  # a plain reduction
     assert CpuMatmul().apply(te.create_prim_func([x, total]), TARGET, False) is None
+
+
+def test_elementwise_kernels_run_in_parallel_and_exactly():
+    """SwiGLU's gate·up on a packed projection: one parallel, vectorized loop; tiny kernels stay serial."""
+    from kiln.backends.tvm.schedules import CpuElementwise
+
+    a = te.placeholder((1, 64, 256), name="a")
+    out = te.compute((1, 64, 128), lambda b, i, j: a[b, i, j] * te.sigmoid(a[b, i, j]) * a[b, i, j + 128])
+    sch = CpuElementwise().apply(te.create_prim_func([a, out]), TARGET, False)
+    text = sch.mod.script()
+    assert "T.parallel" in text and "T.vectorized" in text
+    x = np.random.default_rng(0).standard_normal((1, 64, 256)).astype(np.float32)
+    tensors = [tvm.runtime.tensor(x), tvm.runtime.tensor(np.zeros((1, 64, 128), np.float32))]
+    tvm.compile(sch.mod, target=TARGET)["main"](*tensors)
+    ref = x[..., :128] / (1 + np.exp(-x[..., :128])) * x[..., 128:]
+    np.testing.assert_allclose(tensors[1].numpy(), ref, rtol=1e-5, atol=1e-6)
+    small = te.placeholder((4, 8), name="s")
+    assert CpuElementwise().apply(te.create_prim_func([small, te.compute((4, 8), lambda i, j: small[i, j] * 2)]),
+                                  TARGET, False) is None
+    r = te.reduce_axis((0, 256), name="r")
+    total = te.compute((1, 64), lambda b, i: te.sum(a[b, i, r], axis=r))
+    assert CpuElementwise().apply(te.create_prim_func([a, total]), TARGET, False) is None
