@@ -13,7 +13,8 @@ is what `pack-matmuls` leaves after packing the three projections into one MatMu
 Dims: H query heads, Hkv kv heads, Dh head size (from the node's attributes and the split sizes).
 Preconditions: the three Split outputs are read by this GroupQueryAttention only, as its query,
 key and value, in that order, and the split is along the last axis. Exact (the same numbers).
-Not handled: Q/K/V that pass through other ops on the way (biases, per-head norms), which stay.
+Not handled: Q/K/V that pass through other ops on the way (per-head norms; biases that
+`pack-matmuls` did not pack with their MatMuls), which stay.
 """
 
 from __future__ import annotations

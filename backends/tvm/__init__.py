@@ -59,6 +59,12 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA, dims
+from kiln.models.cache import cache_dir
+from kiln.passes.base import KilnPass
+from kiln.passes.expand_dequantize import ExpandDequantizePass
+from kiln.passes.kv_layout import cache_feeds
+from kiln.passes.registry import create_pass
+from kiln.targets import Target
 
 # TVM sizes its thread pool once, when a kernel first runs in parallel, at TVM_NUM_THREADS
 # workers, else at half the cores on x86 (it assumes hyper-threading): one worker on a 2-core
@@ -71,12 +77,6 @@ os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 # alone. 1,000 rounds free them at once and cost nothing measurable (SmolLM2 on TVM: decode
 # 21.8 tok/s, against 19.9 with the default and 16.5 with no spinning at all).
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "1000")
-from kiln.models.cache import cache_dir
-from kiln.passes.base import KilnPass
-from kiln.passes.expand_dequantize import ExpandDequantizePass
-from kiln.passes.kv_layout import cache_feeds
-from kiln.passes.registry import create_pass
-from kiln.targets import Target
 
 PARAMS_FILE = "params.npz"
 WEIGHT_MIN_ELEMENTS = 1024  # smaller initializers stay constants (shape tensors must, to stay static)

@@ -30,6 +30,8 @@ axis is innermost (Q·Kᵀ), dynamic extents, N not a multiple of 8, more than o
 
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
@@ -173,9 +175,7 @@ class CpuElementwise(ScheduleRule):
         extents = [_extent(sch, loop) for loop in loops]
         if not loops or None in extents:
             return None
-        total = 1
-        for e in extents:
-            total *= e
+        total = math.prod(extents)
         if total < MIN_PARALLEL_ELEMENTS:
             return None
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]

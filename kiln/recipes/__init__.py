@@ -27,7 +27,8 @@ DEFAULT = "fp32"
 # Without --recipe, a causal LM on the CPU through ORT gets 4-bit weights: decode is bound by
 # reading the weights, so int4 (0.15x the bytes, run as MatMulNBits) is what a deployment wants.
 # TVM keeps fp32: its int4 kernels (expand-dequantize, dequantized inside the matmul) compile and
-# match ORT, but untuned they measured slower than fp32 on SmolLM2 (decode 2.4 against 4.4 tok/s).
+# match ORT, but take neither kiln's weight panels nor tuning; they measured slower than fp32 on
+# SmolLM2 (decode 2.4 against 4.4 tok/s, on the build before TVM's thread pool used every core).
 # Everything else takes its target's default.
 TASK_DEFAULTS = {("cpu", "ort", "causal-lm"): "int4"}
 

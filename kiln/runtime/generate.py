@@ -162,9 +162,8 @@ class Model:
         inputs = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
         for name, value in zip(feeds, inputs):
             binding.bind_ortvalue_input(name, value)
-        values = None if same else [s.value for s in slots]
-        if values is not None and (self._bound is None or len(values) != len(self._bound)
-                                   or any(a is not b for a, b in zip(values, self._bound))):
+        values = self._bound if same else [s.value for s in slots]
+        if self._bound is None or len(values) != len(self._bound) or any(a is not b for a, b in zip(values, self._bound)):
             for i in range(self.kv["num_layers"]):
                 for j, kind in enumerate(("key", "value")):
                     binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", values[2 * i + j])
