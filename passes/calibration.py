@@ -21,7 +21,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from kiln.errors import KilnError
-from kiln.passes.numerics import ort_session, serialize_for_ort
+from kiln.passes.numerics import ort_session
 
 
 class CalibrationError(KilnError):
@@ -79,17 +79,15 @@ def capture(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], values: Seq
         raise CalibrationError(f"cannot capture '{missing[0]}': no such value in the graph")
     extra = [by_name[n] for n in dict.fromkeys(values) if not by_name[n].is_graph_output()
              and not by_name[n].is_graph_input()]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
     graph_outputs = list(model.graph.outputs)
     model.graph.outputs.extend(extra)
     try:
-        payload = serialize_for_ort(model)
+        session = ort_session(model, opts)
     finally:
         model.graph.outputs.clear()
         model.graph.outputs.extend(graph_outputs)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort_session(payload, opts)
-    del payload
     inputs = {i.name for i in session.get_inputs()}
     wanted = [n for n in dict.fromkeys(values) if n not in inputs]
     for feed in feeds:

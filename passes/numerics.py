@@ -24,22 +24,15 @@ from kiln.ir.io import without_weights
 HIGHER_IS_BETTER = {"top1", "cosine"}
 
 
-def serialize_for_ort(model: ir.Model) -> tuple[bytes, dict[str, np.ndarray]]:
-    """The model as ORT session input: the proto without its large weights, and those weights."""
+def ort_session(model: ir.Model, opts: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """A CPU session over `model`: the proto goes without its large weights, which ORT takes as
+    OrtValues over the arrays already in memory instead of through a serialized copy."""
     proto, weights = without_weights(model)
-    return proto.SerializeToString(), weights
-
-
-def ort_session(payload: tuple[bytes, dict[str, np.ndarray]], opts: ort.SessionOptions | None = None,
-                providers: list[str] | None = None) -> ort.InferenceSession:
-    """A session over `serialize_for_ort`'s output: the weights go in as OrtValues over the arrays
-    already in memory, not through the proto."""
-    model, weights = payload
     opts = opts or ort.SessionOptions()
     values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
     if values:
         opts.add_external_initializers(list(weights), values)
-    session = ort.InferenceSession(model, opts, providers=providers or ["CPUExecutionProvider"])
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     session.kiln_weights = values  # ORT reads them in place: they live as long as the session
     return session
 
@@ -50,7 +43,7 @@ def run_ort(model: ir.Model, feeds: dict[str, np.ndarray], threads: int = 0) -> 
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    session = ort_session(serialize_for_ort(model), opts)
+    session = ort_session(model, opts)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from kiln.passes.numerics import ort_session, serialize_for_ort
+from kiln.passes.numerics import ort_session
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sigmoid", "Tanh", "Relu", "Erf", "Gelu", "FastGelu", "Pow", "Neg",
                "Exp", "Sqrt", "Identity", "Cast", "Clip", "Max", "Min", "LeakyRelu", "HardSigmoid", "Softplus",
@@ -446,19 +446,18 @@ def refresh_shapes(model: ir.Model, feed: dict[str, np.ndarray], values: Iterabl
     saved = {v: v.shape for v in targets}
     for v in targets:
         v.shape = None
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
     outputs = list(graph.outputs)
     graph.outputs.extend(targets)
     try:
-        payload = serialize_for_ort(model)
+        session = ort_session(model, opts)
     finally:
         graph.outputs.clear()
         graph.outputs.extend(outputs)
         for v, s in saved.items():
             v.shape = s
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    session = ort_session(payload, opts)
     names = [v.name for v in targets]
     inputs = {i.name for i in session.get_inputs()}
     arrays = session.run(names, {k: v for k, v in feed.items() if k in inputs})
