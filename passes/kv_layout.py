@@ -1,5 +1,5 @@
-"""Helpers shared by passes that produce or rewrite a KV-cache graph: feeds in the cache
-layout recorded under `kiln.kv_cache`, and the decode-consistency check."""
+"""Helpers shared by passes that produce, rewrite or drive a KV-cache graph: feeds in the cache
+layout recorded under `kiln.kv_cache`, the decode-consistency check, and sampling."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from kiln.ir import KV_CACHE_METADATA
-from kiln.passes.numerics import compare, run_ort
+from kiln.passes.numerics import compare, ort_session, run_ort
 
 
 def cache_feeds(layout: dict, input_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -29,6 +30,21 @@ def cache_feeds(layout: dict, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     for i in range(layout["num_layers"]):
         feeds[f"past_key_values.{i}.key"] = np.zeros((batch, layout["kv_heads"], length, layout["head_dim"]), dtype=dtype)
         feeds[f"past_key_values.{i}.value"] = np.zeros((batch, layout["kv_heads"], length, layout["value_head_dim"]), dtype=dtype)
+    return feeds
+
+
+def step_feeds(layout: dict, tokens: np.ndarray, t: int, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feeds for one decode step: `tokens` [B, 1] at position t, the past from `out`'s presents."""
+    batch = len(tokens)
+    feeds = {"input_ids": tokens.astype(np.int64), "attention_mask": np.ones((batch, t + 1), dtype=np.int64),
+             "position_ids": np.full((batch, 1), t, dtype=np.int64)}
+    if layout.get("static"):
+        feeds["attention_mask"] = np.zeros((batch, layout["max_length"]), dtype=np.int64)
+        feeds["attention_mask"][:, : t + 1] = 1
+        feeds["cache_position"] = np.array([t], dtype=np.int64)
+    for i in range(layout["num_layers"]):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = out[f"present.{i}.{kind}"]
     return feeds
 
 
@@ -55,15 +71,32 @@ def decode_consistency(model: ir.Model, prefill: int = 5, steps: int = 3, capaci
     pieces = [out[name]]
     for step in range(steps):
         t = prefill + step
-        feeds = {"input_ids": ids[:, t:t + 1], "attention_mask": np.ones((2, t + 1), dtype=np.int64),
-                 "position_ids": np.full((2, 1), t, dtype=np.int64)}
-        if layout.get("static"):
-            feeds["attention_mask"] = np.zeros((2, layout["max_length"]), dtype=np.int64)
-            feeds["attention_mask"][:, : t + 1] = 1
-            feeds["cache_position"] = np.array([t], dtype=np.int64)
-        for i in range(layout["num_layers"]):
-            for kind in ("key", "value"):
-                feeds[f"past_key_values.{i}.{kind}"] = out[f"present.{i}.{kind}"]
-        out = run_ort(model, feeds)
+        out = run_ort(model, step_feeds(layout, ids[:, t:t + 1], t, out))
         pieces.append(out[name])
     return compare({name: full[name]}, {name: np.concatenate(pieces, axis=1)})["max_rel"]
+
+
+def sample_continuations(model: ir.Model, prompts: np.ndarray, length: int, seed: int = 0) -> np.ndarray:
+    """[B, P] prompts -> [B, length] token ids: the prompt, then tokens sampled from the model's
+    own next-token distribution (temperature 1), through its KV cache.
+
+    Text the model itself finds likely, as much as wanted: calibration data for passes that
+    would overfit the little real text they are given (cf. LLM-QAT's data-free distillation)."""
+    layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
+    rng = np.random.default_rng(seed)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort_session(model, opts)
+    names = [o.name for o in session.get_outputs()]
+    logits_name = model.graph.outputs[0].name
+    ids = prompts.astype(np.int64)
+    feeds = cache_feeds(layout, ids)
+    while ids.shape[1] < length:
+        out = dict(zip(names, session.run(names, feeds)))
+        logits = out[logits_name][:, -1].astype(np.float64)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        nxt = np.array([rng.choice(p.shape[1], p=row) for row in p], dtype=np.int64)[:, None]
+        feeds = step_feeds(layout, nxt, ids.shape[1], out)
+        ids = np.concatenate([ids, nxt], axis=1)
+    return ids[:, :length]

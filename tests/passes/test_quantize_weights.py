@@ -10,6 +10,7 @@ from kiln.passes.numerics import compare, run_ort
 from kiln.passes.calibration import CalibrationError
 from kiln.passes.quantization import dequantize, gptq, output_error, rtn
 from kiln.passes.quantize_weights import QuantizeWeightsPass
+from kiln.passes.scale_tuning import sampled_feeds
 
 
 @pytest.mark.parametrize("bits, block, symmetric", [(4, 32, True), (4, 64, False), (8, 0, True), (8, 32, False)])
@@ -194,3 +195,67 @@ def test_invalid_parameters():
         QuantizeWeightsPass(bits=3)
     with pytest.raises(ValueError, match="block_size"):
         QuantizeWeightsPass(block_size=24)
+
+
+def _wide_calibration(feeds, n, batch=8, length=48, seed=5):
+    """Calibration feeds wider than the sample inputs, so that tuning has something to generalize from."""
+    rng = np.random.default_rng(seed)
+    past = {k: np.zeros((batch,) + v.shape[1:], v.dtype) for k, v in feeds.items() if k.startswith("past")}
+    return [{**past, "input_ids": rng.integers(0, 200, size=(batch, length)),
+             "attention_mask": np.ones((batch, length), np.int64),
+             "position_ids": np.tile(np.arange(length), (batch, 1))} for _ in range(n)]
+
+
+def test_scale_tuning_lowers_held_out_divergence_and_keeps_the_integers(prepared):
+    model, feeds = _llama(prepared)
+    fp = run_ort(model, feeds)
+    calibration = _wide_calibration(feeds, 16)
+    plain, _ = _llama(prepared)
+    p = QuantizeWeightsPass(method="gptq", block_size=16, min_elements=0, budget=10)
+    p.calibration = calibration
+    p(plain)
+    tuned = QuantizeWeightsPass(method="gptq", block_size=16, min_elements=0, tune_steps=60, tune_lr=0.005, budget=10)
+    tuned.calibration = calibration
+    result = tuned(model)
+    verify(model)
+    stats = result.stats
+    assert stats["tune_heldout_loss_after"] < 0.95 * stats["tune_heldout_loss_before"], stats
+    # the same format: integers untouched, scales of the same shape, moved
+    ints = {v.name: v.const_value.numpy() for v in plain.graph.initializers.values() if ".q4" in v.name}
+    for v in model.graph.initializers.values():
+        if ".q4" in v.name:
+            assert np.array_equal(v.const_value.numpy(), ints[v.name])
+        if v.name.endswith(".scale"):
+            before = plain.graph.initializers[v.name].const_value.numpy()
+            assert v.const_value.shape == before.shape and not np.allclose(v.const_value.numpy(), before)
+    # and on the pipeline's own sample inputs (not calibration), closer to float than without tuning
+    assert compare(fp, run_ort(model, feeds))["kl"] < compare(fp, run_ort(plain, feeds))["kl"]
+
+
+def test_scale_tuning_needs_calibration(prepared):
+    model, _ = _llama(prepared)
+    with pytest.raises(CalibrationError, match="tune_steps"):
+        QuantizeWeightsPass(method="rtn", min_elements=0, tune_steps=5)(model)
+    with pytest.raises(ValueError, match="tune_steps"):
+        QuantizeWeightsPass(tune_steps=-1)
+
+
+def test_sampled_feeds_continue_the_prompts_with_the_models_own_text(prepared):
+    model, feeds = _llama(prepared)
+    calibration = _wide_calibration(feeds, 2)
+    out = sampled_feeds(model, calibration, 3)
+    assert len(out) == 3 and set(out[0]) == set(calibration[0])
+    for i, feed in enumerate(out):
+        assert feed["input_ids"].shape == (1, 48)
+        assert np.array_equal(feed["input_ids"][0, :4], calibration[i % 2]["input_ids"][0, :4])
+    assert np.array_equal(sampled_feeds(model, calibration, 3)[2]["input_ids"], out[2]["input_ids"])  # seeded
+
+    def mean_logprob(ids):  # of each token after the prompt, under the model
+        logits = run_ort(model, {**out[0], "input_ids": ids})["logits"][0].astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        return logp[3:-1][np.arange(44), ids[0, 4:]].mean()
+
+    vocab = model.graph.outputs[0].shape[-1]
+    uniform = np.random.default_rng(0).integers(0, vocab, size=(1, 48))
+    uniform[0, :4] = out[0]["input_ids"][0, :4]
+    assert np.mean([mean_logprob(f["input_ids"]) for f in out]) > mean_logprob(uniform) + 0.1

@@ -1,0 +1,62 @@
+"""kiln.ir.torch_graph: the torch evaluation of a graph agrees with ONNX Runtime, before and
+after the ORT fusions, and refuses what it does not implement by name."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from conftest import tiny_graph
+from kiln.ir import load_model, summary
+from kiln.ir.torch_graph import TorchGraph, UnsupportedOp
+from kiln.models import sample_inputs
+from kiln.passes import create_pass, run_pipeline
+from kiln.passes.numerics import compare, run_ort
+from kiln.recipes import load_recipe
+
+
+def _fp32(prepared, name, extra=()):
+    p = prepared(name)
+    model = load_model(p.path)
+    feeds = sample_inputs(p.meta, summary(model).inputs)
+    passes = load_recipe("fp32").build() + [create_pass(n) for n in extra]
+    run = run_pipeline(model, passes, feeds, progress=False)
+    return run.model, run.feeds
+
+
+def _agree(model, feeds):
+    expected = run_ort(model, feeds)
+    got = TorchGraph(model)(feeds)
+    names = [v.name for v in model.graph.outputs]
+    return compare(expected, {n: t.detach().numpy() for n, t in zip(names, got)})
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-phi3", "tiny-bert"])
+def test_matches_ort_on_exported_models(prepared, name):
+    model, feeds = _fp32(prepared, name)
+    assert _agree(model, feeds)["max_rel"] < 1e-4
+
+
+@pytest.mark.parametrize("name, fused", [("tiny-llama", "com.microsoft::GroupQueryAttention"),
+                                         ("tiny-bert", "com.microsoft::MultiHeadAttention")])
+def test_matches_ort_on_fused_contrib_ops(prepared, name, fused):
+    model, feeds = _fp32(prepared, name, ["fuse-rms-norm", "fuse-layer-norm", "fuse-gelu", "fuse-attention"])
+    assert fused in summary(model).ops
+    assert _agree(model, feeds)["max_rel"] < 1e-4
+
+
+def test_gradients_reach_a_swapped_initializer():
+    model = tiny_graph()
+    w = torch.tensor(model.graph.initializers["W"].const_value.numpy(), requires_grad=True)
+    (y,) = TorchGraph(model)({"x": np.ones((2, 4), np.float32)}, {"W": w})
+    y.sum().backward()
+    # y = relu(x W + b) with every pre-activation positive: dy/dW[k, n] = Σ_rows x[row, k] = 2
+    assert torch.allclose(w.grad, torch.full_like(w, 2.0))
+
+
+def test_an_op_without_torch_evaluation_is_named():
+    model = tiny_graph()
+    relu = list(model.graph)[-1]
+    relu.op_type = "Hardmax"
+    with pytest.raises(UnsupportedOp, match="ai.onnx::Hardmax"):
+        TorchGraph(model)
