@@ -1,5 +1,5 @@
-"""Helpers shared by passes that produce, rewrite or drive a KV-cache graph: feeds in the cache
-layout recorded under `kiln.kv_cache`, the decode-consistency check, and sampling."""
+"""Helpers shared by passes that produce or rewrite a KV-cache graph: feeds in the cache
+layout recorded under `kiln.kv_cache`, and the decode-consistency check."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import json
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from kiln.ir import KV_CACHE_METADATA
-from kiln.passes.numerics import compare, ort_session, run_ort
+from kiln.passes.numerics import compare, run_ort
 
 
 def cache_feeds(layout: dict, input_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -74,29 +73,3 @@ def decode_consistency(model: ir.Model, prefill: int = 5, steps: int = 3, capaci
         out = run_ort(model, step_feeds(layout, ids[:, t:t + 1], t, out))
         pieces.append(out[name])
     return compare({name: full[name]}, {name: np.concatenate(pieces, axis=1)})["max_rel"]
-
-
-def sample_continuations(model: ir.Model, prompts: np.ndarray, length: int, seed: int = 0) -> np.ndarray:
-    """[B, P] prompts -> [B, length] token ids: the prompt, then tokens sampled from the model's
-    own next-token distribution (temperature 1), through its KV cache.
-
-    Text the model itself finds likely, as much as wanted: calibration data for passes that
-    would overfit the little real text they are given (cf. LLM-QAT's data-free distillation)."""
-    layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
-    rng = np.random.default_rng(seed)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort_session(model, opts)
-    names = [o.name for o in session.get_outputs()]
-    logits_name = model.graph.outputs[0].name
-    ids = prompts.astype(np.int64)
-    feeds = cache_feeds(layout, ids)
-    while ids.shape[1] < length:
-        out = dict(zip(names, session.run(names, feeds)))
-        logits = out[logits_name][:, -1].astype(np.float64)
-        p = np.exp(logits - logits.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        nxt = np.array([rng.choice(p.shape[1], p=row) for row in p], dtype=np.int64)[:, None]
-        feeds = step_feeds(layout, nxt, ids.shape[1], out)
-        ids = np.concatenate([ids, nxt], axis=1)
-    return ids[:, :length]

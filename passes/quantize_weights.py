@@ -24,7 +24,6 @@ weight (values + fp32 scales + zero points) stays within the limit.
 Scale tuning (`tune_steps` > 0): after the integers are chosen, the block scales are trained
 end to end on the calibration feeds against the float model's output (KL of the next-token
 distribution for LMs), integers fixed; see `kiln.passes.scale_tuning`. Same format and size.
-`tune_samples` adds that many sequences sampled from the float model to the training text.
 
 Which weights: constant 2-D float initializers of at least `min_elements` elements whose
 every reader is one of the three forms above. The LM head (a MatMul producing a graph
@@ -43,7 +42,6 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from kiln.ir import KV_CACHE_METADATA
 from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
 from kiln.passes.quantization import DTYPES, bits_per_weight, dequantize, gptq, output_error, rtn, storage_bits
@@ -72,7 +70,7 @@ class QuantizeWeightsPass(KilnPass):
     def __init__(self, bits: int = 4, block_size: int = 32, symmetric: bool = True, method: str = "rtn",
                  include_lm_head: bool = True, include_embedding: bool = True, max_bits_per_weight: float = 0.0,
                  damp: float = 0.01, act_order: bool = False, min_elements: int = 4096, tune_steps: int = 0,
-                 tune_lr: float = 0.002, tune_samples: int = 0, budget: float = 0.1):
+                 tune_lr: float = 0.002, budget: float = 0.1):
         super().__init__()
         if bits not in (4, 7, 8):
             raise ValueError("bits must be 4, 7 (int8 storage, reduced range) or 8")
@@ -86,12 +84,12 @@ class QuantizeWeightsPass(KilnPass):
             raise ValueError("max_bits_per_weight must lie between bits and 8 (plus scales), or be 0 (off)")
         if not 0 <= damp < 1:
             raise ValueError("damp must be in [0, 1)")
-        if tune_steps < 0 or tune_samples < 0 or not 0 < tune_lr < 1:
-            raise ValueError("tune_steps and tune_samples must be >= 0, tune_lr in (0, 1)")
+        if tune_steps < 0 or not 0 < tune_lr < 1:
+            raise ValueError("tune_steps must be >= 0 and tune_lr in (0, 1)")
         self.bits, self.block_size, self.symmetric, self.method = bits, block_size, symmetric, method
         self.include_lm_head, self.include_embedding = include_lm_head, include_embedding
         self.max_bits_per_weight, self.damp, self.min_elements, self.budget = max_bits_per_weight, damp, min_elements, budget
-        self.act_order, self.tune_steps, self.tune_lr, self.tune_samples = act_order, tune_steps, tune_lr, tune_samples
+        self.act_order, self.tune_steps, self.tune_lr = act_order, tune_steps, tune_lr
         self.uses_calibration = method == "gptq" or bool(max_bits_per_weight) or tune_steps > 0
 
     def call(self, model: ir.Model):
@@ -107,7 +105,8 @@ class QuantizeWeightsPass(KilnPass):
             quantized[id(w)] = self._quantize(w, self.bits, gram)
         if self.max_bits_per_weight:
             self._promote(weights, quantized, grams, rejected)
-        tuning = self._tuning_data(model, rejected) if self.tune_steps and weights else None
+        warnings: list[str] = []
+        tuning = self._tuning_data(model, warnings) if self.tune_steps and weights else None
 
         bytes_before = bytes_after = 0
         scales = []
@@ -137,10 +136,14 @@ class QuantizeWeightsPass(KilnPass):
                  "mean_output_error": float(f"{np.mean([w.error for w in weights]):.3g}") if weights else 0.0,
                  "weight_mb_before": round(bytes_before / 1e6, 2), "weight_mb_after": round(bytes_after / 1e6, 2)}
         if tuning is not None:
+            from kiln.ir.torch_graph import UnsupportedOp
             from kiln.passes.scale_tuning import tune_scales
 
-            stats.update(tune_scales(model, scales, *tuning, self.tune_steps, self.tune_lr))
-        return self.result(model, modified=bool(weights), stats=stats, rejected=rejected)
+            try:
+                stats.update(tune_scales(model, scales, *tuning, self.tune_steps, self.tune_lr))
+            except UnsupportedOp as exc:  # raised before any scale changes
+                warnings.append(f"scales not tuned: {exc}")
+        return self.result(model, modified=bool(weights), stats=stats, rejected=rejected, warnings=warnings)
 
     # -- finding the weights ------------------------------------------------------------
 
@@ -195,21 +198,19 @@ class QuantizeWeightsPass(KilnPass):
         stats = calib.collect(model, feeds, names, gram=names)
         return {name: s.gram for name, s in stats.items()}
 
-    def _tuning_data(self, model: ir.Model, rejected: list[str]):
-        """(feeds, the float model's outputs on them, train indices, held-out indices), taken
-        while the weights are still float."""
-        # imported here: it loads torch, which nothing else needs when a model is not tuned
-        from kiln.passes.scale_tuning import sampled_feeds, split_feeds, teacher_outputs
+    def _tuning_data(self, model: ir.Model, warnings: list[str]):
+        """(feeds, the float model as teacher, train indices, held-out indices), taken while the
+        weights are still float; None (with a warning) when torch cannot run the graph."""
+        # imported here: they load torch, which nothing else needs when a model is not tuned
+        from kiln.ir.torch_graph import unsupported_ops
+        from kiln.passes.scale_tuning import Teacher, split_feeds
 
+        missing = unsupported_ops(model)
+        if missing:
+            warnings.append(f"scales not tuned: no torch evaluation for {', '.join(missing)}")
+            return None
         feeds = list(calib.require(self.calibration, "quantize-weights (tune_steps)"))
-        train, held = split_feeds(len(feeds))
-        if self.tune_samples and KV_CACHE_METADATA in model.metadata_props:
-            sampled = sampled_feeds(model, feeds, self.tune_samples)
-            train += range(len(feeds), len(feeds) + len(sampled))
-            feeds += sampled
-        elif self.tune_samples:
-            rejected.append("tune_samples: no KV cache to sample through; tuned on the calibration text only")
-        return feeds, teacher_outputs(model, feeds), train, held
+        return (feeds, Teacher(model), *split_feeds(len(feeds)))
 
     # -- quantizing -------------------------------------------------------------------
 

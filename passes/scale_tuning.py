@@ -13,84 +13,77 @@ quantization parameters). The float teacher runs through ONNX Runtime before the
 the quantized model runs through `kiln.ir.torch_graph` for gradients.
 
 Cost: one forward and backward pass of the model per step (SmolLM2-135M, 256 tokens:
-about 4 s on 2 cores). Overfits small calibration sets: one real feed in eight is held
-out, the step with the lowest held-out loss is kept, and both losses are reported. For LMs
-with a KV cache, `sampled_feeds` adds text sampled from the float model itself (prompted
-by the first tokens of the real feeds) to train on: as much as wanted, and it is the
-distribution the model will be asked to reproduce.
+about 4 s on 2 cores). Overfits small calibration sets (SmolLM2 on 4k tokens: training KL
+0.05, held-out 0.13): one feed in eight is held out, the step with the lowest held-out loss
+is kept (the untuned scales if none is lower), and both losses are reported. Tried and
+dropped: training on text sampled from the float model as well (48 × 256 tokens): held-out
+KL 0.144 against 0.130 without, the same Lee perplexity within noise.
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import torch
 
-from kiln.ir import KV_CACHE_METADATA
 from kiln.ir.torch_graph import TorchGraph
-from kiln.passes import calibration as calib
-from kiln.passes.kv_layout import cache_feeds, sample_continuations
+from kiln.passes.numerics import ort_session
 
 
-def teacher_outputs(model: ir.Model, feeds: list[dict]) -> tuple[str, list[torch.Tensor]]:
-    """The first graph output on every feed, from the float model (log-probabilities for logits)."""
-    name = model.graph.outputs[0].name
-    out = []
-    for arrays in calib.capture(model, feeds, [name]):
-        y = torch.from_numpy(np.asarray(arrays[name], dtype=np.float32))
-        out.append(torch.log_softmax(y, -1).half() if name == "logits" else y)
-    return name, out
+class Teacher:
+    """The float model's first output on a feed (log-probabilities for logits), through an ONNX
+    Runtime session made before the weights are rewritten. Computed per step rather than kept:
+    a vocabulary of 150k over 64 feeds of 256 tokens would be 5 GB even in half precision."""
+
+    def __init__(self, model: ir.Model):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort_session(model, opts)
+        self.name = model.graph.outputs[0].name
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def __call__(self, feed: dict) -> torch.Tensor:
+        y = self.session.run([self.name], {k: v for k, v in feed.items() if k in self.inputs})[0]
+        y = torch.from_numpy(np.asarray(y, dtype=np.float32))
+        return torch.log_softmax(y, -1) if self.name == "logits" else y
+
+    def loss(self, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.name == "logits":
+            return (target.exp() * (target - torch.log_softmax(y, -1))).sum(-1).mean()
+        return (y - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
 
 
-def _loss(name: str, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if name == "logits":
-        t = target.float()
-        return (t.exp() * (t - torch.log_softmax(y, -1))).sum(-1).mean()
-    return (y - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
+def split_feeds(count: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices: one feed in eight is held out (none below four)."""
+    held = list(range(0, count, 8)) if count >= 4 else []
+    return [i for i in range(count) if i not in held], held
 
 
-def split_feeds(real: int) -> tuple[list[int], list[int]]:
-    """(train, held-out) indices: one real feed in eight is held out (none below four)."""
-    held = list(range(0, real, 8)) if real >= 4 else []
-    return [i for i in range(real) if i not in held], held
-
-
-def sampled_feeds(model: ir.Model, feeds: list[dict], count: int, seed: int = 0) -> list[dict]:
-    """`count` more feeds like `feeds` (prefill, empty cache), continuing each real feed's first
-    four tokens with text sampled from the model itself."""
-    layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
-    length = feeds[0]["input_ids"].shape[1]
-    prompts = np.concatenate([feeds[i % len(feeds)]["input_ids"][:1, :4] for i in range(count)])
-    out = []
-    for start in range(0, count, 8):  # batches of 8: fast through the cache, small in memory
-        ids = sample_continuations(model, prompts[start:start + 8], length, seed + start)
-        out.extend(cache_feeds(layout, row[None]) for row in ids)
-    return out
-
-
-def tune_scales(model: ir.Model, scales: list[ir.Value], feeds: list[dict], teacher: tuple[str, list],
+def tune_scales(model: ir.Model, scales: list[ir.Value], feeds: list[dict], teacher: Teacher,
                 train: list[int], held: list[int], steps: int, lr: float, seed: int = 0) -> dict[str, float]:
     """Train `scales` (initializers of the model) in place on feeds[train], keeping the step
-    with the lowest loss on feeds[held]; returns the losses before and after."""
-    name, targets = teacher
+    with the lowest loss on feeds[held]; returns the losses before and after. Raises
+    UnsupportedOp (before any change) when the graph has an op torch_graph cannot run."""
     graph = TorchGraph(model)
+    name = teacher.name
     base = {v.name: torch.from_numpy(np.asarray(v.const_value.numpy(), dtype=np.float32)) for v in scales}
     logs = {n: torch.zeros_like(s, requires_grad=True) for n, s in base.items()}
     train = train or held
-    feeds_t = [{k: torch.from_numpy(np.asarray(v)) for k, v in f.items()} for f in feeds]
+    check = held or train
+    fixed = {i: teacher(feeds[i]) for i in check}
 
     def loss_on(i):
         params = {n: base[n] * torch.exp(logs[n]) for n in base}
-        return _loss(name, graph(feeds_t[i], params, [name])[0], targets[i])
+        target = fixed[i] if i in fixed else teacher(feeds[i])
+        return teacher.loss(graph(feeds[i], params, [name])[0], target)
 
     def evaluate(indices):
         with torch.no_grad():
             return float(np.mean([loss_on(i).item() for i in indices]))
 
-    check = held or train
     first = evaluate(check)
     best, best_logs = first, {n: t.detach().clone() for n, t in logs.items()}
     opt = torch.optim.Adam(logs.values(), lr=lr)
