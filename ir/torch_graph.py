@@ -304,6 +304,23 @@ def _gather_nd(node, x, idx):
     return x[(rows, *(idx[..., i] for i in range(idx.shape[-1])))]
 
 
+def _scatter_elements(node, x, idx, updates):
+    if _attr(node, "reduction", "none") != "none":
+        raise UnsupportedOp("ScatterElements with a reduction")
+    axis = _attr(node, "axis", 0) % x.dim()
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx).long()
+    return x.scatter(axis, idx, updates)
+
+
+def _scatter_nd(node, x, idx, updates):
+    if _attr(node, "reduction", "none") != "none":
+        raise UnsupportedOp("ScatterND with a reduction")
+    out = x.clone()
+    idx = idx.long()
+    out[tuple(idx[..., i] for i in range(idx.shape[-1]))] = updates
+    return out
+
+
 OPS: dict[tuple[str, str], Callable] = {
     ("", "Identity"): _unary(lambda x: x),
     ("", "Cast"): _cast,
@@ -350,7 +367,8 @@ OPS: dict[tuple[str, str], Callable] = {
     ("", "ReduceMean"): _reduce(torch.mean), ("", "ReduceSum"): _reduce(torch.sum),
     ("", "ReduceMax"): _reduce(torch.amax),
     ("", "ReduceL2"): _reduce(lambda x, dim, keepdim: torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim)),
-    ("", "GatherND"): _gather_nd, ("", "ReduceMin"): _reduce(torch.amin),
+    ("", "GatherND"): _gather_nd,
+    ("", "ScatterElements"): _scatter_elements, ("", "ScatterND"): _scatter_nd, ("", "ReduceMin"): _reduce(torch.amin),
     ("", "CumSum"): lambda node, x, axis: torch.cumsum(x, dim=int(axis)),
     ("", "Trilu"): lambda node, x, k=None: (torch.triu if _attr(node, "upper", 1) else torch.tril)(
         x, 0 if k is None else int(k)),

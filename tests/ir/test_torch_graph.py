@@ -46,6 +46,17 @@ def test_matches_ort_on_fused_contrib_ops(prepared, name, fused):
     assert _agree(model, feeds)["max_rel"] < 1e-4
 
 
+def test_matches_ort_on_a_static_cache(prepared):
+    """The TVM backend's static cache writes the new keys with ScatterElements."""
+    p = prepared("tiny-llama")
+    model = load_model(p.path)
+    feeds = sample_inputs(p.meta, summary(model).inputs)
+    passes = [create_pass(n) for n in ["fold-constants", "simplify", "eliminate-common-subexpressions", "fold-constants"]]
+    run = run_pipeline(model, passes + [create_pass("insert-kv-cache", {"static_length": 32})], feeds, progress=False)
+    assert "ScatterElements" in summary(run.model).ops
+    assert _agree(run.model, run.feeds)["max_rel"] < 1e-4
+
+
 def test_gradients_reach_a_swapped_initializer():
     model = tiny_graph()
     w = torch.tensor(model.graph.initializers["W"].const_value.numpy(), requires_grad=True)
