@@ -390,19 +390,14 @@ def _domain(node: ir.Node) -> str:
     return "" if node.domain in ("", "ai.onnx") else node.domain
 
 
-def unsupported_ops(model: ir.Model) -> list[str]:
-    """The graph's ops (domain::type) that have no torch evaluation here."""
-    return sorted({f"{_domain(n) or 'ai.onnx'}::{n.op_type}" for n in model.graph
-                   if (_domain(n), n.op_type) not in OPS and n.op_type != "Constant"})
-
-
 class TorchGraph:
     """Run `model.graph` in torch. `parameters` replace initializers (or any value) by name."""
 
     def __init__(self, model: ir.Model):
         self.graph = model.graph
         self.nodes = list(self.graph)  # onnx_ir keeps graphs topologically sorted
-        missing = unsupported_ops(model)
+        missing = sorted({f"{_domain(n) or 'ai.onnx'}::{n.op_type}" for n in self.nodes
+                          if (_domain(n), n.op_type) not in OPS and n.op_type != "Constant"})
         if missing:
             raise UnsupportedOp(f"no torch evaluation for {', '.join(missing)}")
         self.constants = {name: to_torch(v.const_value) for name, v in self.graph.initializers.items()

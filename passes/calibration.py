@@ -18,7 +18,6 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from kiln.errors import KilnError
 from kiln.passes.numerics import ort_session
@@ -79,12 +78,10 @@ def capture(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], values: Seq
         raise CalibrationError(f"cannot capture '{missing[0]}': no such value in the graph")
     extra = [by_name[n] for n in dict.fromkeys(values) if not by_name[n].is_graph_output()
              and not by_name[n].is_graph_input()]
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     graph_outputs = list(model.graph.outputs)
     model.graph.outputs.extend(extra)
     try:
-        session = ort_session(model, opts)
+        session = ort_session(model)
     finally:
         model.graph.outputs.clear()
         model.graph.outputs.extend(graph_outputs)

@@ -26,9 +26,12 @@ HIGHER_IS_BETTER = {"top1", "cosine"}
 
 def ort_session(model: ir.Model, opts: ort.SessionOptions | None = None) -> ort.InferenceSession:
     """A CPU session over `model`: the proto goes without its large weights, which ORT takes as
-    OrtValues over the arrays already in memory instead of through a serialized copy."""
+    OrtValues over the arrays already in memory instead of through a serialized copy. Without
+    `opts`, default options that log errors only."""
     proto, weights = without_weights(model)
-    opts = opts or ort.SessionOptions()
+    if opts is None:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
     values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
     if values:
         opts.add_external_initializers(list(weights), values)

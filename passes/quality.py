@@ -20,7 +20,6 @@ import math
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from kiln.passes.numerics import log_softmax, ort_session
 
@@ -42,9 +41,7 @@ class QualityBudget:
 
     def measure(self, model: ir.Model) -> dict[str, float]:
         """Metric values for `model`; the first call (the source) sets the baseline."""
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort_session(model, opts)
+        session = ort_session(model)
         output = session.get_outputs()[0].name
         inputs = {i.name for i in session.get_inputs()}
         outputs = [session.run([output], {k: v for k, v in f.items() if k in inputs})[0] for f in self.feeds]

@@ -105,8 +105,7 @@ class QuantizeWeightsPass(KilnPass):
             quantized[id(w)] = self._quantize(w, self.bits, gram)
         if self.max_bits_per_weight:
             self._promote(weights, quantized, grams, rejected)
-        warnings: list[str] = []
-        tuning = self._tuning_data(model, warnings) if self.tune_steps and weights else None
+        tuning = self._tuning_data(model) if self.tune_steps and weights else None
 
         bytes_before = bytes_after = 0
         scales = []
@@ -135,6 +134,7 @@ class QuantizeWeightsPass(KilnPass):
                  "bits_per_weight": round(8 * bytes_after / max(n_params, 1), 3),
                  "mean_output_error": float(f"{np.mean([w.error for w in weights]):.3g}") if weights else 0.0,
                  "weight_mb_before": round(bytes_before / 1e6, 2), "weight_mb_after": round(bytes_after / 1e6, 2)}
+        warnings = []
         if tuning is not None:
             from kiln.ir.torch_graph import UnsupportedOp
             from kiln.passes.scale_tuning import tune_scales
@@ -198,17 +198,12 @@ class QuantizeWeightsPass(KilnPass):
         stats = calib.collect(model, feeds, names, gram=names)
         return {name: s.gram for name, s in stats.items()}
 
-    def _tuning_data(self, model: ir.Model, warnings: list[str]):
+    def _tuning_data(self, model: ir.Model):
         """(feeds, the float model as teacher, train indices, held-out indices), taken while the
-        weights are still float; None (with a warning) when torch cannot run the graph."""
-        # imported here: they load torch, which nothing else needs when a model is not tuned
-        from kiln.ir.torch_graph import unsupported_ops
+        weights are still float."""
+        # imported here: it loads torch, which nothing else needs when a model is not tuned
         from kiln.passes.scale_tuning import Teacher, split_feeds
 
-        missing = unsupported_ops(model)
-        if missing:
-            warnings.append(f"scales not tuned: no torch evaluation for {', '.join(missing)}")
-            return None
         feeds = list(calib.require(self.calibration, "quantize-weights (tune_steps)"))
         return (feeds, Teacher(model), *split_feeds(len(feeds)))
 

@@ -26,7 +26,6 @@ import math
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import torch
 
 from kiln.ir.torch_graph import TorchGraph
@@ -39,9 +38,7 @@ class Teacher:
     a vocabulary of 150k over 64 feeds of 256 tokens would be 5 GB even in half precision."""
 
     def __init__(self, model: ir.Model):
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort_session(model, opts)
+        self.session = ort_session(model)
         self.name = model.graph.outputs[0].name
         self.inputs = {i.name for i in self.session.get_inputs()}
 
