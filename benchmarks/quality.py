@@ -34,9 +34,10 @@ import numpy as np
 import kiln
 from benchmarks.parity import PROMPTS
 from benchmarks.report import machine_line, write_section
-from kiln.corpus import default_corpus, read_text
+from kiln.corpus import CALIBRATION_WINDOWS, calibration_corpus, default_corpus, read_text
 from kiln.evaluate import evaluate_lm, score_windows, sentences
 from kiln.models.cache import cache_dir
+from kiln.passes import create_pass
 from kiln.recipes import load_recipe
 from kiln.runtime.generate import Model
 
@@ -70,8 +71,13 @@ CONFIGS: dict[str, str] = {
 
 
 def _recipe_key(recipe: str | Path) -> str:
-    """The recipe's resolved passes, hashed: a changed preset (or its base) is recompiled."""
-    return hashlib.sha256(json.dumps(load_recipe(recipe).as_dict()["passes"]).encode()).hexdigest()[:10]
+    """The recipe's resolved passes, hashed, with the calibration text when a pass uses it: a
+    changed preset (or its base, or kiln's calibration corpus) is recompiled."""
+    passes = load_recipe(recipe).as_dict()["passes"]
+    key = json.dumps(passes)
+    if any(create_pass(p["name"], p["params"]).uses_calibration for p in passes):
+        key += f"{calibration_corpus().name}/{CALIBRATION_WINDOWS}"
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
 def compile_config(name: str, recipe: str, workdir: Path) -> Path:

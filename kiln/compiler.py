@@ -178,12 +178,12 @@ def _calibration(passes, prepared: Prepared, signature, feeds, text) -> tuple[li
     inputs when kiln has no tokenizer for the model (recorded, as they are a poor sample)."""
     if not any(p.uses_calibration for p in passes):
         return None, None
-    from kiln.corpus import calibration_corpus, text_feeds
+    from kiln.corpus import CALIBRATION_WINDOWS, calibration_corpus, text_feeds
 
     if prepared.tokenizer is None:
         return [feeds], {"text": None, "note": "no tokenizer: calibrated on the sample inputs only"}
     path = Path(text) if text else calibration_corpus()
-    calib = text_feeds(prepared.tokenizer, signature, path)
+    calib = text_feeds(prepared.tokenizer, signature, path, samples=CALIBRATION_WINDOWS)
     return calib, {"text": path.name, "windows": len(calib), "tokens": int(sum(f["input_ids"].size for f in calib))}
 
 

@@ -2,21 +2,34 @@
 
 The two sets are disjoint, so a data-aware pass never sees the text it is judged on:
 - evaluation: `lee_background.cor`, 300 news articles;
-- calibration: `lee.cor`, 50 other articles from the same source.
+- calibration: `lee.cor`, 50 other articles from the same source, then the opening
+  paragraphs of the Wikipedia articles in the wheel's `enwiki-...-shortened.bz2` (about
+  150 articles, wiki markup stripped), so that GPTQ's statistics see general English and not
+  only one kind of news text (`CALIBRATION_WINDOWS` windows of 256 tokens: the whole of
+  lee.cor, then Wikipedia). On SmolLM2 int4 (GPTQ, asymmetric blocks of 32, torch, Lee
+  10 x 512): +11.7% PPL with 16 windows of lee.cor, +12.8% with 112 more windows of text
+  sampled from the model itself, +9.4% with 48 more windows of Wikipedia.
 """
 
 from __future__ import annotations
 
+import bz2
+import html
+import re
 from pathlib import Path
 
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.models.cache import cache_dir
 from kiln.models.fetch import fetch_wheel
 
 GENSIM_WHEEL = "gensim==4.4.0"
 EVAL_TEXT = "gensim/test/test_data/lee_background.cor"
 CALIBRATION_TEXT = "gensim/test/test_data/lee.cor"
+WIKIPEDIA = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+CALIBRATION_WINDOWS = 64
+LEAD_CHARS = 1500  # of each Wikipedia article: whole paragraphs up to about this many characters
 
 
 def default_corpus() -> Path:
@@ -24,7 +37,44 @@ def default_corpus() -> Path:
 
 
 def calibration_corpus() -> Path:
-    return fetch_wheel(GENSIM_WHEEL) / CALIBRATION_TEXT
+    """lee.cor followed by Wikipedia leads, written once into kiln's cache."""
+    target = cache_dir("corpus") / "calibration-lee-wikipedia-v1.txt"
+    if not target.is_file():
+        wheel = fetch_wheel(GENSIM_WHEEL)
+        text = read_text(wheel / CALIBRATION_TEXT) + "\n\n" + "\n\n".join(wikipedia_leads(wheel / WIKIPEDIA))
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)
+    return target
+
+
+def wikipedia_leads(dump: Path, chars: int = LEAD_CHARS) -> list[str]:
+    """The opening prose of each article in a MediaWiki XML dump (.bz2): references, templates,
+    tables, files and markup removed, links kept as their text; redirects skipped."""
+    raw = bz2.open(dump, "rt", encoding="utf-8").read()
+    leads = []
+    for page in re.findall(r"<text[^>]*>(.*?)</text>", raw, flags=re.S):
+        t = html.unescape(page)
+        if t.lstrip().lower().startswith("#redirect"):
+            continue
+        t = re.sub(r"<!--.*?-->|<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", t, flags=re.S)
+        for _ in range(5):  # nested templates, innermost first
+            t = re.sub(r"\{\{[^{}]*\}\}", "", t)
+        t = re.sub(r"\{\|.*?\|\}", "", t, flags=re.S)  # tables
+        t = re.sub(r"\[\[(?:File|Image|Category|[a-z]{2,3}):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "", t)
+        t = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", t)
+        t = re.sub(r"\[https?://[^ \]]*(?: ([^\]]*))?\]", r"\1", t)
+        t = html.unescape(re.sub(r"<[^>]+>|'{2,}", "", t))  # entities were escaped twice (&amp;nbsp;)
+        paragraphs = [p.strip() for p in t.split("\n")]
+        paragraphs = [p for p in paragraphs if len(p) > 40 and not p.startswith(tuple("=*|!#:;{}"))]
+        lead = ""
+        for p in paragraphs:
+            if lead and len(lead) + len(p) > chars:
+                break
+            lead = f"{lead}\n{p}" if lead else p
+        if lead:
+            leads.append(lead)
+    return leads
 
 
 def read_text(path: Path) -> str:

@@ -33,6 +33,10 @@ reads only the rows it needs:
 whole table. Every reader of one DequantizeLinear shares the same P, S, Z: a tied table is
 stored once. Dims: D the quantized axis' length, bs the block size, V vocabulary, H hidden.
 
+Compact scales (a weight's scale computed by a DequantizeLinear of constants, as
+quantize-weights' `compact_scales` writes it) are folded to float32 scales first
+(stat `scales_folded`): the chain then reads one constant S, as for any other weight.
+
 Exact: (q - zp) is an exact float and the Mul rounds once, as DequantizeLinear does.
 Stats: dequantize_expanded, packed_4bit (of them, 4-bit weights stored two per byte),
 gathers_by_row (Gathers rewritten to dequantize their rows only), bytes_stored (P, S, Z).
@@ -84,7 +88,8 @@ class _Stored:
 class ExpandDequantizePass(KilnPass):
     def call(self, model: ir.Model):
         graph = model.graph
-        stats = {"dequantize_expanded": 0, "packed_4bit": 0, "gathers_by_row": 0, "bytes_stored": 0}
+        stats = {"dequantize_expanded": 0, "packed_4bit": 0, "gathers_by_row": 0, "bytes_stored": 0,
+                 "scales_folded": _fold_compact_scales(graph)}
         for dq in [n for n in graph if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]:
             stored = _store(graph, dq)
             if stored is None:
@@ -116,6 +121,34 @@ class ExpandDequantizePass(KilnPass):
                 if value.is_initializer() and not value.uses() and not value.is_graph_output():
                     graph.initializers.pop(value.name)
         return self.result(model, modified=stats["dequantize_expanded"] > 0, stats=stats)
+
+
+def _fold_compact_scales(graph: ir.Graph) -> int:
+    """Replace each weight scale that a DequantizeLinear of constants computes by its float32 value."""
+    folded = 0
+    for dq in [n for n in graph if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]:
+        inner = dq.inputs[1].producer() if len(dq.inputs) > 1 and dq.inputs[1] is not None else None
+        if inner is None or inner.op_type != "DequantizeLinear" or inner.attributes.get_int("block_size", 0):
+            continue
+        tensors = [ir.convenience.get_const_tensor(v) if v is not None else None for v in inner.inputs]
+        if any(t is None for t, v in zip(tensors, inner.inputs) if v is not None) or len(tensors[0].shape) != 2:
+            continue
+        levels, step = tensors[0].numpy().astype(np.float32), tensors[1].numpy().astype(np.float32)
+        zero = tensors[2].numpy().astype(np.float32) if len(tensors) > 2 and tensors[2] is not None else 0.0
+        if step.size > 1:  # per axis: a 1-D step along `axis`
+            axis = inner.attributes.get_int("axis", 1) % 2
+            step = step.reshape((-1, 1) if axis == 0 else (1, -1))
+            zero = zero.reshape(step.shape) if np.ndim(zero) else zero
+        value = ir.val(unique_name(graph, inner.outputs[0].name or "scale"),
+                       const_value=ir.tensor(((levels - zero) * step).astype(np.float32)))
+        graph.register_initializer(value)
+        inner.outputs[0].replace_all_uses_with(value)
+        graph.remove(inner, safe=True)
+        for v in inner.inputs:
+            if v is not None and v.is_initializer() and not v.uses():
+                graph.initializers.pop(v.name)
+        folded += 1
+    return folded
 
 
 def _replace(old: ir.Value, new: ir.Value) -> None:

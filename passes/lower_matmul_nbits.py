@@ -25,10 +25,13 @@ Not handled (left as DequantizeLinear, which ORT also runs): per-channel scales
 weights, tables whose H is not a whole number of blocks. ORT-specific: selected by the ORT
 backend's lowering.
 
-Scales stay float32 in the artifact. Stored in half behind a Cast (0.5 bits per weight less
-at block 32), they are folded back at load only when ORT's graph optimizations run; without
-them MatMulNBits with accuracy_level 4 reads the unfolded scales wrongly (relative error 1.0
-on ORT 1.32, with or without zero points), and users may turn optimizations off.
+Compact scales (quantize-weights' `compact_scales`: the weight's scale is
+DequantizeLinear(s8 uint8, step[N]) of two constants) stay compact in the artifact as
+Mul(Cast(s8ᵀ), step) feeding the op, which ORT folds into float32 scales at load, so the
+file keeps 8 bits per block. With accuracy_level 4, MatMulNBits reads scales that are not
+folded wrongly (relative error 1.0 on ORT 1.32; levels 0-3 are right either way), so
+`compact_scales=False` (the ORT backend's choice for a target that turns graph optimizations
+off) stores them as float32 instead. Other scales stay float32 as they are.
 """
 
 from __future__ import annotations
@@ -68,9 +71,22 @@ def pack(q: np.ndarray, zero: np.ndarray | None, scale: np.ndarray, bits: int, b
     return np.ascontiguousarray(b), np.ascontiguousarray(scale.T, dtype=np.float32).reshape(-1), zero_points
 
 
+def _scale_parts(scale: ir.Value) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(float32 scales, None) for a constant; (uint8 levels, step [N]) for compact scales, a
+    DequantizeLinear(levels, step) of constants; None otherwise. Levels are shaped as the scales."""
+    if scale.const_value is not None:
+        return scale.const_value.numpy(), None
+    dq = scale.producer()
+    if (dq is None or dq.op_type != "DequantizeLinear" or len(dq.inputs) != 2
+            or any(v is None or v.const_value is None for v in dq.inputs)
+            or dq.inputs[0].const_value.dtype != ir.DataType.UINT8 or len(dq.inputs[1].shape) != 1):
+        return None
+    return dq.inputs[0].const_value.numpy(), dq.inputs[1].const_value.numpy()
+
+
 def _check_weight(q, scale, zero, dq, axis: int) -> tuple[pattern.MatchResult, int]:
     result = pattern.MatchResult()
-    if q.const_value is None or scale.const_value is None or (zero is not None and zero.const_value is None):
+    if q.const_value is None or _scale_parts(scale) is None or (zero is not None and zero.const_value is None):
         return result.fail("the quantized weight is not constant"), 0
     if q.const_value.dtype not in _SIGNED and q.const_value.dtype not in _UNSIGNED:
         return result.fail(f"4- or 8-bit weights only, not {q.const_value.dtype}"), 0
@@ -83,22 +99,37 @@ def _check_weight(q, scale, zero, dq, axis: int) -> tuple[pattern.MatchResult, i
 
 
 def _pack(q, scale, zero, block: int, transposed: bool):
-    """MatMulNBits (B, scales [N, blocks], zero_points, bits, signed) from a DQ's constants."""
+    """MatMulNBits (B, scales [N, blocks], zero_points, bits, signed) from a DQ's constants;
+    scales are float32, or (uint8 levels [N, blocks], step [N]) for compact scales."""
     dtype = q.const_value.dtype
     signed = dtype in _SIGNED
     bits = _SIGNED.get(dtype) or _UNSIGNED[dtype]
-    qa, sa = q.const_value.numpy(), scale.const_value.numpy()
+    qa = q.const_value.numpy()
+    sa, step = _scale_parts(scale)
     za = zero.const_value.numpy() if zero is not None else None
     if transposed:  # [N, K] -> [K, N]
         qa, sa, za = qa.T, sa.T, (za.T if za is not None else None)
     b, scales, zero_points = pack(qa, za, sa, bits, block, signed)
-    return b, scales.reshape(qa.shape[1], -1), zero_points, bits, signed
+    scales = scales.reshape(qa.shape[1], -1)
+    return b, (scales if step is None else (scales.astype(np.uint8), step)), zero_points, bits, signed
+
+
+def _scales_input(op, scales, compact: bool):
+    """The kernel's float32 scales [N, blocks]: a constant, or compact levels × step (folded by ORT)."""
+    if not isinstance(scales, tuple):
+        return op.Constant(value=ir.tensor(scales))
+    levels, step = scales
+    if not compact:
+        return op.Constant(value=ir.tensor(levels.astype(np.float32) * step[:, None]))
+    return op.Mul(op.Cast(op.Constant(value=ir.tensor(levels)), to=ir.DataType.FLOAT),
+                  op.Constant(value=ir.tensor(step[:, None])))
 
 
 class MatMulNBitsRule(pattern.RewriteRuleClassBase):
-    def __init__(self, accuracy_level: int, zero_point: bool, transposed: bool):
+    def __init__(self, accuracy_level: int, zero_point: bool, transposed: bool, compact: bool):
         super().__init__("MatMulNBits" + ("" if zero_point else "-symmetric") + ("-transposed" if transposed else ""))
         self._accuracy_level, self._zero_point, self._transposed = accuracy_level, zero_point, transposed
+        self._compact = compact
 
     def pattern(self, op, a, q, scale, zero):
         inputs = (q, scale, zero) if self._zero_point else (q, scale)
@@ -114,7 +145,7 @@ class MatMulNBitsRule(pattern.RewriteRuleClassBase):
     def rewrite(self, op, a, q, scale, zero=None, **_):
         b, scales, zero_points, bits, signed = _pack(q, scale, zero, self._block, self._transposed)
         k, n = (q.shape[1], q.shape[0]) if self._transposed else (q.shape[0], q.shape[1])
-        inputs = [a, op.Constant(value=ir.tensor(b)), op.Constant(value=ir.tensor(scales))]
+        inputs = [a, op.Constant(value=ir.tensor(b)), _scales_input(op, scales, self._compact)]
         if zero is not None or not signed:
             inputs.append(op.Constant(value=ir.tensor(zero_points)))
         # else: symmetric weights sit on ORT's default zero point (2^(bits-1)), and leaving the
@@ -124,9 +155,9 @@ class MatMulNBitsRule(pattern.RewriteRuleClassBase):
 
 
 class GatherBlockQuantizedRule(pattern.RewriteRuleClassBase):
-    def __init__(self, zero_point: bool):
+    def __init__(self, zero_point: bool, compact: bool):
         super().__init__("GatherBlockQuantized" + ("" if zero_point else "-symmetric"))
-        self._zero_point = zero_point
+        self._zero_point, self._compact = zero_point, compact
 
     def pattern(self, op, ids, q, scale, zero):
         inputs = (q, scale, zero) if self._zero_point else (q, scale)
@@ -154,7 +185,8 @@ class GatherBlockQuantizedRule(pattern.RewriteRuleClassBase):
             zp = zero.const_value.numpy().astype(np.int32) + (offset if signed else 0)
         else:
             zp = np.full((v, blocks), offset, dtype=np.int32)
-        scales3 = op.Reshape(op.Constant(value=ir.tensor(scales)), op.Constant(value=ir.tensor(np.array([v, blocks, 1]))))
+        # the same constants as the tied head's MatMulNBits scales, so the two are stored once
+        scales3 = op.Reshape(_scales_input(op, scales, self._compact), op.Constant(value=ir.tensor(np.array([v, blocks, 1]))))
         gathered = op.GatherBlockQuantized(
             op.Constant(value=ir.tensor(b)), ids, scales3, op.Constant(value=ir.tensor(zp.astype(np.uint8)[..., None])),
             gather_axis=0, quantize_axis=2, block_size=self._block, bits=bits, _domain="com.microsoft")
@@ -164,11 +196,11 @@ class GatherBlockQuantizedRule(pattern.RewriteRuleClassBase):
 
 @register_pass("lower-matmul-nbits")
 class LowerMatMulNBitsPass(KilnPass):
-    def __init__(self, accuracy_level: int = 0, budget: float = 1e-2):
+    def __init__(self, accuracy_level: int = 0, compact_scales: bool = True, budget: float = 1e-2):
         super().__init__()
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError("accuracy_level is 0 (fp32), 1, 2, 3 or 4 (int8 activations)")
-        self.accuracy_level = accuracy_level
+        self.accuracy_level, self.compact_scales = accuracy_level, compact_scales
         if accuracy_level == 4:  # int8 activations change results slightly: a lossy pass then (KL budget)
             self.exact, self.metric, self.budget = False, "kl", budget
 
@@ -178,10 +210,11 @@ class LowerMatMulNBitsPass(KilnPass):
         readers += [u.node for r in readers if r.op_type == "Transpose" for u in r.outputs[0].uses()]
         seen = sum(r.op_type == "MatMul" for r in readers)
         tables = sum(r.op_type == "Gather" for r in readers)
-        rules = [MatMulNBitsRule.rule(self.accuracy_level, z, t) for z in (True, False) for t in (False, True)]
+        rules = [MatMulNBitsRule.rule(self.accuracy_level, z, t, self.compact_scales)
+                 for z in (True, False) for t in (False, True)]
         lowered, reasons = apply_rules(model, rules, expected=seen)
-        gathers, gather_reasons = apply_rules(model, [GatherBlockQuantizedRule.rule(z) for z in (True, False)],
-                                              expected=tables)
+        gathers, gather_reasons = apply_rules(
+            model, [GatherBlockQuantizedRule.rule(z, self.compact_scales) for z in (True, False)], expected=tables)
         if lowered or gathers:
             LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1024)(model)
             # A tied table packs to the same bytes for MatMulNBits and GatherBlockQuantized: keep one.

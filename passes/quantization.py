@@ -13,9 +13,15 @@ along K (block 0 = one block spanning K, i.e. per output channel):
   ‖W − Q‖². Scales come from the error-updated weights block by block; Hessian
   dampening `damp` × mean(diag H). Rows whose input is always zero are quantized as is.
 
+Compact scales (`scale_step` [N], both quantizers): every block scale is a whole multiple
+1..255 of its output channel's step, so it is stored as uint8 beside one fp32 step per
+channel (8 bits per block instead of 32, as llama.cpp's k-quants and QLoRA's double
+quantization do). The grid search picks among the representable scales, so the integers are
+chosen for the scale that is stored. `compact_step` sets the step from the widest block.
+
 `output_error(w, q, gram)` is the relative output error ‖X(W−Q)‖² / ‖XW‖² that ranks
-layers by sensitivity. `bits_per_weight` counts the stored bits (values, fp32 scales,
-zero points) per weight.
+layers by sensitivity. `bits_per_weight` counts the stored bits (values, scales, zero points)
+per weight.
 """
 
 from __future__ import annotations
@@ -35,33 +41,59 @@ def storage_bits(bits: int) -> int:
     return 8 if bits == 7 else bits
 
 
-def bits_per_weight(bits: int, block: int, k: int, symmetric: bool) -> float:
+SCALE_LEVELS = 255  # compact scales: uint8 multiples of a per-channel fp32 step
+
+
+def bits_per_weight(bits: int, block: int, k: int, symmetric: bool, compact_scales: bool = False) -> float:
     bs, stored = block or k, storage_bits(bits)
-    return stored + (32 + (0 if symmetric else stored)) / bs
+    scale_bits = 8 if compact_scales else 32
+    return stored + (scale_bits + (0 if symmetric else stored)) / bs + (32 / k if compact_scales else 0)
+
+
+def compact_step(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
+    """[N] fp32 steps for compact scales: the widest block's unclipped scale is the top level."""
+    k, n = w.shape
+    bs = block or k
+    _, _, lo, hi = DTYPES[(bits, symmetric)]
+    pad = (-k) % bs
+    g = np.concatenate([w, np.zeros((pad, n), w.dtype)]).reshape(-1, bs, n)
+    if symmetric:
+        widest = np.abs(g).max(axis=1) / hi  # a positive extreme sets the scale on hi
+    else:
+        widest = (np.maximum(g.max(axis=1), 0) - np.minimum(g.min(axis=1), 0)) / (hi - lo)
+    step = widest.max(axis=0) / SCALE_LEVELS
+    return np.where(step > 0, step, 1.0).astype(np.float32)
 
 
 SHRINK = np.linspace(1.0, 0.7, 13)  # candidate fractions of the block's range (clipping search)
 
 
-def _grid(g: np.ndarray, bits: int, symmetric: bool, importance: np.ndarray | None = None):
+def _grid(g: np.ndarray, bits: int, symmetric: bool, importance: np.ndarray | None = None,
+          step: np.ndarray | None = None):
     """Scale and zero point (float, or None) of each column of g [rows, N].
 
     The range is searched: each column takes the clipping of its range (in SHRINK) that
     minimizes the squared rounding error, weighted per row by `importance` (the Hessian's
     diagonal, i.e. the mean squared input of that row's feature) when given. Symmetric
     grids put a negative extreme on -2^(bits-1), using the level a max-abs/qmax scale wastes.
+    With `step` [N], each candidate scale is first rounded to a multiple 1..255 of it.
     """
     _, _, lo, hi = DTYPES[(bits, symmetric)]
+
+    def representable(scale):
+        return scale if step is None else (step * np.clip(np.round(scale / step), 1, SCALE_LEVELS)).astype(np.float32)
+
     if symmetric:
         extreme = g[np.abs(g).argmax(axis=0), np.arange(g.shape[1])]
         base = np.abs(extreme) / np.where(extreme < 0, -lo, hi)
-        candidates = [(np.float32(f) * base, None) for f in SHRINK]
+        candidates = [(representable(np.float32(f) * base), None) for f in SHRINK]
     else:
         gmin, gmax = np.minimum(g.min(axis=0), 0), np.maximum(g.max(axis=0), 0)
         candidates = []
         for f in SHRINK:
-            scale = (f * (gmax - gmin) / (hi - lo)).astype(np.float32)
+            scale = representable((f * (gmax - gmin) / (hi - lo)).astype(np.float32))
             safe = np.where(scale == 0, 1.0, scale)
+            # the zero point puts the clipped range's low end (f·gmin) on the grid's bottom
             candidates.append((scale, np.clip(np.round(lo - f * gmin / safe), lo, hi)))
     weight = np.ones((g.shape[0], 1)) if importance is None else importance.reshape(-1, 1)
     best_err, best = None, None
@@ -91,17 +123,19 @@ def _pack(q_rows: np.ndarray, scales: list, zeros: list, bits: int, symmetric: b
     return q_rows[:k].astype(np_dtype), scale, zero
 
 
-def rtn(w: np.ndarray, bits: int, block: int, symmetric: bool, importance: np.ndarray | None = None):
+def rtn(w: np.ndarray, bits: int, block: int, symmetric: bool, importance: np.ndarray | None = None,
+        scale_step: np.ndarray | None = None):
     """w [K, N] -> (q [K, N], scale [K/block, N], zero_point [K/block, N] or None).
 
-    `importance` [K] (e.g. the mean squared input per feature) weights the range search."""
+    `importance` [K] (e.g. the mean squared input per feature) weights the range search;
+    `scale_step` [N] makes the scales compact (see the module docstring)."""
     k = w.shape[0]
     bs = block or k
     q = np.empty_like(w, dtype=np.float32)
     scales, zeros = [], []
     for start in range(0, k, bs):
         g = w[start:start + bs]
-        scale, zero = _grid(g, bits, symmetric, None if importance is None else importance[start:start + bs])
+        scale, zero = _grid(g, bits, symmetric, None if importance is None else importance[start:start + bs], scale_step)
         q[start:start + bs] = _round(g, scale, zero, bits, symmetric)
         scales.append(scale)
         zeros.append(zero)
@@ -109,7 +143,7 @@ def rtn(w: np.ndarray, bits: int, block: int, symmetric: bool, importance: np.nd
 
 
 def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetric: bool, damp: float = 0.01,
-         act_order: bool = False, lazy: int = 128):
+         act_order: bool = False, lazy: int = 128, scale_step: np.ndarray | None = None):
     """GPTQ; `gram` = Σ xᵀx [K, K] of the layer's inputs. Same outputs as `rtn`.
 
     Without `act_order`, rows go in order and each block's grid is set from the
@@ -125,7 +159,7 @@ def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetric: bool
     h[dead, dead] = 1.0
     diag = np.diag(h).copy()
     h[np.diag_indices(k)] += damp * float(np.mean(diag))
-    grids = [_grid(w[s:s + bs].astype(np.float32), bits, symmetric, diag[s:s + bs]) for s in range(0, k, bs)] \
+    grids = [_grid(w[s:s + bs].astype(np.float32), bits, symmetric, diag[s:s + bs], scale_step) for s in range(0, k, bs)] \
         if act_order else None
     order = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
     w = w.astype(np.float64)[order]
@@ -145,7 +179,7 @@ def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetric: bool
             if act_order:
                 scale, zero = grids[original // bs]
             elif row % bs == 0:  # in order: step is whole blocks, so the block lies in w1
-                scale, zero = _grid(w1[i:i + bs].astype(np.float32), bits, symmetric, diag[row:row + bs])
+                scale, zero = _grid(w1[i:i + bs].astype(np.float32), bits, symmetric, diag[row:row + bs], scale_step)
                 scales.append(scale)
                 zeros.append(zero)
             qi = _round(w1[i], scale, zero, bits, symmetric)

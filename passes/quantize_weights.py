@@ -21,6 +21,14 @@ relative output error at `bits` on the calibration inputs (‖X(W−Ŵ)‖²/‖
 sensitive weights move to 8 bits, most sensitive first, while the average stored bits per
 weight (values + fp32 scales + zero points) stays within the limit.
 
+Compact scales (`compact_scales`): each block scale is stored as uint8, a multiple of one fp32
+step per output channel, dequantized by a DequantizeLinear of its own:
+
+    DequantizeLinear(Wq, DequantizeLinear(s8[K/bs, N] uint8, step[N], axis=1), zp?, axis=0, block_size=bs)
+
+8 bits per block instead of 32 (block 32 asymmetric: 4.375 bits per weight instead of
+5.125); the quantizers choose the integers for the stored scale (`kiln.passes.quantization`).
+
 Scale tuning (`tune_steps` > 0): after the integers are chosen, the block scales are trained
 end to end on the calibration feeds against the float model's output (KL of the next-token
 distribution for LMs), integers fixed; see `kiln.passes.scale_tuning`. Same format and size.
@@ -44,7 +52,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
-from kiln.passes.quantization import DTYPES, bits_per_weight, dequantize, gptq, output_error, rtn, storage_bits
+from kiln.passes.quantization import (DTYPES, bits_per_weight, compact_step, dequantize, gptq, output_error, rtn,
+                                     storage_bits)
 from kiln.passes.registry import register_pass
 from kiln.passes.structure import unique_name
 
@@ -70,7 +79,7 @@ class QuantizeWeightsPass(KilnPass):
     def __init__(self, bits: int = 4, block_size: int = 32, symmetric: bool = True, method: str = "rtn",
                  include_lm_head: bool = True, include_embedding: bool = True, max_bits_per_weight: float = 0.0,
                  damp: float = 0.01, act_order: bool = False, min_elements: int = 4096, tune_steps: int = 0,
-                 tune_lr: float = 0.002, budget: float = 0.1):
+                 tune_lr: float = 0.002, compact_scales: bool = False, budget: float = 0.1):
         super().__init__()
         if bits not in (4, 7, 8):
             raise ValueError("bits must be 4, 7 (int8 storage, reduced range) or 8")
@@ -86,10 +95,15 @@ class QuantizeWeightsPass(KilnPass):
             raise ValueError("damp must be in [0, 1)")
         if tune_steps < 0 or not 0 < tune_lr < 1:
             raise ValueError("tune_steps must be >= 0 and tune_lr in (0, 1)")
+        if compact_scales and not block_size:
+            raise ValueError("compact_scales needs blocks (block_size > 0): per-channel scales are one per channel already")
+        if compact_scales and tune_steps:
+            raise ValueError("scale tuning trains fp32 scales: use tune_steps = 0 with compact_scales")
         self.bits, self.block_size, self.symmetric, self.method = bits, block_size, symmetric, method
         self.include_lm_head, self.include_embedding = include_lm_head, include_embedding
         self.max_bits_per_weight, self.damp, self.min_elements, self.budget = max_bits_per_weight, damp, min_elements, budget
         self.act_order, self.tune_steps, self.tune_lr = act_order, tune_steps, tune_lr
+        self.compact_scales = compact_scales
         self.uses_calibration = method == "gptq" or bool(max_bits_per_weight) or tune_steps > 0
 
     def call(self, model: ir.Model):
@@ -111,16 +125,19 @@ class QuantizeWeightsPass(KilnPass):
         scales = []
         first = next(iter(graph), None)
         for w in weights:
-            q, scale, zero = quantized[id(w)][:3]
+            q, scale, zero, step = quantized[id(w)]
             bytes_before += q.size * 4
             stored = storage_bits(w.bits)
-            bytes_after += q.size * stored // 8 + scale.nbytes + (zero.size * stored // 8 if zero is not None else 0)
-            dq = self._dequantize_node(graph, w, q, scale, zero)
+            scale_bytes = scale.size + step.nbytes if step is not None else scale.nbytes
+            bytes_after += q.size * stored // 8 + scale_bytes + (zero.size * stored // 8 if zero is not None else 0)
+            nodes = self._dequantize_nodes(graph, w, q, scale, zero, step)
+            dq = nodes[-1]
             scales.append(dq.inputs[1])
-            if first is not None:
-                graph.insert_before(first, dq)
-            else:
-                graph.append(dq)
+            for node in nodes:
+                if first is not None:
+                    graph.insert_before(first, node)
+                else:
+                    graph.append(node)
             for node, index in w.uses:
                 node.replace_input_with(index, dq.outputs[0])
         if weights:
@@ -210,22 +227,25 @@ class QuantizeWeightsPass(KilnPass):
     # -- quantizing -------------------------------------------------------------------
 
     def _quantize(self, w: _Weight, bits: int, gram: np.ndarray | None):
-        """(q, scale, zero) in [K, N] orientation, and the relative output error."""
+        """(q, scale, zero, compact scales' step or None) in [K, N] orientation; sets w.error,
+        the relative output error."""
         array = w.value.const_value.numpy().astype(np.float32)
         kn = array.T if w.transposed else array
+        step = compact_step(kn, bits, self.block_size, self.symmetric) if self.compact_scales else None
         if self.method == "gptq" and gram is not None:
-            q, scale, zero = gptq(kn, gram, bits, self.block_size, self.symmetric, self.damp, self.act_order)
+            q, scale, zero = gptq(kn, gram, bits, self.block_size, self.symmetric, self.damp, self.act_order,
+                                  scale_step=step)
         else:
-            q, scale, zero = rtn(kn, bits, self.block_size, self.symmetric)
+            q, scale, zero = rtn(kn, bits, self.block_size, self.symmetric, scale_step=step)
         w.bits = bits
         w.error = output_error(kn, dequantize(q, scale, zero, self.block_size), gram)
-        return q, scale, zero
+        return q, scale, zero, step
 
     def _promote(self, weights: list[_Weight], quantized: dict, grams: dict, rejected: list[str]) -> None:
         """Move the most sensitive weights to 8 bits while the average bits per weight allows."""
         def bpw(w, bits):
             k = (w.value.const_value.shape[1] if w.transposed else w.value.const_value.shape[0])
-            return bits_per_weight(bits, self.block_size, k, self.symmetric)
+            return bits_per_weight(bits, self.block_size, k, self.symmetric, self.compact_scales)
 
         sizes = {id(w): w.value.const_value.size for w in weights}
         total = sum(sizes.values())
@@ -241,24 +261,39 @@ class QuantizeWeightsPass(KilnPass):
             rejected.append(f"{w.value.name}: 8 bits (output error at {self.bits} bits {error4:.2e}, "
                             f"at 8 bits {w.error:.2e})")
 
-    def _dequantize_node(self, graph: ir.Graph, w: _Weight, q, scale, zero) -> ir.Node:
+    def _dequantize_nodes(self, graph: ir.Graph, w: _Weight, q, scale, zero, step) -> list[ir.Node]:
+        """The weight's DequantizeLinear (last), after the one of its compact scales if any."""
         dtype = DTYPES[(w.bits, self.symmetric)][0]
         if w.transposed:  # stored as read: [N, K], blocks along axis 1
             q, scale, zero = q.T, scale.T, (zero.T if zero is not None else None)
         base = w.value.name
-        tensors = {f"{base}.q{w.bits}": ir.tensor(np.ascontiguousarray(q), dtype=dtype),
-                   f"{base}.scale": ir.tensor(np.ascontiguousarray(scale))}
+
+        def initializer(name, array, dtype=None):
+            value = ir.val(unique_name(graph, name), const_value=ir.tensor(np.ascontiguousarray(array), dtype=dtype))
+            graph.register_initializer(value)
+            return value
+
+        nodes = []
+        if step is None:
+            scale_value = initializer(f"{base}.scale", scale)
+        else:  # the channel axis of the scale: N is axis 1 of [K/bs, N], axis 0 of [N, K/bs]
+            levels = np.round(scale / (step[:, None] if w.transposed else step)).astype(np.uint8)
+            scale_dq = ir.node("DequantizeLinear", [initializer(f"{base}.scale_q8", levels, ir.DataType.UINT8),
+                                                    initializer(f"{base}.scale_step", step)],
+                               attributes={"axis": 0 if w.transposed else 1}, num_outputs=1)
+            scale_value = scale_dq.outputs[0]
+            scale_value.dtype, scale_value.shape = ir.DataType.FLOAT, ir.Shape(list(scale.shape))
+            scale_value.name = unique_name(graph, f"{base}.scale")
+            nodes.append(scale_dq)
+        inputs = [initializer(f"{base}.q{w.bits}", q, dtype), scale_value]
         if zero is not None:
-            tensors[f"{base}.zero_point"] = ir.tensor(np.ascontiguousarray(zero), dtype=dtype)
-        inputs = [ir.val(unique_name(graph, name), const_value=t) for name, t in tensors.items()]
-        for v in inputs:
-            graph.register_initializer(v)
+            inputs.append(initializer(f"{base}.zero_point", zero, dtype))
         k = q.shape[1] if w.transposed else q.shape[0]
         attrs = {"axis": 1 if w.transposed else 0, "block_size": self.block_size or k}
         dq = ir.node("DequantizeLinear", inputs, attributes=attrs, num_outputs=1)
         dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(q.shape))
         dq.outputs[0].name = unique_name(graph, f"{base}.dequantized")
-        return dq
+        return [*nodes, dq]
 
 
 def _is_head(node: ir.Node) -> bool:

@@ -58,7 +58,10 @@ class OrtBackend:
                     *[create_pass(n) for n in _CLEANUP], create_pass("pack-attention-qkv"), create_pass("convert-float16")]
         # accuracy_level 4 (int8 activations) is what makes MatMulNBits fast on CPU (measured
         # on SmolLM2 int4: level 0 decodes barely faster than fp32); it is recorded as lossy.
-        return [*fusions, create_pass("lower-matmul-nbits", {"accuracy_level": 4}),
+        # Its kernels need compact scales folded at load, which a target without graph
+        # optimizations does not do: such a target gets float32 scales.
+        compact = target.graph_optimization_level != "disable"
+        return [*fusions, create_pass("lower-matmul-nbits", {"accuracy_level": 4, "compact_scales": compact}),
                 create_pass("lower-dynamic-quantize-matmul"), create_pass("gather-quantized-rows"),
                 *[create_pass(n) for n in _CLEANUP], create_pass("pack-attention-qkv")]
 

@@ -144,3 +144,19 @@ def test_gpu_int4_lowers_to_fp16_matmulnbits(artifacts):
     assert "com.microsoft::MatMulNBits" in _ops(m)
     record = next(r for r in m["passes"] if r["name"] == "lower-matmul-nbits")
     assert record["exact"]  # accuracy_level 0: the CUDA kernel dequantizes, no int8 activations
+
+
+def test_compact_scales_stay_compact_only_where_ort_folds_them_at_load():
+    """MatMulNBits with int8 activations reads unfolded compact scales wrongly, and a target that
+    turns graph optimizations off does not fold them: it gets float32 scales in the file."""
+    import dataclasses
+
+    from kiln.backends.ort import OrtBackend
+    from kiln.targets import get_target
+
+    def lowering(level):
+        target = dataclasses.replace(get_target("cpu"), graph_optimization_level=level)
+        return next(p for p in OrtBackend().lowering_passes(target) if p.name == "lower-matmul-nbits")
+
+    assert lowering("all").compact_scales and lowering("basic").compact_scales
+    assert not lowering("disable").compact_scales

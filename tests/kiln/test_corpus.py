@@ -30,3 +30,42 @@ def test_windows_cover_the_text_with_special_tokens(tmp_path):
     assert ids.shape == (10, 12) and (ids[:, 0] == 1).all() and (ids[:, -1] == 2).all()
     assert len(set(ids[:, 1:-1].ravel().tolist())) == 100  # every word once
     assert (feeds[0]["attention_mask"] == 1).all() and (feeds[0]["token_type_ids"] == 0).all()
+
+
+_DUMP = """<mediawiki><page><title>Kiln</title><revision><text xml:space="preserve">{{Infobox|name={{nested|x}}}}
+'''Kilns''' are [[thermal insulation|thermally insulated]] chambers&lt;ref&gt;a citation&lt;/ref&gt; used in [[pottery]] and [http://example.com brick making].
+[[File:Kiln.jpg|thumb|A [[kiln]] at work]]
+&lt;!-- a hidden comment --&gt;
+==History==
+{| class="wikitable"
+| a table cell that is long enough to count as prose if it were kept
+|}
+* a list item long enough to count as a paragraph of prose text
+Early kilns were pits in the ground, and the temperature rose slowly&amp;nbsp;over many hours of firing.
+</text></revision></page>
+<page><title>Oven</title><revision><text xml:space="preserve">#REDIRECT [[Kiln]]</text></revision></page></mediawiki>"""
+
+
+def test_wikipedia_leads_keep_the_prose_and_drop_the_markup(tmp_path):
+    import bz2
+
+    from kiln.corpus import wikipedia_leads
+
+    dump = tmp_path / "dump.xml.bz2"
+    dump.write_bytes(bz2.compress(_DUMP.encode()))
+    leads = wikipedia_leads(dump)
+    assert leads == ["Kilns are thermally insulated chambers used in pottery and brick making.\n"
+                     "Early kilns were pits in the ground, and the temperature rose slowly\u00a0over many hours of firing."]
+    assert wikipedia_leads(dump, chars=50) == [leads[0].split("\n")[0]]  # whole paragraphs up to the limit
+
+
+def test_the_default_calibration_text_is_lee_then_wikipedia_and_disjoint_from_evaluation():
+    from kiln.corpus import CALIBRATION_TEXT, GENSIM_WHEEL, calibration_corpus, default_corpus, read_text
+    from kiln.models.fetch import fetch_wheel
+
+    text = read_text(calibration_corpus())
+    lee = read_text(fetch_wheel(GENSIM_WHEEL) / CALIBRATION_TEXT)
+    assert text.startswith(lee) and len(text) > 4 * len(lee)
+    assert "Anarchism is a political philosophy" in text and "[[" not in text and "{{" not in text
+    evaluation = read_text(default_corpus())
+    assert not any(line in evaluation for line in text.splitlines() if len(line) > 80)

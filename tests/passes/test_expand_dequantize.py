@@ -68,7 +68,7 @@ def test_expansion_is_exact_and_keeps_the_weights_quantized(dtype, block, zero_p
     assert delta["max_rel"] == 0  # the same float weights, bit for bit
     four_bit = dtype in (ir.DataType.INT4, ir.DataType.UINT4)
     assert result.stats == {"dequantize_expanded": 2, "packed_4bit": 2 if four_bit else 0, "gathers_by_row": 1,
-                            "bytes_stored": result.stats["bytes_stored"]}
+                            "bytes_stored": result.stats["bytes_stored"], "scales_folded": 0}
     ops = {n.op_type for n in result.model.graph}
     assert "DequantizeLinear" not in ops and ("BitShift" in ops) == four_bit
     # integer storage: 4-bit values two per byte, 8-bit one per byte, the table stored once
@@ -76,6 +76,20 @@ def test_expansion_is_exact_and_keeps_the_weights_quantized(dtype, block, zero_p
     assert len(stored) == 2 and all(t.dtype in (ir.DataType.UINT8, ir.DataType.INT8) for t in stored)
     assert all(t.size == (N * K // 2 if four_bit else N * K) for t in stored)
     assert not ExpandDequantizePass()(result.model).modified
+
+
+def test_compact_scales_are_folded_and_the_expansion_stays_exact(prepared):
+    from kiln.passes.quantize_weights import QuantizeWeightsPass
+    from test_quantize_weights import _llama
+
+    model, feeds = _llama(prepared)
+    QuantizeWeightsPass(bits=4, block_size=16, symmetric=False, compact_scales=True, min_elements=0)(model)
+    before = ir.from_proto(ir.to_proto(model))
+    result = ExpandDequantizePass()(model)
+    verify(result.model)
+    assert result.stats["scales_folded"] == result.stats["dequantize_expanded"] == 16
+    assert "DequantizeLinear" not in {n.op_type for n in result.model.graph}
+    assert assert_same_outputs(before, result.model, feeds, rtol=1e-6)["max_rel"] < 1e-6
 
 
 def test_a_gather_dequantizes_only_its_rows():

@@ -8,7 +8,7 @@ from kiln.passes import create_pass, run_pipeline
 from kiln.passes.lower_matmul_nbits import LowerMatMulNBitsPass
 from kiln.passes.numerics import compare, run_ort
 from kiln.passes.calibration import CalibrationError
-from kiln.passes.quantization import dequantize, gptq, output_error, rtn
+from kiln.passes.quantization import compact_step, dequantize, gptq, output_error, rtn
 from kiln.passes.quantize_weights import QuantizeWeightsPass
 
 
@@ -89,6 +89,53 @@ def test_a_tied_table_is_quantized_once_and_stored_once(bits, symmetric):
     gbq = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
     mm = next(n for n in model.graph if n.op_type == "MatMulNBits")
     assert gbq.inputs[0] is mm.inputs[1]  # one packed table for both readers
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_compact_scales_are_uint8_multiples_of_a_channel_step_and_cost_little(symmetric):
+    w = np.random.default_rng(3).standard_normal((256, 40)).astype(np.float32)
+    w[:, 3] *= np.repeat(np.geomspace(0.05, 1.0, 8), 32)[::-1]  # blocks of one column spanning 20x in range
+    gram = (lambda x: x.T @ x)(np.random.default_rng(4).standard_normal((512, 256)))
+    step = compact_step(w, 4, 32, symmetric)
+    for method in ("rtn", "gptq"):
+        if method == "rtn":
+            exact, compact = rtn(w, 4, 32, symmetric), rtn(w, 4, 32, symmetric, scale_step=step)
+        else:
+            exact, compact = (gptq(w, gram, 4, 32, symmetric, act_order=True, scale_step=s) for s in (None, step))
+        levels = compact[1] / step
+        assert np.all(np.abs(levels - np.round(levels)) < 1e-3)
+        assert np.round(levels).min() >= 1 and np.round(levels).max() <= 255
+        # the stored value is the float32 product, as DequantizeLinear(levels, step) computes it
+        assert np.array_equal(compact[1], (np.round(levels).astype(np.float32) * step).astype(np.float32))
+        errors = [output_error(w, dequantize(*r, 32), gram) for r in (exact, compact)]
+        assert errors[1] < errors[0] * 1.03  # about 4x smaller scales for at most 3% more error
+
+
+def test_compact_scales_in_the_graph_lower_exactly_and_stay_compact_in_the_artifact(prepared):
+    model, feeds = _llama(prepared)
+    result = QuantizeWeightsPass(bits=4, block_size=16, symmetric=False, compact_scales=True, min_elements=0)(model)
+    verify(model)
+    assert result.stats["weights_quantized"] == 16
+    # values, 8-bit scales and 4-bit zero points per block of 16, one fp32 step per channel
+    assert 4 + 12 / 16 < result.stats["bits_per_weight"] < 4 + 12 / 16 + 32 / 64
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == 32 and sum(n.inputs[0].const_value.dtype == ir.DataType.UINT8 for n in dqs) == 16
+    before = run_ort(model, feeds)
+    copy = ir.from_proto(ir.to_proto(model))
+    lowered = LowerMatMulNBitsPass()(model)
+    assert lowered.stats["lowered"] == 15 and lowered.stats["tables_lowered"] == 1
+    assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-4
+    # every kernel reads its scales as uint8 levels × step, which ORT folds at load
+    kernels = [n for n in model.graph if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    scales = [n.inputs[2].producer() for n in kernels]
+    scales = [s.inputs[0].producer() if s.op_type == "Reshape" else s for s in scales]
+    assert [s.op_type for s in scales] == ["Mul"] * 16
+    assert all(s.inputs[0].producer().op_type == "Cast" for s in scales)
+    # a target without graph optimizations gets float32 scales (accuracy_level 4 reads unfolded ones wrongly)
+    LowerMatMulNBitsPass(accuracy_level=4, compact_scales=False)(copy)
+    assert all(n.inputs[2].const_value is not None or n.inputs[2].producer().op_type == "Constant"
+               for n in copy.graph if n.op_type == "MatMulNBits")
+    assert compare(before, run_ort(copy, feeds))["max_rel"] < 0.1
 
 
 def test_lm_head_and_embedding_can_stay_float(prepared):
@@ -194,6 +241,10 @@ def test_invalid_parameters():
         QuantizeWeightsPass(bits=3)
     with pytest.raises(ValueError, match="block_size"):
         QuantizeWeightsPass(block_size=24)
+    with pytest.raises(ValueError, match="compact_scales needs blocks"):
+        QuantizeWeightsPass(block_size=0, compact_scales=True)
+    with pytest.raises(ValueError, match="scale tuning trains fp32 scales"):
+        QuantizeWeightsPass(compact_scales=True, tune_steps=10)
 
 
 def _wide_calibration(feeds, n, batch=8, length=48, seed=5):
