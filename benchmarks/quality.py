@@ -66,7 +66,7 @@ CONFIGS: dict[str, str] = {
     "int4 RTN b128, head+emb fp32": _q(bits=4, block_size=128, include_lm_head=False, include_embedding=False),
     "int4 RTN b64, head+emb": _q(bits=4, block_size=64),
     "int4 GPTQ b64 + tuned scales, head+emb (int4 preset)": "int4",
-    "int4 GPTQ b32 asym, head+emb (int4-quality preset)": "int4-quality",
+    "int4 GPTQ b32 asym, 8-bit scales, 4 weights int8, head+emb (int4-quality preset)": "int4-quality",
 }
 
 
@@ -226,9 +226,11 @@ def smollm2(args, workdir: Path) -> tuple[str, dict]:
         f"Produced by `python -m benchmarks.quality --windows {args.windows}`. Perplexity on the Lee corpus "
         f"(gensim `lee_background.cor`), {args.windows} windows of 512 tokens; KL(fp32 ‖ config) and top-1 "
         "agreement of the next-token distributions on the same tokens; data-aware methods calibrate on "
-        "`lee.cor` (50 other articles, disjoint). Greedy: share of the 64 new tokens before the first "
+        "kiln's calibration text (`lee.cor`, 50 other articles, then Wikipedia leads from the same wheel: "
+        "64 windows of 256 tokens, disjoint). Greedy: share of the 64 new tokens before the first "
         f"divergence from fp32, over {len(PROMPTS)} prompts (fully identical prompts in brackets). "
-        "Bits per weight count values, fp32 scales and zero points of the quantized weights; the size "
+        "Bits per weight count values, scales (fp32, or 8-bit with an fp32 step per output channel where "
+        "compact) and zero points of the quantized weights, as stored in the file; the size "
         "ratio is against the fp32 artifact. ORT runs int4/int8 as MatMulNBits with int8 activations "
         "(accuracy_level 4) and the embedding as GatherBlockQuantized sharing the LM head's bytes. "
         "Peers run in the same harness on the same token ids (fp32 reference: kiln's fp32 artifact, which is "
