@@ -105,9 +105,12 @@ def test_compile_killed_midway_leaves_nothing(tmp_path, plugin_path, prepared, s
     recipe = tmp_path / "slow.toml"
     recipe.write_text(f'[[passes]]\nname = "fold-constants"\n[[passes]]\nname = "wait"\nseconds = 60\nmarker = "{marker}"\n')
     out = tmp_path / "out"
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN:
+    # the child gets the default disposition back, as a compile started in a terminal has.
     proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "compile", "tiny-llama", "-r", str(recipe), "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(plugin_path)})
+                            env={**os.environ, "PYTHONPATH": str(plugin_path)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
