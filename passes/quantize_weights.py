@@ -19,7 +19,7 @@ ORT's "reduce_range": integer GEMM kernels without VNNI overflow on full-range i
 Mixed precision (`max_bits_per_weight` > 0): every weight's sensitivity is measured as its
 relative output error at `bits` on the calibration inputs (‖X(W−Ŵ)‖²/‖XW‖²); the most
 sensitive weights move to 8 bits, most sensitive first, while the average stored bits per
-weight (values + fp32 scales + zero points) stays within the limit.
+weight (values + scales, fp32 or compact + zero points) stays within the limit.
 
 Compact scales (`compact_scales`): each block scale is stored as uint8, a multiple of one fp32
 step per output channel, dequantized by a DequantizeLinear of its own:
