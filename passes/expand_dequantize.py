@@ -60,6 +60,7 @@ import onnx_ir as ir
 
 from kiln.errors import KilnError
 from kiln.passes.base import KilnPass
+from kiln.passes.quantization import compact_scale_parts
 from kiln.passes.registry import register_pass
 from kiln.passes.structure import unique_name
 
@@ -124,23 +125,15 @@ class ExpandDequantizePass(KilnPass):
 
 
 def _fold_compact_scales(graph: ir.Graph) -> int:
-    """Replace each weight scale that a DequantizeLinear of constants computes by its float32 value."""
+    """Replace each compact weight scale (quantize-weights' uint8 levels × step) by its float32 value."""
     folded = 0
     for dq in [n for n in graph if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]:
-        inner = dq.inputs[1].producer() if len(dq.inputs) > 1 and dq.inputs[1] is not None else None
-        if inner is None or inner.op_type != "DequantizeLinear" or inner.attributes.get_int("block_size", 0):
+        parts = compact_scale_parts(dq.inputs[1]) if len(dq.inputs) > 1 and dq.inputs[1] is not None else None
+        if parts is None:
             continue
-        tensors = [ir.convenience.get_const_tensor(v) if v is not None else None for v in inner.inputs]
-        if any(t is None for t, v in zip(tensors, inner.inputs) if v is not None) or len(tensors[0].shape) != 2:
-            continue
-        levels, step = tensors[0].numpy().astype(np.float32), tensors[1].numpy().astype(np.float32)
-        zero = tensors[2].numpy().astype(np.float32) if len(tensors) > 2 and tensors[2] is not None else 0.0
-        if step.size > 1:  # per axis: a 1-D step along `axis`
-            axis = inner.attributes.get_int("axis", 1) % 2
-            step = step.reshape((-1, 1) if axis == 0 else (1, -1))
-            zero = zero.reshape(step.shape) if np.ndim(zero) else zero
+        inner = dq.inputs[1].producer()
         value = ir.val(unique_name(graph, inner.outputs[0].name or "scale"),
-                       const_value=ir.tensor(((levels - zero) * step).astype(np.float32)))
+                       const_value=ir.tensor((parts[0] * parts[1]).astype(np.float32)))
         graph.register_initializer(value)
         inner.outputs[0].replace_all_uses_with(value)
         graph.remove(inner, safe=True)

@@ -42,6 +42,7 @@ from onnx_ir.passes.common import DeduplicateHashedInitializersPass, LiftConstan
 from onnxscript.rewriter import pattern
 
 from kiln.passes.base import KilnPass
+from kiln.passes.quantization import compact_scale_parts
 from kiln.passes.registry import register_pass
 from kiln.passes.rewriting import apply_rules, one_dequantize_per_reader
 
@@ -72,16 +73,12 @@ def pack(q: np.ndarray, zero: np.ndarray | None, scale: np.ndarray, bits: int, b
 
 
 def _scale_parts(scale: ir.Value) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """(float32 scales, None) for a constant; (uint8 levels, step [N]) for compact scales, a
-    DequantizeLinear(levels, step) of constants; None otherwise. Levels are shaped as the scales."""
+    """(float32 scales, None) for a constant; (uint8 levels, step [N]) for compact scales;
+    None otherwise. Levels are shaped as the scales."""
     if scale.const_value is not None:
         return scale.const_value.numpy(), None
-    dq = scale.producer()
-    if (dq is None or dq.op_type != "DequantizeLinear" or len(dq.inputs) != 2
-            or any(v is None or v.const_value is None for v in dq.inputs)
-            or dq.inputs[0].const_value.dtype != ir.DataType.UINT8 or len(dq.inputs[1].shape) != 1):
-        return None
-    return dq.inputs[0].const_value.numpy(), dq.inputs[1].const_value.numpy()
+    parts = compact_scale_parts(scale)
+    return None if parts is None else (parts[0], parts[1].reshape(-1))
 
 
 def _check_weight(q, scale, zero, dq, axis: int) -> tuple[pattern.MatchResult, int]:

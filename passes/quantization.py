@@ -68,6 +68,22 @@ def compact_step(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.nd
 SHRINK = np.linspace(1.0, 0.7, 13)  # candidate fractions of the block's range (clipping search)
 
 
+def compact_scale_parts(scale: ir.Value) -> tuple[np.ndarray, np.ndarray] | None:
+    """(uint8 levels, step) when `scale` holds compact scales as quantize-weights writes them:
+    the output of DequantizeLinear(levels, step [N], axis) of constants, without blocks or zero
+    point. The step comes back shaped to broadcast against the levels; None for anything else."""
+    dq = scale.producer()
+    if (dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") or len(dq.inputs) != 2
+            or dq.attributes.get_int("block_size", 0)):
+        return None
+    levels, step = (ir.convenience.get_const_tensor(v) if v is not None else None for v in dq.inputs)
+    if levels is None or step is None or levels.dtype != ir.DataType.UINT8 or len(levels.shape) != 2 \
+            or len(step.shape) != 1:
+        return None
+    axis = dq.attributes.get_int("axis", 1) % 2
+    return levels.numpy(), step.numpy().reshape((-1, 1) if axis == 0 else (1, -1))
+
+
 def _grid(g: np.ndarray, bits: int, symmetric: bool, importance: np.ndarray | None = None,
           step: np.ndarray | None = None):
     """Scale and zero point (float, or None) of each column of g [rows, N].

@@ -188,7 +188,9 @@ class Model:
         return logits, slots
 
     def _capacity(self, total: int) -> int:
-        capacity = max(256, 1 << (total - 1).bit_length())
+        # The next power of two above `total`: a prefill leaves room to decode, where growing
+        # the buffer (a copy of the whole cache) would cost several decode steps.
+        capacity = max(256, 1 << total.bit_length())
         limit = self.kv.get("max_positions")
         return max(total, min(capacity, limit)) if limit else capacity
 

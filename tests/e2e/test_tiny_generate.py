@@ -77,6 +77,10 @@ def test_decode_writes_into_one_shared_buffer(artifact):
         runs[label] = tokens
     assert runs["shared"] == runs["copying"]
     assert [b.shape[2] for b in buffers] == [256, 512]
+    # a prefill that fills a power of two still leaves room: the next decode step does not copy
+    limit = model.kv.get("max_positions") or 1 << 20
+    for total in (1, 255, 256, 511, 512):
+        assert model._capacity(total) > total or total >= limit
 
 
 def test_sampling_is_seeded(artifact):
