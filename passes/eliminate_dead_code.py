@@ -31,17 +31,19 @@ from kiln.passes.registry import register_pass
 
 
 @functools.cache
-def _optional_outputs(domain: str, op_type: str) -> tuple[bool, ...] | None:
-    """Per output, whether ORT's schema marks it optional (None: op unknown, or variadic)."""
+def _contrib_optional_outputs() -> dict[tuple[str, str], tuple[bool, ...]]:
+    """(domain, op) -> per output, whether ORT's newest schema of the op marks it optional.
+    Ops with variadic outputs are left out. Read once: the registry holds about 900 schemas."""
     from onnxruntime.capi import onnxruntime_pybind11_state as C
 
-    schemas = [s for s in C.get_all_operator_schema() if s.domain == domain and s.name == op_type]
-    if not schemas:
-        return None
-    outputs = max(schemas, key=lambda s: s.since_version).outputs
-    if any(o.option == C.schemadef.OpSchema.FormalParameterOption.Variadic for o in outputs):
-        return None
-    return tuple(o.option == C.schemadef.OpSchema.FormalParameterOption.Optional for o in outputs)
+    option = C.schemadef.OpSchema.FormalParameterOption
+    newest = {}
+    for s in C.get_all_operator_schema():
+        key = (s.domain, s.name)
+        if s.domain not in ("", "ai.onnx") and (key not in newest or s.since_version > newest[key].since_version):
+            newest[key] = s
+    return {key: tuple(o.option == option.Optional for o in s.outputs) for key, s in newest.items()
+            if all(o.option != option.Variadic for o in s.outputs)}
 
 
 def _drop_unused_contrib_outputs(model: ir.Model) -> int:
@@ -50,7 +52,7 @@ def _drop_unused_contrib_outputs(model: ir.Model) -> int:
     for node in model.graph:
         if node.domain in ("", "ai.onnx") or len(node.outputs) < 2:
             continue
-        optional = _optional_outputs(node.domain, node.op_type)
+        optional = _contrib_optional_outputs().get((node.domain, node.op_type))
         if optional is None:
             continue
         for out, is_optional in zip(node.outputs, optional):
