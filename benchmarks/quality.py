@@ -2,6 +2,10 @@
 
     python -m benchmarks.quality [--windows 10] [--only NAME ...] [--skip-encoder] [--skip-peers]
 
+`--only` re-measures the configurations whose names contain one of the words (and fp32, the
+reference); the LLM table keeps the other rows, and peers that are not installed here, from
+benchmarks/quality.json.
+
 SmolLM2-135M: fp32 and every quantized configuration below are compiled by kiln (cached
 under $KILN_CACHE/quality, keyed by the recipe text) and measured with the same harness
 as `kiln eval`: perplexity on the Lee corpus (windows of 512 tokens), mean KL and top-1
@@ -66,7 +70,7 @@ CONFIGS: dict[str, str] = {
     "int4 RTN b128, head+emb fp32": _q(bits=4, block_size=128, include_lm_head=False, include_embedding=False),
     "int4 RTN b64, head+emb": _q(bits=4, block_size=64),
     "int4 GPTQ b64 + tuned scales, head+emb (int4 preset)": "int4",
-    "int4 GPTQ b32 asym, 8-bit scales, 4 weights int8, head+emb (int4-quality preset)": "int4-quality",
+    "int4 rotated, GPTQ b32 asym, 8-bit scales, 4 weights int8, head+emb (int4-quality preset)": "int4-quality",
 }
 
 
@@ -187,24 +191,32 @@ def _greedy(model, encode):
     return generate
 
 
-def smollm2(args, workdir: Path) -> tuple[str, dict]:
+def table_rows(raw: dict) -> list[str]:
+    """The LLM table's rows: kiln's configurations in CONFIGS order, then the peers."""
+    order = [n for n in CONFIGS if n in raw] + [n for n in raw if n not in CONFIGS]
+    return [f"| {n} | {e['bits_per_weight']:.2f}{e.get('bits_note', '*' if 'peer' in e else '')} | {e['size_mb']} | "
+            f"{e['size_ratio']:.3f}× | {e['ppl']:.2f} | {_pct(e['ppl_increase'])} | {_num(e['kl'])} | "
+            f"{_num(e['top1'])} | {e['greedy_prefix']:.0%} ({e['greedy_identical']}/{len(PROMPTS)}) |"
+            for n in order for e in [raw[n]]]
+
+
+def smollm2(args, workdir: Path, previous: dict) -> tuple[str, dict]:
     names = [n for n in CONFIGS if not args.only or any(o in n for o in args.only) or n == "fp32"]
     paths = {n: compile_config(n, CONFIGS[n], workdir) for n in names}
     ref = kiln.load(paths["fp32"])
     ref_tokens = {p: ref.generate(p, args.new_tokens).token_ids for p in PROMPTS}
     fp32_size = _size(paths["fp32"])
-    rows, raw = [], {}
+    # --only re-measures some rows; the others (and peers not installed here) keep their stored results
+    raw = {k: v for k, v in previous.items() if k in CONFIGS or "peer" in v}
 
     def add(name: str, report, generate, size: int, bits: float, bits_note: str = "", **extra) -> None:
         agreement, identical = greedy_agreement(generate, ref_tokens, args.new_tokens)
-        entry = {"bits_per_weight": bits, "size_mb": round(size / 1e6, 1), "size_ratio": round(size / fp32_size, 3),
-                 "ppl": round(report.perplexity, 2), "ppl_increase": report.ppl_increase, "kl": report.kl,
-                 "top1": report.top1_agreement, "greedy_prefix": round(agreement, 3), "greedy_identical": identical}
+        entry = {"bits_per_weight": bits, "bits_note": bits_note, "size_mb": round(size / 1e6, 1),
+                 "size_ratio": round(size / fp32_size, 3), "ppl": round(report.perplexity, 2),
+                 "ppl_increase": report.ppl_increase, "kl": report.kl, "top1": report.top1_agreement,
+                 "greedy_prefix": round(agreement, 3), "greedy_identical": identical}
         raw[name] = {**entry, **extra}
         print(f"  {name}: {json.dumps(entry)}", flush=True)
-        rows.append(f"| {name} | {bits:.2f}{bits_note} | {entry['size_mb']} | {entry['size_ratio']:.3f}× | "
-                    f"{entry['ppl']:.2f} | {_pct(entry['ppl_increase'])} | {_num(entry['kl'])} | "
-                    f"{_num(entry['top1'])} | {agreement:.0%} ({identical}/{len(PROMPTS)}) |")
 
     for name in names:
         art = kiln.load(paths[name])
@@ -220,6 +232,7 @@ def smollm2(args, workdir: Path) -> tuple[str, dict]:
             size = path.stat().st_size if path.is_file() else _size(path)
             add(name, score_windows(model, ids, 512, 512, args.windows, ref_model), _greedy(model, ref.encode),
                 size, round(8 * size / params, 2), "*", peer=str(path))
+    rows = table_rows(raw)
     text = "\n".join([
         "## Quantization quality: SmolLM2-135M-Instruct",
         "",
@@ -352,7 +365,7 @@ def main(argv=None) -> int:
     results_json = Path(__file__).resolve().parent / "quality.json"
     results = json.loads(results_json.read_text()) if results_json.exists() else {}
     if not args.skip_llm:
-        text, results["smollm2"] = smollm2(args, workdir)
+        text, results["smollm2"] = smollm2(args, workdir, results.get("smollm2", {}))
         write_section("quality-llm", text + "\n\n" + machine_line())
     if not args.skip_encoder:
         text, results["minilm"] = minilm(args, workdir)

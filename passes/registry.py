@@ -26,6 +26,7 @@ _BUILTIN_MODULES = (
     "kiln.passes.fuse_attention",
     "kiln.passes.pack_attention_qkv",
     "kiln.passes.pack_matmuls",
+    "kiln.passes.rotate_residual",
     "kiln.passes.smooth_activations",
     "kiln.passes.quantize_weights",
     "kiln.passes.lower_matmul_nbits",

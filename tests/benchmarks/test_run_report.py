@@ -116,3 +116,18 @@ def test_plots_are_written(tmp_path):
     written = plots.make_plots(_data(static=True), tmp_path / "plots", quality=tmp_path / "none.json", compression=tmp_path / "none.json")
     assert {p.name for p in written} == {"speed.png", "encoder.png", "roofline.png"}
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_quality_table_keeps_order_and_marks_peers():
+    """`benchmarks.quality --only` rebuilds the table from stored rows: kiln's configurations in
+    CONFIGS order (whatever order they were measured in), then peers, whose bits carry the star."""
+    from benchmarks import quality
+
+    entry = {"bits_per_weight": 4.5, "size_mb": 80.0, "size_ratio": 0.148, "ppl": 34.0, "ppl_increase": 0.1,
+             "kl": 0.12, "top1": 0.8, "greedy_prefix": 0.1, "greedy_identical": 0}
+    first, last = list(quality.CONFIGS)[0], list(quality.CONFIGS)[-1]
+    raw = {"llama.cpp Qx": {**entry, "peer": "x.gguf"}, last: {**entry, "bits_note": ""},
+           first: {**entry, "ppl_increase": None, "kl": None, "top1": None}}
+    rows = quality.table_rows(raw)
+    assert [r.split(" | ")[0] for r in rows] == [f"| {first}", f"| {last}", "| llama.cpp Qx"]
+    assert " 4.50* " in rows[2] and " 4.50 " in rows[1] and "+10.0%" in rows[1] and "| — |" in rows[0]
