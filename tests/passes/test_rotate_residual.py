@@ -135,3 +135,8 @@ def test_int4_quality_preset_rotates_then_quantizes_and_runs(tmp_path):
     ops = result.manifest["summary"]["artifact"]["ops"]
     assert ops.get("com.microsoft::MatMulNBits", 0) > 0 and ops.get("com.microsoft::GroupQueryAttention") == LAYERS
     assert len(kiln.load(result.path).generate("hello", max_new_tokens=5).token_ids) == 5
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="kind must be one of hadamard, random"):
+        RotateResidualPass(kind="householder")
