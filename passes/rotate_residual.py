@@ -121,7 +121,7 @@ class RotateResidualPass(KilnPass):
             return self.result(model, modified=False, stats={"norms": 0}, rejected=["no embedding table found"])
         q, kind = orthogonal(plan.width, self.kind, self.seed)
         graph = model.graph
-        ones = ir.val(f"rotate_residual.ones{plan.width}", const_value=ir.tensor(np.ones(plan.width, np.float32)))
+        ones = ir.val(unique_name(graph, f"rotate_residual.ones{plan.width}"), const_value=ir.tensor(np.ones(plan.width, np.float32)))
         graph.register_initializer(ones)
         for node, index in plan.gammas:
             node.replace_input_with(index, ones)

@@ -55,6 +55,16 @@ def test_rotation_is_exact_on_rmsnorm_decoders(prepared, name):
     assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-4
 
 
+def test_rotating_twice_stays_exact(prepared):
+    """A second rotation (another seed) finds the ones-γ norms of the first and composes with it."""
+    model, feeds = _model(prepared, "tiny-llama")
+    before = run_ort(model, feeds)
+    for seed in (0, 1):
+        assert RotateResidualPass(seed=seed)(model).stats["norms"] == 2 * LAYERS + 1
+    verify(model)
+    assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-4
+
+
 def test_tied_head_keeps_one_table(prepared):
     """The LM head reads Transpose(table): the table is rotated once and stays shared; γ of the
     final norm comes back through one inserted H×H MatMul."""
