@@ -121,7 +121,8 @@ class RotateResidualPass(KilnPass):
             return self.result(model, modified=False, stats={"norms": 0}, rejected=["no embedding table found"])
         q, kind = orthogonal(plan.width, self.kind, self.seed)
         graph = model.graph
-        ones = ir.val(unique_name(graph, f"rotate_residual.ones{plan.width}"), const_value=ir.tensor(np.ones(plan.width, np.float32)))
+        ones = ir.val(unique_name(graph, f"rotate_residual.ones{plan.width}"),
+                      const_value=ir.tensor(np.ones(plan.width, np.float32)))
         graph.register_initializer(ones)
         for node, index in plan.gammas:
             node.replace_input_with(index, ones)
@@ -178,14 +179,16 @@ class _Plan:
 
 def _writer(add: ir.Node, branch: ir.Value, width: int) -> tuple[ir.Node, tuple[ir.Node, int] | None]:
     """The projection (and its bias Add) that makes `branch`, the non-stream input of a residual Add."""
+    def projects_to_stream(node: ir.Node | None) -> bool:
+        return node is not None and (w := weight_of(node)) is not None and w.shape[1] == width
+
     producer = branch.producer()
     if producer is not None and len(list(branch.uses())) == 1 and not branch.is_graph_output():
-        if weight_of(producer) is not None and weight_of(producer).shape[1] == width:
+        if projects_to_stream(producer):
             return producer, None
         for v in producer.inputs if producer.op_type == "Add" else ():
             matmul = v.producer() if v is not None else None
-            if matmul is not None and weight_of(matmul) is not None and weight_of(matmul).shape[1] == width \
-                    and (bias := bias_of(matmul)) is not None and bias[0] is producer:
+            if projects_to_stream(matmul) and (bias := bias_of(matmul)) is not None and bias[0] is producer:
                 return matmul, bias
     raise _Unsupported(f"Add '{add.name}' adds something other than a projection to the residual stream")
 
