@@ -55,6 +55,32 @@ def test_rotation_is_exact_on_rmsnorm_decoders(prepared, name):
     assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-4
 
 
+def test_writer_biases_are_rotated(prepared):
+    """A bias Add after a projection that writes the stream (o_proj, down_proj) turns with it: b·Q."""
+    model, feeds = _model(prepared, "tiny-llama")
+    graph, rng = model.graph, np.random.default_rng(0)
+    residual = [n for n in graph if n.op_type == "Add" and all(v is not None and v.producer() is not None
+                                                              for v in n.inputs)]
+    biased = 0
+    for add in residual:
+        for index, v in enumerate(add.inputs):
+            if v.producer().op_type == "MatMul" and v.producer().inputs[1].const_value is not None:
+                bias = ir.val(f"bias{biased}", const_value=ir.tensor(rng.standard_normal(64).astype(np.float32)))
+                graph.register_initializer(bias)
+                node = ir.node("Add", [v, bias], num_outputs=1)
+                node.outputs[0].dtype, node.outputs[0].shape = v.dtype, v.shape
+                graph.insert_after(v.producer(), node)
+                add.replace_input_with(index, node.outputs[0])
+                biased += 1
+    assert biased == 2 * LAYERS
+    before = run_ort(model, feeds)
+    result = RotateResidualPass()(model)
+    verify(model)
+    assert result.stats["writers"] == 2 * LAYERS
+    assert not any(f"bias{i}" in graph.initializers for i in range(biased))  # replaced by the rotated copies
+    assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-4
+
+
 def test_rotating_twice_stays_exact(prepared):
     """A second rotation (another seed) finds the ones-γ norms of the first and composes with it."""
     model, feeds = _model(prepared, "tiny-llama")
