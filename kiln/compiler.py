@@ -137,7 +137,7 @@ def compile(  # noqa: A001
                                   tokenizer=prepared.tokenizer)
         lowering = be.lowering_passes(profile) if plan.lower else []
         passes = plan.build() + lowering
-        calib, calib_info = _calibration(passes, prepared, before.inputs, feeds, calibration)
+        calib, calib_info = _calibration(passes, prepared, before.inputs, feeds, calibration, plan.calibration_windows)
         quality = _quality_budget(prepared, before.inputs, max_ppl_increase, min_cosine)
         run = run_pipeline(ir_model, passes, feeds, calibration=calib, quality=quality, progress=progress,
                            console=console)
@@ -173,7 +173,8 @@ def _static_signature(signature: list[dict], static: dict[str, int] | None) -> l
             for spec in signature]
 
 
-def _calibration(passes, prepared: Prepared, signature, feeds, text) -> tuple[list | None, dict | None]:
+def _calibration(passes, prepared: Prepared, signature, feeds, text, windows: int | None,
+                 ) -> tuple[list | None, dict | None]:
     """Calibration feeds when some pass is data-aware: windows of real text, or the sample
     inputs when kiln has no tokenizer for the model (recorded, as they are a poor sample)."""
     if not any(p.uses_calibration for p in passes):
@@ -183,7 +184,7 @@ def _calibration(passes, prepared: Prepared, signature, feeds, text) -> tuple[li
     if prepared.tokenizer is None:
         return [feeds], {"text": None, "note": "no tokenizer: calibrated on the sample inputs only"}
     path = Path(text) if text else calibration_corpus()
-    calib = text_feeds(prepared.tokenizer, signature, path, samples=CALIBRATION_WINDOWS)
+    calib = text_feeds(prepared.tokenizer, signature, path, samples=windows or CALIBRATION_WINDOWS)
     return calib, {"text": path.name, "windows": len(calib), "tokens": int(sum(f["input_ids"].size for f in calib))}
 
 

@@ -76,6 +76,10 @@ def capture(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], values: Seq
     missing = [n for n in values if n not in by_name]
     if missing:
         raise CalibrationError(f"cannot capture '{missing[0]}': no such value in the graph")
+    if all(by_name[n].is_graph_input() for n in values):  # nothing to run
+        for feed in feeds:
+            yield {n: feed[n] for n in values}
+        return
     extra = [by_name[n] for n in dict.fromkeys(values) if not by_name[n].is_graph_output()
              and not by_name[n].is_graph_input()]
     graph_outputs = list(model.graph.outputs)

@@ -37,6 +37,11 @@ DTYPES = {(4, True): (ir.DataType.INT4, ml_dtypes.int4, -8, 7), (4, False): (ir.
           (7, True): (ir.DataType.INT8, np.int8, -64, 63), (7, False): (ir.DataType.UINT8, np.uint8, 0, 127)}
 
 
+# Hints other passes leave on initializers (Value.metadata_props) for quantize-weights:
+BITS_HINT = "kiln.quantize.bits"  # on a weight: quantize it at these bits ("8"), whatever the pass's bits
+INDEX_HINT = "kiln.quantize.index"  # on an integer table stored for quantized weights: counted in their bits
+
+
 def storage_bits(bits: int) -> int:
     return 8 if bits == 7 else bits
 

@@ -21,6 +21,11 @@ relative output error at `bits` on the calibration inputs (‖X(W−Ŵ)‖²/‖
 sensitive weights move to 8 bits, most sensitive first, while the average stored bits per
 weight (values + scales, fp32 or compact + zero points) stays within the limit.
 
+Hints from other passes (`kiln.passes.quantization`): a weight whose metadata sets
+`kiln.quantize.bits` ("4" or "8") is quantized at those bits (split-table-rows marks a table's
+frequent rows so); an integer initializer marked `kiln.quantize.index` (the row-rank table of
+a split table) is counted in the bits per weight and in the mixed-precision limit.
+
 Compact scales (`compact_scales`): each block scale is stored as uint8, a multiple of one fp32
 step per output channel, dequantized by a DequantizeLinear of its own:
 
@@ -52,8 +57,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
-from kiln.passes.quantization import (DTYPES, bits_per_weight, compact_step, dequantize, gptq, output_error, rtn,
-                                     storage_bits)
+from kiln.passes.quantization import (BITS_HINT, DTYPES, INDEX_HINT, bits_per_weight, compact_step, dequantize, gptq,
+                                     output_error, rtn, storage_bits)
 from kiln.passes.registry import register_pass
 from kiln.passes.structure import unique_name
 
@@ -116,9 +121,12 @@ class QuantizeWeightsPass(KilnPass):
         quantized = {}
         for w in weights:
             gram = _sum([grams[v.name] for v in w.inputs if v.name in grams])
-            quantized[id(w)] = self._quantize(w, self.bits, gram)
+            quantized[id(w)] = self._quantize(w, self._hinted_bits(w, rejected), gram)
+        # integer tables stored for the weights (split-table-rows' rank) count in their bits
+        index_bits = sum(v.const_value.nbytes * 8 for v in graph.initializers.values()
+                         if INDEX_HINT in v.metadata_props and v.const_value is not None) if weights else 0
         if self.max_bits_per_weight:
-            self._promote(weights, quantized, grams, rejected)
+            self._promote(weights, quantized, grams, rejected, index_bits)
         tuning = self._tuning_data(model) if self.tune_steps and weights else None
 
         bytes_before = bytes_after = 0
@@ -148,7 +156,7 @@ class QuantizeWeightsPass(KilnPass):
                  "matmuls": sum("matmul" in w.kinds for w in weights),
                  "embeddings": sum("gather" in w.kinds for w in weights),
                  "int8_weights": sum(w.bits == 8 for w in weights) if self.bits == 4 else len(weights),
-                 "bits_per_weight": round(8 * bytes_after / max(n_params, 1), 3),
+                 "bits_per_weight": round((8 * bytes_after + index_bits) / max(n_params, 1), 3),
                  "mean_output_error": float(f"{np.mean([w.error for w in weights]):.3g}") if weights else 0.0,
                  "weight_mb_before": round(bytes_before / 1e6, 2), "weight_mb_after": round(bytes_after / 1e6, 2)}
         warnings = []
@@ -241,7 +249,19 @@ class QuantizeWeightsPass(KilnPass):
         w.error = output_error(kn, dequantize(q, scale, zero, self.block_size), gram)
         return q, scale, zero, step
 
-    def _promote(self, weights: list[_Weight], quantized: dict, grams: dict, rejected: list[str]) -> None:
+    def _hinted_bits(self, w: _Weight, rejected: list[str]) -> int:
+        """The pass's bits, or those another pass asked for this weight (BITS_HINT)."""
+        hint = w.value.metadata_props.get(BITS_HINT)
+        if hint is None or hint == str(self.bits):
+            return self.bits
+        if hint not in ("4", "8"):
+            rejected.append(f"{w.value.name}: bits hint {hint!r} ignored (4 or 8)")
+            return self.bits
+        rejected.append(f"{w.value.name}: {hint} bits (asked by the graph)")
+        return int(hint)
+
+    def _promote(self, weights: list[_Weight], quantized: dict, grams: dict, rejected: list[str],
+                 index_bits: int) -> None:
         """Move the most sensitive weights to 8 bits while the average bits per weight allows."""
         def bpw(w, bits):
             k = (w.value.const_value.shape[1] if w.transposed else w.value.const_value.shape[0])
@@ -249,8 +269,10 @@ class QuantizeWeightsPass(KilnPass):
 
         sizes = {id(w): w.value.const_value.size for w in weights}
         total = sum(sizes.values())
-        stored = sum(sizes[id(w)] * bpw(w, w.bits) for w in weights)
+        stored = sum(sizes[id(w)] * bpw(w, w.bits) for w in weights) + index_bits
         for w in sorted(weights, key=lambda w: -w.error):
+            if w.bits >= 8:
+                continue
             extra = sizes[id(w)] * (bpw(w, 8) - bpw(w, self.bits))
             if (stored + extra) / total > self.max_bits_per_weight:
                 continue
@@ -297,7 +319,18 @@ class QuantizeWeightsPass(KilnPass):
 
 
 def _is_head(node: ir.Node) -> bool:
-    return any(o.is_graph_output() for o in node.outputs)
+    """A MatMul whose output is a graph output, directly or as part of a split table's logits
+    (Concat, then Gather along the last axis: see split-table-rows)."""
+    out = node.outputs[0]
+    if out.is_graph_output():
+        return True
+    for use in out.uses():
+        if use.node.op_type == "Concat":
+            for g in use.node.outputs[0].uses():
+                if g.node.op_type == "Gather" and g.node.attributes.get_int("axis", 0) == -1 \
+                        and g.node.outputs[0].is_graph_output():
+                    return True
+    return False
 
 
 def _sum(arrays: list[np.ndarray]) -> np.ndarray | None:

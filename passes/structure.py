@@ -96,12 +96,18 @@ def unique_name(graph: ir.Graph, name: str) -> str:
     return candidate
 
 
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    """A new initializer named `name` (or `name.1`, ... when taken)."""
+    value = ir.val(unique_name(graph, name), const_value=ir.tensor(np.ascontiguousarray(array), dtype=dtype))
+    graph.register_initializer(value)
+    return value
+
+
 def set_const_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, suffix: str) -> ir.Value:
     """Give `node` a new initializer as input `index` (the old one is left for dead-code removal)."""
     old = node.inputs[index]
     base = (old.name if old is not None and old.name else node.name or "w") + suffix
-    value = ir.val(unique_name(graph, base), const_value=ir.tensor(np.ascontiguousarray(array)))
-    graph.register_initializer(value)
+    value = new_initializer(graph, base, array)
     node.replace_input_with(index, value)
     return value
 

@@ -3,6 +3,7 @@
     name = "fp32"
     description = "..."
     lower = true                   # then the backend's lowering passes (default: true)
+    calibration_windows = 64       # windows of 256 tokens of calibration text for data-aware passes
     base = "fp32"                  # optional: start from another recipe's passes, then these
     [[passes]]
     name = "fold-constants"        # a registered pass
@@ -49,6 +50,7 @@ class Recipe:
     steps: list[tuple[str, dict]]
     path: str | None = None
     lower: bool = True  # append the backend's lowering passes (fusions into its fast ops)
+    calibration_windows: int | None = None  # None: the base recipe's, else kiln.corpus.CALIBRATION_WINDOWS
 
     def build(self) -> list[KilnPass]:
         passes = []
@@ -61,6 +63,7 @@ class Recipe:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "path": self.path, "lower": self.lower,
+                "calibration_windows": self.calibration_windows,
                 "passes": [{"name": n, "params": p} for n, p in self.steps]}
 
 
@@ -86,7 +89,7 @@ def load_recipe(recipe: str | Path | None, _bases: tuple = ()) -> Recipe:
     entries = data.get("passes")
     if not isinstance(entries, list) or not entries:
         raise RecipeError(f"recipe '{name}': needs a non-empty [[passes]] list")
-    steps = []
+    steps, windows = [], None
     if "base" in data:
         base = data["base"]
         if not isinstance(base, str):
@@ -95,7 +98,8 @@ def load_recipe(recipe: str | Path | None, _bases: tuple = ()) -> Recipe:
             raise RecipeError(f"recipe '{name}': 'base' makes a cycle ({' -> '.join((*_bases, name, base))})")
         if base not in presets() and not Path(base).is_absolute():
             base = str(path.parent / base)
-        steps = list(load_recipe(base, (*_bases, name)).steps)
+        parent = load_recipe(base, (*_bases, name))
+        steps, windows = list(parent.steps), parent.calibration_windows
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise RecipeError(f"recipe '{name}', pass #{index + 1}: needs a 'name' string")
@@ -104,6 +108,9 @@ def load_recipe(recipe: str | Path | None, _bases: tuple = ()) -> Recipe:
     lower = data.get("lower", True)
     if not isinstance(lower, bool):
         raise RecipeError(f"recipe '{name}': 'lower' must be true or false")
-    result = Recipe(name, data.get("description", ""), steps, str(path), lower)
+    windows = data.get("calibration_windows", windows)
+    if windows is not None and (not isinstance(windows, int) or isinstance(windows, bool) or windows < 1):
+        raise RecipeError(f"recipe '{name}': 'calibration_windows' must be a whole number >= 1")
+    result = Recipe(name, data.get("description", ""), steps, str(path), lower, windows)
     result.build()  # validate pass names and parameters now, before any expensive work
     return result

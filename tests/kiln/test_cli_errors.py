@@ -56,6 +56,7 @@ def test_missing_paths(tmp_path):
         ('[[passes]]\nname = "no-such-pass"\n', "unknown pass 'no-such-pass'"),
         ('[[passes]]\nname = "fold-constants"\nfast = true\n', "has no parameter 'fast'"),
         ('[[passes]]\nsize_limit = 3\n', "needs a 'name' string"),
+        ('calibration_windows = 0\n[[passes]]\nname = "fold-constants"\n', "'calibration_windows' must be a whole"),
     ],
 )
 def test_invalid_recipe(tmp_path, text, fragment):
