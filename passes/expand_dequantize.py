@@ -62,7 +62,7 @@ from kiln.errors import KilnError
 from kiln.passes.base import KilnPass
 from kiln.passes.quantization import compact_scale_parts
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import unique_name
+from kiln.passes.structure import new_initializer
 
 _BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
 _SIGNED = (ir.DataType.INT4, ir.DataType.INT8)
@@ -132,9 +132,7 @@ def _fold_compact_scales(graph: ir.Graph) -> int:
         if parts is None:
             continue
         inner = dq.inputs[1].producer()
-        value = ir.val(unique_name(graph, inner.outputs[0].name or "scale"),
-                       const_value=ir.tensor((parts[0] * parts[1]).astype(np.float32)))
-        graph.register_initializer(value)
+        value = new_initializer(graph, inner.outputs[0].name or "scale", (parts[0] * parts[1]).astype(np.float32))
         inner.outputs[0].replace_all_uses_with(value)
         graph.remove(inner, safe=True)
         for v in inner.inputs:
@@ -225,9 +223,9 @@ def _store(graph: ir.Graph, dq: ir.Node) -> _Stored | None:
             z = np.expand_dims(z, pack_axis) if z is not None else None
     elif z is not None:
         z = z.astype(np.int8 if signed else np.uint8)
-    values = _initializer(graph, f"{x.name}.{'packed' if pack_axis is not None else 'blocks'}", q)
-    scale_v = _initializer(graph, f"{scale.name}.blocks", s)
-    zero_v = _initializer(graph, f"{zero.name}.blocks", z) if z is not None else None
+    values = new_initializer(graph, f"{x.name}.{'packed' if pack_axis is not None else 'blocks'}", q)
+    scale_v = new_initializer(graph, f"{scale.name}.blocks", s)
+    zero_v = new_initializer(graph, f"{zero.name}.blocks", z) if z is not None else None
     return _Stored(values, scale_v, zero_v, offset, pack_axis, shape, split, rows_gatherable)
 
 
@@ -271,15 +269,9 @@ class _Builder:
         self.graph, self.anchor = graph, anchor
 
     def const(self, array: np.ndarray) -> ir.Value:
-        return _initializer(self.graph, f"{self.anchor.name or 'dq'}.const", array)
+        return new_initializer(self.graph, f"{self.anchor.name or 'dq'}.const", array)
 
     def __call__(self, op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
         node = ir.node(op_type, list(inputs), attributes=attributes, num_outputs=1)
         self.graph.insert_before(self.anchor, node)
         return node.outputs[0]
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.val(unique_name(graph, name), const_value=ir.tensor(np.ascontiguousarray(array)))
-    graph.register_initializer(value)
-    return value

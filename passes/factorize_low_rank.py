@@ -53,10 +53,10 @@ from kiln.passes.structure import (
     check_target,
     grams,
     linear_layers,
+    new_initializer,
     param_count,
     params_to_keep,
     remove_unused_initializers,
-    unique_name,
     weight_of,
 )
 
@@ -277,8 +277,7 @@ class FactorizeLowRankPass(KilnPass):
     def _add_bias(graph: ir.Graph, node: ir.Node, c: np.ndarray) -> None:
         out = node.outputs[0]
         uses = [(u.node, u.idx) for u in out.uses()]  # before the Add below becomes a use
-        bias = ir.val(unique_name(graph, f"{node.name}.lowrank_bias"), const_value=ir.tensor(c))
-        graph.register_initializer(bias)
+        bias = new_initializer(graph, f"{node.name}.lowrank_bias", c)
         add = ir.node("Add", [out, bias], num_outputs=1, name=f"{node.name}.lowrank_bias")
         new = add.outputs[0]
         new.dtype, new.shape = out.dtype, out.shape
@@ -294,10 +293,7 @@ class FactorizeLowRankPass(KilnPass):
     def _factor_table(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
         """Gather(E[V, D], ids) -> MatMul(Gather(A[V, r], ids), B[r, D])."""
         base = node.inputs[0].name or node.name
-        va = ir.val(unique_name(graph, f"{base}.lowrank_a"), const_value=ir.tensor(a))
-        vb = ir.val(unique_name(graph, f"{base}.lowrank_b"), const_value=ir.tensor(b))
-        graph.register_initializer(va)
-        graph.register_initializer(vb)
+        va, vb = new_initializer(graph, f"{base}.lowrank_a", a), new_initializer(graph, f"{base}.lowrank_b", b)
         out = node.outputs[0]
         gather = ir.node("Gather", [va, node.inputs[1]], attributes={"axis": 0}, num_outputs=1, name=f"{node.name}.lowrank")
         gather.outputs[0].dtype = out.dtype
@@ -323,10 +319,7 @@ class FactorizeLowRankPass(KilnPass):
                 used.append(r)
                 continue
             base = node.inputs[1].name or node.name
-            va = ir.val(unique_name(graph, f"{base}.lowrank_a"), const_value=ir.tensor(a))
-            vb = ir.val(unique_name(graph, f"{base}.lowrank_b"), const_value=ir.tensor(b))
-            graph.register_initializer(va)
-            graph.register_initializer(vb)
+            va, vb = new_initializer(graph, f"{base}.lowrank_a", a), new_initializer(graph, f"{base}.lowrank_b", b)
             x = node.inputs[0]
             first = ir.node("MatMul", [x, va], num_outputs=1, name=f"{node.name}.lowrank")
             mid = first.outputs[0]

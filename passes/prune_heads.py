@@ -55,13 +55,13 @@ from kiln.passes.structure import (
     find_attentions,
     grams,
     linear_output,
+    new_initializer,
     param_count,
     params_to_keep,
     refresh_shapes,
     remove_unused_initializers,
     set_const_input,
     short_feed,
-    unique_name,
     weight_of,
 )
 
@@ -294,8 +294,7 @@ def _new_target(graph: ir.Graph, node: ir.Node, changes: dict[int, tuple[int, in
                 if axis in changes and c[k] == changes[axis][0]:
                     c[k] = changes[axis][1]
                     changed = True
-            v = ir.val(unique_name(graph, f"{node.name}.heads.{offset}"), const_value=ir.tensor(c.astype(np.int64)))
-            graph.register_initializer(v)
+            v = new_initializer(graph, f"{node.name}.heads.{offset}", c.astype(np.int64))
             pieces.append(v)
         else:
             pieces.append(piece)

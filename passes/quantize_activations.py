@@ -42,7 +42,7 @@ import onnx_ir as ir
 from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import check_metric, unique_name
+from kiln.passes.structure import check_metric, new_initializer
 
 METHODS = ("minmax", "percentile")
 _READERS = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (0,)}
@@ -170,10 +170,8 @@ class QuantizeActivationsPass(KilnPass):
 
     @staticmethod
     def _insert_qdq(graph: ir.Graph, x: ir.Value, scale, zero, first: ir.Node) -> ir.Value:
-        s = ir.val(unique_name(graph, f"{x.name}.act_scale"), const_value=ir.tensor(scale))
-        z = ir.val(unique_name(graph, f"{x.name}.act_zero_point"), const_value=ir.tensor(zero))
-        graph.register_initializer(s)
-        graph.register_initializer(z)
+        s = new_initializer(graph, f"{x.name}.act_scale", scale)
+        z = new_initializer(graph, f"{x.name}.act_zero_point", zero)
         q = ir.node("QuantizeLinear", [x, s, z], num_outputs=1)
         dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], num_outputs=1)
         q.outputs[0].name, q.outputs[0].dtype, q.outputs[0].shape = f"{x.name}.q", z.const_value.dtype, x.shape

@@ -60,7 +60,7 @@ from kiln.passes.base import KilnPass
 from kiln.passes.quantization import (BITS_HINT, DTYPES, INDEX_HINT, bits_per_weight, compact_step, dequantize, gptq,
                                      output_error, rtn, storage_bits)
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import unique_name
+from kiln.passes.structure import new_initializer, unique_name
 
 METHODS = ("rtn", "gptq")
 
@@ -290,26 +290,21 @@ class QuantizeWeightsPass(KilnPass):
             q, scale, zero = q.T, scale.T, (zero.T if zero is not None else None)
         base = w.value.name
 
-        def initializer(name, array, dtype=None):
-            value = ir.val(unique_name(graph, name), const_value=ir.tensor(np.ascontiguousarray(array), dtype=dtype))
-            graph.register_initializer(value)
-            return value
-
         nodes = []
         if step is None:
-            scale_value = initializer(f"{base}.scale", scale)
+            scale_value = new_initializer(graph, f"{base}.scale", scale)
         else:  # the channel axis of the scale: N is axis 1 of [K/bs, N], axis 0 of [N, K/bs]
             levels = np.round(scale / (step[:, None] if w.transposed else step)).astype(np.uint8)
-            scale_dq = ir.node("DequantizeLinear", [initializer(f"{base}.scale_q8", levels, ir.DataType.UINT8),
-                                                    initializer(f"{base}.scale_step", step)],
+            scale_dq = ir.node("DequantizeLinear", [new_initializer(graph, f"{base}.scale_q8", levels, ir.DataType.UINT8),
+                                                    new_initializer(graph, f"{base}.scale_step", step)],
                                attributes={"axis": 0 if w.transposed else 1}, num_outputs=1)
             scale_value = scale_dq.outputs[0]
             scale_value.dtype, scale_value.shape = ir.DataType.FLOAT, ir.Shape(list(scale.shape))
             scale_value.name = unique_name(graph, f"{base}.scale")
             nodes.append(scale_dq)
-        inputs = [initializer(f"{base}.q{w.bits}", q, dtype), scale_value]
+        inputs = [new_initializer(graph, f"{base}.q{w.bits}", q, dtype), scale_value]
         if zero is not None:
-            inputs.append(initializer(f"{base}.zero_point", zero, dtype))
+            inputs.append(new_initializer(graph, f"{base}.zero_point", zero, dtype))
         k = q.shape[1] if w.transposed else q.shape[0]
         attrs = {"axis": 1 if w.transposed else 0, "block_size": self.block_size or k}
         dq = ir.node("DequantizeLinear", inputs, attributes=attrs, num_outputs=1)

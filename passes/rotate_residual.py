@@ -37,7 +37,7 @@ import onnx_ir as ir
 
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import (bias_of, const_array, remove_unused_initializers, set_const_input, unique_name,
+from kiln.passes.structure import (bias_of, const_array, new_initializer, remove_unused_initializers, set_const_input,
                                    weight_of)
 
 KINDS = ("hadamard", "random")
@@ -121,9 +121,7 @@ class RotateResidualPass(KilnPass):
             return self.result(model, modified=False, stats={"norms": 0}, rejected=["no embedding table found"])
         q, kind = orthogonal(plan.width, self.kind, self.seed)
         graph = model.graph
-        ones = ir.val(unique_name(graph, f"rotate_residual.ones{plan.width}"),
-                      const_value=ir.tensor(np.ones(plan.width, np.float32)))
-        graph.register_initializer(ones)
+        ones = new_initializer(graph, f"rotate_residual.ones{plan.width}", np.ones(plan.width, np.float32))
         for node, index in plan.gammas:
             node.replace_input_with(index, ones)
         for table in plan.tables:
@@ -142,8 +140,7 @@ class RotateResidualPass(KilnPass):
             set_const_input(graph, add, index, (b.astype(np.float64) @ q).astype(b.dtype), ".rotated")
         for head, gamma in plan.tied_heads:
             g = (q.T * gamma[None, :]) @ q  # Qᵀ·diag(γ)·Q: back to γ in the table's rotated basis
-            value = ir.val(unique_name(graph, "rotate_residual.head"), const_value=ir.tensor(g.astype(np.float32)))
-            graph.register_initializer(value)
+            value = new_initializer(graph, "rotate_residual.head", g.astype(np.float32))
             x = head.inputs[0]
             mm = ir.node("MatMul", [x, value], num_outputs=1)
             mm.outputs[0].dtype, mm.outputs[0].shape = x.dtype, x.shape

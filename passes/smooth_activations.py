@@ -31,7 +31,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import unique_name
+from kiln.passes.structure import new_initializer
 
 
 def _norm_scales(x: ir.Value) -> list[tuple[ir.Node, int]] | None:
@@ -135,16 +135,16 @@ class SmoothActivationsPass(KilnPass):
                 for node, index in slots:
                     value = node.inputs[index]
                     new = (value.const_value.numpy().astype(np.float64) / s).astype(np.float32)
-                    node.replace_input_with(index, _initializer(model.graph, f"{value.name}.smoothed", new))
+                    node.replace_input_with(index, new_initializer(model.graph, f"{value.name}.smoothed", new))
             elif slots is not None:  # fold 1/s into the weight columns that make the gated factor
                 gated += 1
                 matmul, start = slots
                 w = matmul.inputs[1]
                 new = w.const_value.numpy().astype(np.float64)
                 new[:, start:start + len(s)] /= s
-                matmul.replace_input_with(1, _initializer(model.graph, f"{w.name}.smoothed", new.astype(np.float32)))
+                matmul.replace_input_with(1, new_initializer(model.graph, f"{w.name}.smoothed", new.astype(np.float32)))
             else:  # X has other readers or no norm to fold into: scale the MatMuls' copy at run time
-                inv = _initializer(model.graph, f"{x.name}.smooth_scale", (1 / s).astype(np.float32))
+                inv = new_initializer(model.graph, f"{x.name}.smooth_scale", (1 / s).astype(np.float32))
                 mul = ir.node("Mul", [x, inv], num_outputs=1)
                 mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
                 mul.outputs[0].name = f"{x.name}.smoothed"
@@ -155,7 +155,7 @@ class SmoothActivationsPass(KilnPass):
             for reader, _ in readers:
                 w = reader.inputs[1]
                 new = (w.const_value.numpy().astype(np.float64) * s[:, None]).astype(np.float32)
-                reader.replace_input_with(1, _initializer(model.graph, f"{w.name}.smoothed", new))
+                reader.replace_input_with(1, new_initializer(model.graph, f"{w.name}.smoothed", new))
         RemoveUnusedNodesPass()(model)
         return self.result(model, modified=True, stats={
             "sites": len(sites), "folded_into_norms": folded, "folded_into_gates": gated,
@@ -163,9 +163,3 @@ class SmoothActivationsPass(KilnPass):
             "matmuls": sum(len(r) for _, _, r in sites),
             "activation_outlier_ratio_before": round(float(np.mean(spread_before)), 2),
             "activation_outlier_ratio_after": round(float(np.mean(spread_after)), 2)})
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.val(unique_name(graph, name), const_value=ir.tensor(array))
-    graph.register_initializer(value)
-    return value

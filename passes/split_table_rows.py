@@ -123,23 +123,19 @@ def _table(value: ir.Value, rows: int, rejected: list[str]):
     return value, gathers, heads
 
 
-def _const(graph: ir.Graph, name: str, array) -> ir.Value:
-    return new_initializer(graph, name, np.asarray(array))
-
-
 def _split_gather(graph: ir.Graph, gather: ir.Node, hot: ir.Value, cold: ir.Value, index: ir.Value, f: int) -> None:
     ids = gather.inputs[1]
     base = f"{hot.name}.gather"
     rank = ir.node("Gather", [index, ids], attributes={"axis": 0}, num_outputs=1)
     r = rank.outputs[0]
-    is_hot = ir.node("Less", [r, _const(graph, f"{base}.rows", np.int32(f))], num_outputs=1)
-    hot_row = ir.node("Min", [r, _const(graph, f"{base}.last", np.int32(f - 1))], num_outputs=1)
+    is_hot = ir.node("Less", [r, new_initializer(graph, f"{base}.rows", np.int32(f))], num_outputs=1)
+    hot_row = ir.node("Min", [r, new_initializer(graph, f"{base}.last", np.int32(f - 1))], num_outputs=1)
     shifted = ir.node("Sub", [r, is_hot.inputs[1]], num_outputs=1)
-    cold_row = ir.node("Max", [shifted.outputs[0], _const(graph, f"{base}.zero", np.int32(0))], num_outputs=1)
+    cold_row = ir.node("Max", [shifted.outputs[0], new_initializer(graph, f"{base}.zero", np.int32(0))], num_outputs=1)
     nodes = [rank, is_hot, hot_row, shifted, cold_row]
     hot_rows = ir.node("Gather", [hot, hot_row.outputs[0]], attributes={"axis": 0}, num_outputs=1)
     cold_rows = ir.node("Gather", [cold, cold_row.outputs[0]], attributes={"axis": 0}, num_outputs=1)
-    mask = ir.node("Unsqueeze", [is_hot.outputs[0], _const(graph, f"{base}.axes", np.array([-1], np.int64))],
+    mask = ir.node("Unsqueeze", [is_hot.outputs[0], new_initializer(graph, f"{base}.axes", np.array([-1], np.int64))],
                    num_outputs=1)
     where = ir.node("Where", [mask.outputs[0], hot_rows.outputs[0], cold_rows.outputs[0]], num_outputs=1)
     nodes += [hot_rows, cold_rows, mask, where]

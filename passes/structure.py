@@ -98,7 +98,7 @@ def unique_name(graph: ir.Graph, name: str) -> str:
 
 def new_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
     """A new initializer named `name` (or `name.1`, ... when taken)."""
-    value = ir.val(unique_name(graph, name), const_value=ir.tensor(np.ascontiguousarray(array), dtype=dtype))
+    value = ir.val(unique_name(graph, name), const_value=ir.tensor(np.asarray(array, order="C"), dtype=dtype))
     graph.register_initializer(value)
     return value
 

@@ -19,13 +19,12 @@ Gathers on axis 0, else Wᵀ is stored beside W. Not handled: transposes of comp
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import unique_name
+from kiln.passes.structure import new_initializer
 
 
 @register_pass("transpose-weights")
@@ -39,9 +38,7 @@ class TransposeWeightsPass(KilnPass):
             w = node.inputs[0]
             if w.const_value is None or len(w.shape or ()) != 2 or list(node.attributes.get_ints("perm", [1, 0])) != [1, 0]:
                 continue
-            wt = ir.val(unique_name(graph, f"{w.name}.transposed"), const_value=ir.tensor(
-                np.ascontiguousarray(w.const_value.numpy().T)))
-            graph.register_initializer(wt)
+            wt = new_initializer(graph, f"{w.name}.transposed", w.const_value.numpy().T)
             node.outputs[0].replace_all_uses_with(wt, replace_graph_outputs=True)
             stored += 1
             for use in list(w.uses()):
