@@ -77,10 +77,11 @@ CONFIGS: dict[str, str] = {
 def _recipe_key(recipe: str | Path) -> str:
     """The recipe's resolved passes, hashed, with the calibration text when a pass uses it: a
     changed preset (or its base, or kiln's calibration corpus) is recompiled."""
-    passes = load_recipe(recipe).as_dict()["passes"]
+    plan = load_recipe(recipe)
+    passes = plan.as_dict()["passes"]
     key = json.dumps(passes)
     if any(create_pass(p["name"], p["params"]).uses_calibration for p in passes):
-        key += f"{calibration_corpus().name}/{CALIBRATION_WINDOWS}"
+        key += f"{calibration_corpus().name}/{plan.calibration_windows or CALIBRATION_WINDOWS}"
     return hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
@@ -239,11 +240,13 @@ def smollm2(args, workdir: Path, previous: dict) -> tuple[str, dict]:
         f"Produced by `python -m benchmarks.quality --windows {args.windows}`. Perplexity on the Lee corpus "
         f"(gensim `lee_background.cor`), {args.windows} windows of 512 tokens; KL(fp32 ‖ config) and top-1 "
         "agreement of the next-token distributions on the same tokens; data-aware methods calibrate on "
-        "kiln's calibration text (`lee.cor`, 50 other articles, then Wikipedia leads from the same wheel: "
-        "64 windows of 256 tokens, disjoint). Greedy: share of the 64 new tokens before the first "
+        "kiln's calibration text (`lee.cor`, 50 other articles, then Wikipedia leads from the same wheel, "
+        "disjoint: 64 windows of 256 tokens, or as many as the recipe's `calibration_windows`: int4-quality "
+        "takes all 121). Greedy: share of the 64 new tokens before the first "
         f"divergence from fp32, over {len(PROMPTS)} prompts (fully identical prompts in brackets). "
         "Bits per weight count values, scales (fp32, or 8-bit with an fp32 step per output channel where "
-        "compact) and zero points of the quantized weights, as stored in the file; the size "
+        "compact) and zero points of the quantized weights, and the int32 row-rank table of a split "
+        "embedding table, as stored in the file; the size "
         "ratio is against the fp32 artifact. ORT runs int4/int8 as MatMulNBits with int8 activations "
         "(accuracy_level 4) and the embedding as GatherBlockQuantized sharing the LM head's bytes. "
         "Peers run in the same harness on the same token ids (fp32 reference: kiln's fp32 artifact, which is "

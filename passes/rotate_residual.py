@@ -14,6 +14,10 @@ SpinQuant, 2024). Exact in fp32: ‖x·Q‖ = ‖x‖, so RMSNorm commutes with 
 Nothing is added at run time except one H×H MatMul before a tied LM head, which keeps the
 table shared by the embedding and the head (the head's γ cannot fold into a shared table).
 
+`head_bits` (8; 0 = none) is a hint for quantize-weights on that H×H matrix: its error goes
+straight into the logits, where layer-local error ranking does not see it. SmolLM2 int4-quality,
+Lee 10 x 512: the matrix in fp32 instead of 4-bit lowers KL 0.116 -> 0.112, for 0.01 bits per weight.
+
 Q (`kind`): "hadamard" is a Hadamard matrix of order H (Sylvester doublings of a Paley
 construction; SmolLM2's 576 = 8 · 72) with random signs on its rows, scaled to be orthogonal;
 where none is known for H it falls back to "random" (QR of a Gaussian matrix). `seed` fixes both.
@@ -36,6 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.passes.base import KilnPass
+from kiln.passes.quantization import BITS_HINT
 from kiln.passes.registry import register_pass
 from kiln.passes.structure import (bias_of, const_array, new_initializer, remove_unused_initializers, set_const_input,
                                    weight_of)
@@ -105,12 +110,15 @@ def _last_axis_only(node: ir.Node, rank: int | None) -> bool:
 
 @register_pass("rotate-residual")
 class RotateResidualPass(KilnPass):
-    def __init__(self, kind: str = "hadamard", seed: int = 0):
+    def __init__(self, kind: str = "hadamard", seed: int = 0, head_bits: int = 8):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        if head_bits not in (0, 4, 8):
+            raise ValueError("head_bits must be 0 (no hint), 4 or 8")
         self.kind = kind
         self.seed = seed
+        self.head_bits = head_bits
 
     def call(self, model: ir.Model):
         try:
@@ -141,6 +149,8 @@ class RotateResidualPass(KilnPass):
         for head, gamma in plan.tied_heads:
             g = (q.T * gamma[None, :]) @ q  # Qᵀ·diag(γ)·Q: back to γ in the table's rotated basis
             value = new_initializer(graph, "rotate_residual.head", g.astype(np.float32))
+            if self.head_bits:
+                value.metadata_props[BITS_HINT] = str(self.head_bits)
             x = head.inputs[0]
             mm = ir.node("MatMul", [x, value], num_outputs=1)
             mm.outputs[0].dtype, mm.outputs[0].shape = x.dtype, x.shape

@@ -10,6 +10,7 @@ from kiln.ir import load_model, summary, verify
 from kiln.models import sample_inputs
 from kiln.passes import create_pass, run_pipeline
 from kiln.passes.numerics import compare, run_ort
+from kiln.passes.quantization import BITS_HINT
 from kiln.passes.rotate_residual import RotateResidualPass, hadamard, orthogonal
 from kiln.passes.structure import set_const_input
 
@@ -111,6 +112,8 @@ def test_tied_head_keeps_one_table(prepared):
     readers = {u.node.op_type for u in table.uses()}
     assert readers == {"Gather", "Transpose"} and len(graph.initializers) == len(set(graph.initializers))
     assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-4
+    # quantize-weights is asked to keep the inserted H×H matrix at 8 bits: its error reaches the logits
+    assert graph.initializers["rotate_residual.head"].metadata_props[BITS_HINT] == "8"
 
 
 @pytest.mark.parametrize("name, op", [("tiny-bert", "LayerNormalization"), ("tiny-gpt2", "LayerNormalization")])
@@ -173,6 +176,8 @@ def test_int4_quality_preset_rotates_then_quantizes_and_runs(tmp_path):
     assert len(kiln.load(result.path).generate("hello", max_new_tokens=5).token_ids) == 5
 
 
-def test_unknown_kind_is_refused():
+def test_unknown_kind_and_head_bits_are_refused():
     with pytest.raises(ValueError, match="kind must be one of hadamard, random"):
         RotateResidualPass(kind="householder")
+    with pytest.raises(ValueError, match="head_bits must be 0"):
+        RotateResidualPass(head_bits=6)
