@@ -32,8 +32,6 @@ reason is recorded and the table is left whole).
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import onnx_ir as ir
 
@@ -62,22 +60,16 @@ class SplitTableRowsPass(KilnPass):
         if not tables:
             return self.result(model, modified=False, stats={"tables": 0}, rejected=rejected)
         feeds = calib.require(self.calibration, "split-table-rows")
-        ids = [i for _, gathers, _ in tables for g in gathers for i in [g.inputs[1]]]
-        counts: dict[str, collections.Counter] = {v.name: collections.Counter() for v in ids}
-        for arrays in calib.capture(model, feeds, list(counts)):
+        ids: dict[str, list[np.ndarray]] = {g.inputs[1].name: [] for _, gathers, _ in tables for g in gathers}
+        for arrays in calib.capture(model, feeds, list(ids)):
             for name, x in arrays.items():
-                counts[name].update(np.asarray(x).reshape(-1).tolist())
+                ids[name].append(np.asarray(x).reshape(-1))
         covered = []
         for table, gathers, heads in tables:
             e = table.const_value.numpy()
             v = e.shape[0]
-            seen = collections.Counter()
-            for g in gathers:
-                seen.update(counts[g.inputs[1].name])
-            count = np.zeros(v, np.int64)
-            for token, n in seen.items():
-                if 0 <= token < v:
-                    count[token] += n
+            read = np.concatenate([a for g in gathers for a in ids[g.inputs[1].name]]).astype(np.int64)
+            count = np.bincount(read[(read >= 0) & (read < v)], minlength=v)
             order = np.argsort(-count, kind="stable")  # most frequent first; ties by token id
             rank = np.empty(v, np.int32)
             rank[order] = np.arange(v, dtype=np.int32)
