@@ -36,7 +36,9 @@ step per output channel, dequantized by a DequantizeLinear of its own:
 
 Scale tuning (`tune_steps` > 0): after the integers are chosen, the block scales are trained
 end to end on the calibration feeds against the float model's output (KL of the next-token
-distribution for LMs), integers fixed; see `kiln.passes.scale_tuning`. Same format and size.
+distribution for LMs), integers fixed; see `kiln.passes.scale_tuning`. With compact scales the
+uint8 levels stay too and each output channel's fp32 step is trained (N numbers per weight
+instead of K/bs·N). Same format and size.
 
 Which weights: constant 2-D float initializers of at least `min_elements` elements whose
 every reader is one of the three forms above. The LM head (a MatMul producing a graph
@@ -102,8 +104,6 @@ class QuantizeWeightsPass(KilnPass):
             raise ValueError("tune_steps must be >= 0 and tune_lr in (0, 1)")
         if compact_scales and not block_size:
             raise ValueError("compact_scales needs blocks (block_size > 0): per-channel scales are one per channel already")
-        if compact_scales and tune_steps:
-            raise ValueError("scale tuning trains fp32 scales: use tune_steps = 0 with compact_scales")
         self.bits, self.block_size, self.symmetric, self.method = bits, block_size, symmetric, method
         self.include_lm_head, self.include_embedding = include_lm_head, include_embedding
         self.max_bits_per_weight, self.damp, self.min_elements, self.budget = max_bits_per_weight, damp, min_elements, budget
@@ -140,7 +140,8 @@ class QuantizeWeightsPass(KilnPass):
             bytes_after += q.size * stored // 8 + scale_bytes + (zero.size * stored // 8 if zero is not None else 0)
             nodes = self._dequantize_nodes(graph, w, q, scale, zero, step)
             dq = nodes[-1]
-            scales.append(dq.inputs[1])
+            # compact scales keep their uint8 levels: tuning trains the fp32 step of each channel
+            scales.append(nodes[0].inputs[1] if step is not None else dq.inputs[1])
             for node in nodes:
                 if first is not None:
                     graph.insert_before(first, node)

@@ -1,9 +1,10 @@
 """Tuning quantization scales end to end against the float model (used by quantize-weights).
 
-After GPTQ or RTN has chosen every weight's integers, each block scale s of every
-DequantizeLinear that pass wrote is trained as s·exp(t) (t starts at 0, so the start is
-the layer-wise solution) by Adam on the calibration feeds, minimizing the divergence of the
-quantized model's output from the float model's:
+After GPTQ or RTN has chosen every weight's integers, each scale s that pass wrote (the block
+scales, or with compact scales each output channel's fp32 step, the uint8 levels fixed) is
+trained as s·exp(t) (t starts at 0, so the start is the layer-wise solution) by Adam on the
+calibration feeds, minimizing the divergence of the quantized model's output from the float
+model's:
     causal LMs ("logits" output):  KL(p_float ‖ p_quant) of the next-token distribution, per position;
     anything else:                 ‖y − y_float‖² / ‖y_float‖² of the first output.
 The integers stay fixed, so the format, size and kernels do not change. Layer-wise methods

@@ -243,8 +243,6 @@ def test_invalid_parameters():
         QuantizeWeightsPass(block_size=24)
     with pytest.raises(ValueError, match="compact_scales needs blocks"):
         QuantizeWeightsPass(block_size=0, compact_scales=True)
-    with pytest.raises(ValueError, match="scale tuning trains fp32 scales"):
-        QuantizeWeightsPass(compact_scales=True, tune_steps=10)
 
 
 def _wide_calibration(feeds, n, batch=8, length=48, seed=5):
@@ -280,6 +278,29 @@ def test_scale_tuning_lowers_held_out_divergence_and_keeps_the_integers(prepared
             assert v.const_value.shape == before.shape and not np.allclose(v.const_value.numpy(), before)
     # and on the pipeline's own sample inputs (not calibration), closer to float than without tuning
     assert compare(fp, run_ort(model, feeds))["kl"] < compare(fp, run_ort(plain, feeds))["kl"]
+
+
+def test_scale_tuning_with_compact_scales_trains_only_the_channel_steps(prepared):
+    model, feeds = _llama(prepared)
+    calibration = _wide_calibration(feeds, 16)
+    plain, _ = _llama(prepared)
+    kwargs = dict(method="gptq", block_size=16, symmetric=False, compact_scales=True, min_elements=0, budget=10)
+    p = QuantizeWeightsPass(**kwargs)
+    p.calibration = calibration
+    p(plain)
+    tuned = QuantizeWeightsPass(**kwargs, tune_steps=60, tune_lr=0.005)
+    tuned.calibration = calibration
+    stats = tuned(model).stats
+    verify(model)
+    assert stats["tune_heldout_loss_after"] < 0.97 * stats["tune_heldout_loss_before"], stats
+    moved = 0
+    for v in model.graph.initializers.values():
+        before = plain.graph.initializers[v.name].const_value.numpy()
+        if v.name.endswith(".scale_step"):  # fp32 [N]: trained
+            moved += not np.allclose(v.const_value.numpy(), before)
+        else:  # integers, uint8 scale levels and zero points: the same bytes
+            assert np.array_equal(v.const_value.numpy(), before), v.name
+    assert moved == 16
 
 
 def test_scale_tuning_needs_calibration(prepared):
