@@ -39,7 +39,9 @@ DTYPES = {(4, True): (ir.DataType.INT4, ml_dtypes.int4, -8, 7), (4, False): (ir.
 
 # Hints other passes leave on initializers (Value.metadata_props) for quantize-weights:
 BITS_HINT = "kiln.quantize.bits"  # on a weight: quantize it at these bits ("8"), whatever the pass's bits
-INDEX_HINT = "kiln.quantize.index"  # on an integer table stored for quantized weights: counted in their bits
+# on an integer table stored for other weights ("name,name": the tables it indexes): counted in
+# the bits per weight when one of those tables is quantized
+INDEX_HINT = "kiln.quantize.index"
 
 
 def storage_bits(bits: int) -> int:

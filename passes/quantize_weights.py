@@ -24,7 +24,8 @@ weight (values + scales, fp32 or compact + zero points) stays within the limit.
 Hints from other passes (`kiln.passes.quantization`): a weight whose metadata sets
 `kiln.quantize.bits` ("4" or "8") is quantized at those bits (split-table-rows marks a table's
 frequent rows so); an integer initializer marked `kiln.quantize.index` (the row-rank table of
-a split table) is counted in the bits per weight and in the mixed-precision limit.
+a split table, naming the tables it indexes) is counted in the bits per weight and in the
+mixed-precision limit when one of those tables is quantized.
 
 Compact scales (`compact_scales`): each block scale is stored as uint8, a multiple of one fp32
 step per output channel, dequantized by a DequantizeLinear of its own:
@@ -122,9 +123,7 @@ class QuantizeWeightsPass(KilnPass):
         for w in weights:
             gram = _sum([grams[v.name] for v in w.inputs if v.name in grams])
             quantized[id(w)] = self._quantize(w, self._hinted_bits(w, rejected), gram)
-        # integer tables stored for the weights (split-table-rows' rank) count in their bits
-        index_bits = sum(v.const_value.nbytes * 8 for v in graph.initializers.values()
-                         if INDEX_HINT in v.metadata_props and v.const_value is not None) if weights else 0
+        index_bits = _index_bits(graph, {w.value.name for w in weights}) if weights else 0
         if self.max_bits_per_weight:
             self._promote(weights, quantized, grams, rejected, index_bits)
         tuning = self._tuning_data(model) if self.tune_steps and weights else None
@@ -327,6 +326,20 @@ def _is_head(node: ir.Node) -> bool:
                         and g.node.outputs[0].is_graph_output():
                     return True
     return False
+
+
+def _index_bits(graph: ir.Graph, quantized: set[str]) -> int:
+    """Bits of the integer tables stored for quantized weights (split-table-rows' rank table):
+    those whose INDEX_HINT names a quantized weight, or names none that still exists."""
+    bits = 0
+    for v in graph.initializers.values():
+        served = v.metadata_props.get(INDEX_HINT)
+        if served is None or v.const_value is None:
+            continue
+        names = set(served.split(","))
+        if names & quantized or not names & set(graph.initializers):
+            bits += v.const_value.nbytes * 8
+    return bits
 
 
 def _sum(arrays: list[np.ndarray]) -> np.ndarray | None:

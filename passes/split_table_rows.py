@@ -13,8 +13,9 @@ that `quantize-weights` keeps the frequent rows at 8 bits and the rest at 4.
 Dims: V vocabulary, H hidden, F = `rows` hot rows. E_hot = E[order[:F]], E_cold = E[order[F:]],
 rank = the inverse of `order`; `order` sorts the tokens by how often they occur in the
 calibration text (the Gather's indices over the calibration feeds), ties and unseen tokens by id.
-E_hot carries the precision hint `kiln.quantize.bits = 8` and rank `kiln.quantize.index`, which
-`quantize-weights` reads: it keeps E_hot at 8 bits and counts rank's bits in its bits per weight.
+E_hot carries the precision hint `kiln.quantize.bits = 8` and rank `kiln.quantize.index` (the
+names of E_hot and E_cold), which `quantize-weights` reads: it keeps E_hot at 8 bits and, when it
+quantizes the halves, counts rank's bits in its bits per weight.
 
 Why: a tied table is about a fifth of a small LLM's weights and its 4-bit error reaches the logits
 twice, through the embedding and through the head. SmolLM2 int4-quality, Lee 10 x 512: the whole
@@ -80,7 +81,7 @@ class SplitTableRowsPass(KilnPass):
             cold = new_initializer(graph, f"{table.name}.cold", e[order[f:]])
             index = new_initializer(graph, f"{table.name}.rank", rank)
             hot.metadata_props[BITS_HINT] = str(self.bits)
-            index.metadata_props[INDEX_HINT] = table.name
+            index.metadata_props[INDEX_HINT] = f"{hot.name},{cold.name}"  # the tables it indexes
             for gather in gathers:
                 _split_gather(graph, gather, hot, cold, index, f)
             for transpose in heads:

@@ -56,6 +56,7 @@ def test_split_is_exact_and_keeps_the_most_frequent_rows(prepared, tie):
     cold = next(v for v in inits.values() if v.name.endswith(".cold"))
     rank = next(v for v in inits.values() if INDEX_HINT in v.metadata_props)
     assert hot.metadata_props[BITS_HINT] == "8" and rank.const_value.dtype == ir.DataType.INT32
+    assert rank.metadata_props[INDEX_HINT] == f"{hot.name},{cold.name}"
     counts = collections.Counter(feeds["input_ids"].reshape(-1).tolist())
     top = {t for t, _ in counts.most_common(ROWS) if counts[t] > counts.most_common(ROWS + 1)[-1][1]}
     hot_rows = {int(i) for i in np.flatnonzero(rank.const_value.numpy() < ROWS)}
@@ -92,6 +93,18 @@ def test_quantize_weights_keeps_hot_rows_at_8_bits_and_counts_the_rank(prepared)
     stored += ROWS * h * (bits_per_weight(8, 32, h, False) - bits_per_weight(4, 32, h, False)) + 32 * v
     assert result.stats["bits_per_weight"] == pytest.approx(stored / sum(w.size for w in _float_weights(prepared)),
                                                             abs=2e-3)
+
+
+def test_the_rank_table_counts_only_when_its_tables_are_quantized(prepared):
+    options = {"bits": 4, "block_size": 32, "min_elements": 512, "include_lm_head": False, "include_embedding": False}
+    plain, _, _ = _model(prepared, tie=True)
+    expected = create_pass("quantize-weights", options)(plain).stats["bits_per_weight"]
+    model, feeds, _ = _model(prepared, tie=True)
+    _split(model, feeds)
+    result = create_pass("quantize-weights", options)(model)
+    assert result.stats["bits_per_weight"] == expected  # the halves stay float: their rank table is not counted
+    assert not any(".hot" in n.inputs[0].name or ".cold" in n.inputs[0].name
+                   for n in model.graph if n.op_type == "DequantizeLinear")
 
 
 def _float_weights(prepared):
