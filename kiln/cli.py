@@ -394,6 +394,7 @@ def eval_cmd(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Reference artifact (e.g. the fp32 one): adds KL, top-1 agreement, cosine."),
     text: Optional[Path] = typer.Option(None, "--text", help="Text file (default: the Lee news corpus from the gensim wheel)."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="Instead of --text, one of kiln's texts from the gensim wheel: lee (the default) or newsgroups (20 Newsgroups posts)."),
     context: int = typer.Option(512, "--context", min=2, help="LLM: tokens per window."),
     stride: int = typer.Option(512, "--stride", min=1, help="LLM: tokens between window starts."),
     windows: int = typer.Option(10, "--windows", min=1, help="LLM: number of windows."),
@@ -403,10 +404,18 @@ def eval_cmd(
     """Perplexity, KL and top-1 agreement (LLM) or cosine and nearest-neighbour agreement (encoder)."""
     import dataclasses
 
+    from kiln.corpus import EVAL_CORPORA
     from kiln.evaluate import evaluate_encoder, evaluate_lm
     from kiln.runtime import load
 
+    if corpus is not None:
+        if text is not None:
+            raise KilnError("give --text FILE or --corpus NAME, not both")
+        if corpus not in EVAL_CORPORA:
+            raise KilnError(f"unknown corpus '{corpus}': choose one of {', '.join(EVAL_CORPORA)}")
     art = load(artifact)
+    if corpus is not None:
+        text = EVAL_CORPORA[corpus]()
     ref = load(reference) if reference else None
     if art.task == "causal-lm":
         report = evaluate_lm(art, text, context, stride, windows, ref)

@@ -1,7 +1,10 @@
 """Text for evaluation and calibration, from the `gensim` wheel (fetched with `pip download`).
 
-The two sets are disjoint, so a data-aware pass never sees the text it is judged on:
-- evaluation: `lee_background.cor`, 300 news articles;
+The sets are disjoint, so a data-aware pass never sees the text it is judged on:
+- evaluation: `lee_background.cor`, 300 news articles; and, to check a result away from the
+  calibration text's kind of English, `newsgroups` (`EVAL_CORPORA`): the bodies of the 20
+  Newsgroups posts in the wheel's `mini_newsgroup` (e-mail English of 1993, headers and
+  quoted lines removed);
 - calibration: `lee.cor`, 50 other articles from the same source, then the opening
   paragraphs of the Wikipedia articles in the wheel's `enwiki-...-shortened.bz2` (about
   150 articles, wiki markup stripped), so that GPTQ's statistics see general English and not
@@ -15,7 +18,10 @@ from __future__ import annotations
 
 import bz2
 import html
+import io
+import pickletools
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +34,54 @@ GENSIM_WHEEL = "gensim==4.4.0"
 EVAL_TEXT = "gensim/test/test_data/lee_background.cor"
 CALIBRATION_TEXT = "gensim/test/test_data/lee.cor"
 WIKIPEDIA = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+NEWSGROUPS = "gensim/test/test_data/mini_newsgroup"
 CALIBRATION_WINDOWS = 64
 LEAD_CHARS = 1500  # of each Wikipedia article: whole paragraphs up to about this many characters
 
 
 def default_corpus() -> Path:
     return fetch_wheel(GENSIM_WHEEL) / EVAL_TEXT
+
+
+def newsgroups_corpus() -> Path:
+    """The 20 Newsgroups post bodies of the gensim wheel, written once into kiln's cache."""
+    target = cache_dir("corpus") / "eval-newsgroups-v1.txt"
+    if not target.is_file():
+        posts = newsgroups_posts((fetch_wheel(GENSIM_WHEEL) / NEWSGROUPS).read_bytes())
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text("\n\n".join(posts), encoding="utf-8")
+        tmp.replace(target)
+    return target
+
+
+EVAL_CORPORA = {"lee": default_corpus, "newsgroups": newsgroups_corpus}
+
+
+# quoted lines (">", "MB>", "|", ":"), their attribution, and header lines of forwarded posts
+_QUOTED_OR_HEADER = re.compile(r"\s*(\w{0,4}>|\||:)|In article|(To: )?(From|To|Newsgroups|Message-ID|Organization|"
+                               r"Date|Subject|Path|Xref|Lines|References|Sender|Reply-To|Distribution|Keywords|"
+                               r"Summary|NNTP-Posting-Host|Article-I\.D\.): ")
+
+
+def newsgroups_posts(data: bytes, min_chars: int = 300) -> list[str]:
+    """The bodies of the posts in gensim's `mini_newsgroup` (a zlib-compressed pickle of
+    scikit-learn's dataset). Its strings are read from the pickle's opcodes, so nothing is
+    unpickled and scikit-learn is not needed. Headers go (up to the first blank line, and those
+    of forwarded posts), and so do quoted lines (`>`, `XY>`, `|`, `:`) and their attribution
+    ("In article ...", "... writes:")."""
+    strings = [arg for op, arg, _ in pickletools.genops(io.BytesIO(zlib.decompress(data)))
+               if op.name in ("UNICODE", "BINUNICODE", "SHORT_BINUNICODE") and isinstance(arg, str)]
+    posts = []
+    for post in strings:
+        if "\n\n" not in post or not re.match(r"[\w-]+: ", post):
+            continue  # not a post (the dataset's other strings: names, file names)
+        body = post.split("\n\n", 1)[1]
+        lines = [line for line in body.split("\n") if not _QUOTED_OR_HEADER.match(line)
+                 and not line.rstrip().endswith(("writes:", "wrote:"))]
+        text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+        if len(text) >= min_chars:
+            posts.append(text)
+    return posts
 
 
 def calibration_corpus() -> Path:

@@ -141,3 +141,11 @@ def test_atomic_dir_cleans_up_on_failure_and_after_sigkill(tmp_path):
         (tmp / "ok").write_text("1")
     assert (final / "ok").exists()
     assert not stale.exists()
+
+
+def test_eval_corpus_unknown_or_given_with_a_text(tmp_path):
+    proc = run_kiln("eval", str(tmp_path), "--corpus", "reddit")
+    assert_one_line_error(proc, "unknown corpus 'reddit'", "newsgroups")
+    (tmp_path / "t.txt").write_text("some text")
+    proc = run_kiln("eval", str(tmp_path), "--corpus", "lee", "--text", str(tmp_path / "t.txt"))
+    assert_one_line_error(proc, "--text FILE or --corpus NAME, not both")

@@ -69,3 +69,16 @@ def test_the_default_calibration_text_is_lee_then_wikipedia_and_disjoint_from_ev
     assert "Anarchism is a political philosophy" in text and "[[" not in text and "{{" not in text
     evaluation = read_text(default_corpus())
     assert not any(line in evaluation for line in text.splitlines() if len(line) > 80)
+
+
+def test_newsgroups_corpus_is_post_bodies_without_headers_or_quotes():
+    import re
+
+    from kiln.corpus import EVAL_CORPORA, read_text
+
+    text = read_text(EVAL_CORPORA["newsgroups"]())
+    posts = text.split("\n\n")
+    assert len(text) > 200_000 and len(posts) > 150
+    assert not re.search(r"^(Path|Xref|Newsgroups|Message-ID|Lines): ", text, flags=re.M)
+    assert not re.search(r"^\s*>", text, flags=re.M) and "writes:\n" not in text
+    assert "The Space Calendar is updated monthly" in text

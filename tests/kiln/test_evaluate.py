@@ -57,6 +57,18 @@ def test_against_itself_kl_is_zero(llama, tmp_path):
     assert report.top1_agreement == 1.0 and report.ppl_increase == pytest.approx(0, abs=1e-9)
 
 
+def test_cli_evaluates_on_a_named_corpus(llama):
+    import json
+
+    from conftest import run_kiln
+    from kiln.corpus import newsgroups_corpus
+
+    proc = run_kiln("eval", str(llama.path), "--corpus", "newsgroups", "--context", "64", "--stride", "64", "--windows", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    expected = evaluate_lm(llama, newsgroups_corpus(), context=64, stride=64, max_windows=2)
+    assert json.loads(proc.stdout)["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
+
+
 def test_bad_inputs(llama, tmp_path):
     with pytest.raises(KilnError, match="no such text file"):
         evaluate_lm(llama, tmp_path / "missing.txt")
