@@ -1,6 +1,7 @@
 """Quantization quality tables for benchmarks/RESULTS.md, in one command.
 
     python -m benchmarks.quality [--windows 10] [--only NAME ...] [--skip-encoder] [--skip-peers]
+                                 [--corpus lee|newsgroups]
 
 `--only` re-measures the configurations whose names contain one of the words (and fp32, the
 reference); the LLM table keeps the other rows, and peers that are not installed here, from
@@ -14,7 +15,8 @@ agreement against the fp32 artifact on the same tokens, bits per weight as store
 agreement with fp32 on 5 prompts × 64 new tokens (tokens before the first divergence).
 Peers in the same harness where installed (the `peers` extra): onnxruntime-genai's int4
 model-builder output, and llama.cpp on the source GGUF (Q4_1) and its Q4_0 and Q4_K_M
-re-quantizations.
+re-quantizations. `--corpus newsgroups` measures the LLM table on 20 Newsgroups posts instead of
+Lee (e-mail English, unlike the calibration text) into a section and a results key of its own.
 
 MiniLM-L6: fp32 and int8 kiln artifacts, and ONNX Runtime's own recipe on the same raw
 export (transformers optimizer + quantize_dynamic): cosine of the pooled embeddings to
@@ -38,7 +40,7 @@ import numpy as np
 import kiln
 from benchmarks.parity import PROMPTS
 from benchmarks.report import machine_line, write_section
-from kiln.corpus import CALIBRATION_WINDOWS, calibration_corpus, default_corpus, read_text
+from kiln.corpus import CALIBRATION_WINDOWS, EVAL_CORPORA, calibration_corpus, default_corpus, read_text
 from kiln.evaluate import evaluate_lm, score_windows, sentences
 from kiln.models.cache import cache_dir
 from kiln.passes import create_pass
@@ -205,6 +207,7 @@ def table_rows(raw: dict) -> list[str]:
 def smollm2(args, workdir: Path, previous: dict) -> tuple[str, dict]:
     names = [n for n in CONFIGS if not args.only or any(o in n for o in args.only) or n == "fp32"]
     paths = {n: compile_config(n, CONFIGS[n], workdir) for n in names}
+    corpus = EVAL_CORPORA[args.corpus]()
     ref = kiln.load(paths["fp32"])
     ref_tokens = {p: ref.generate(p, args.new_tokens).token_ids for p in PROMPTS}
     fp32_size = _size(paths["fp32"])
@@ -222,12 +225,12 @@ def smollm2(args, workdir: Path, previous: dict) -> tuple[str, dict]:
 
     for name in names:
         art = kiln.load(paths[name])
-        report = evaluate_lm(art, context=512, stride=512, max_windows=args.windows,
+        report = evaluate_lm(art, corpus, context=512, stride=512, max_windows=args.windows,
                              reference=None if name == "fp32" else ref)
         add(name, report, lambda p, n: art.generate(p, n).token_ids, _size(paths[name]), _bits(art.manifest),
             recipe=CONFIGS[name], artifact=str(paths[name]))
     if not args.skip_peers:
-        ids = np.array(ref.encode(read_text(default_corpus())), dtype=np.int64)
+        ids = np.array(ref.encode(read_text(corpus)), dtype=np.int64)
         ref_model = Model(ref.session, ref.manifest)
         params = ref.manifest["summary"]["artifact"]["parameters"]
         for name, (model, path) in _peers(args.threads).items():
@@ -235,11 +238,16 @@ def smollm2(args, workdir: Path, previous: dict) -> tuple[str, dict]:
             add(name, score_windows(model, ids, 512, 512, args.windows, ref_model), _greedy(model, ref.encode),
                 size, round(8 * size / params, 2), "*", peer=str(path))
     rows = table_rows(raw)
+    if args.corpus == "lee":
+        title, command, on = "", "", "the Lee corpus (gensim `lee_background.cor`)"
+    else:
+        title, command = f", {args.corpus} text", f" --corpus {args.corpus}"
+        on = "the bodies of the 20 Newsgroups posts in gensim's `mini_newsgroup` (headers and quotes removed)"
     text = "\n".join([
-        "## Quantization quality: SmolLM2-135M-Instruct",
+        f"## Quantization quality: SmolLM2-135M-Instruct{title}",
         "",
-        f"Produced by `python -m benchmarks.quality --windows {args.windows}`. Perplexity on the Lee corpus "
-        f"(gensim `lee_background.cor`), {args.windows} windows of 512 tokens; KL(fp32 ‖ config) and top-1 "
+        f"Produced by `python -m benchmarks.quality --windows {args.windows}{command}`. Perplexity on {on}, "
+        f"{args.windows} windows of 512 tokens; KL(fp32 ‖ config) and top-1 "
         "agreement of the next-token distributions on the same tokens; data-aware methods calibrate on "
         "kiln's calibration text (`lee.cor`, 50 other articles, then Wikipedia leads from the same wheel, "
         "disjoint: 64 windows of 256 tokens, or as many as the recipe's `calibration_windows`: int4-quality "
@@ -364,13 +372,15 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-encoder", action="store_true")
     parser.add_argument("--skip-llm", action="store_true")
     parser.add_argument("--skip-peers", action="store_true", help="LLM table without onnxruntime-genai and llama.cpp")
+    parser.add_argument("--corpus", choices=sorted(EVAL_CORPORA), default="lee", help="LLM evaluation text")
     args = parser.parse_args(argv)
     workdir = cache_dir("quality")
     results_json = Path(__file__).resolve().parent / "quality.json"
     results = json.loads(results_json.read_text()) if results_json.exists() else {}
     if not args.skip_llm:
-        text, results["smollm2"] = smollm2(args, workdir, results.get("smollm2", {}))
-        write_section("quality-llm", text + "\n\n" + machine_line())
+        suffix = "" if args.corpus == "lee" else f"-{args.corpus}"
+        text, results[f"smollm2{suffix}"] = smollm2(args, workdir, results.get(f"smollm2{suffix}", {}))
+        write_section(f"quality-llm{suffix}", text + "\n\n" + machine_line())
     if not args.skip_encoder:
         text, results["minilm"] = minilm(args, workdir)
         write_section("quality-encoder", text + "\n\n" + machine_line())
