@@ -22,6 +22,7 @@ import io
 import pickletools
 import re
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +46,8 @@ def default_corpus() -> Path:
 
 def newsgroups_corpus() -> Path:
     """The 20 Newsgroups post bodies of the gensim wheel, written once into kiln's cache."""
-    target = cache_dir("corpus") / "eval-newsgroups-v1.txt"
-    if not target.is_file():
-        posts = newsgroups_posts((fetch_wheel(GENSIM_WHEEL) / NEWSGROUPS).read_bytes())
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text("\n\n".join(posts), encoding="utf-8")
-        tmp.replace(target)
-    return target
+    return _cached_text("eval-newsgroups-v1.txt",
+                        lambda wheel: "\n\n".join(newsgroups_posts((wheel / NEWSGROUPS).read_bytes())))
 
 
 EVAL_CORPORA = {"lee": default_corpus, "newsgroups": newsgroups_corpus}
@@ -86,12 +82,16 @@ def newsgroups_posts(data: bytes, min_chars: int = 300) -> list[str]:
 
 def calibration_corpus() -> Path:
     """lee.cor followed by Wikipedia leads, written once into kiln's cache."""
-    target = cache_dir("corpus") / "calibration-lee-wikipedia-v1.txt"
+    return _cached_text("calibration-lee-wikipedia-v1.txt", lambda wheel: read_text(wheel / CALIBRATION_TEXT)
+                        + "\n\n" + "\n\n".join(wikipedia_leads(wheel / WIKIPEDIA)))
+
+
+def _cached_text(name: str, build: Callable[[Path], str]) -> Path:
+    """kiln's cache file `name`, written once (through a temporary file) from `build(gensim wheel)`."""
+    target = cache_dir("corpus") / name
     if not target.is_file():
-        wheel = fetch_wheel(GENSIM_WHEEL)
-        text = read_text(wheel / CALIBRATION_TEXT) + "\n\n" + "\n\n".join(wikipedia_leads(wheel / WIKIPEDIA))
         tmp = target.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(build(fetch_wheel(GENSIM_WHEEL)), encoding="utf-8")
         tmp.replace(target)
     return target
 
