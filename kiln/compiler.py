@@ -26,8 +26,11 @@ from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA, VerificationError, load_model, summary, verify
 from kiln.manifest import SCHEMA_VERSION, write_manifest
 from kiln.models import Loaded, Prepared, export_loaded, get_source, prepare, sample_inputs
+from kiln.models.export import read_export, write_export
+from kiln.models.local import module_fingerprint
 from kiln.models.cache import atomic_dir
-from kiln.models.sources import file_sha256
+from kiln.models.sources import SOURCES, file_sha256
+from kiln.parity import parity_gate
 from kiln.passes.numerics import compare
 from kiln.passes.pipeline import run_pipeline
 from kiln.passes.quality import QualityBudget
@@ -79,11 +82,18 @@ def compile(  # noqa: A001
     max_ppl_increase: float | None = None,
     min_cosine: float | None = None,
     tune_minutes: float | None = None,
+    task: str | None = None,
+    tokenizer=None,
+    allow_pickle: bool = False,
     progress: bool = True,
     console=None,
 ) -> CompileResult:
-    """Compile `model` (a kiln model name, a path to an .onnx file, or a torch.nn.Module
-    with `example_inputs`) into the artifact directory `output`.
+    """Compile `model` into the artifact directory `output`. `model` is a kiln model name, the
+    path of a Hugging Face or sentence-transformers folder, a .gguf or an .onnx file, a
+    transformers model object (with its `tokenizer`), or a torch.nn.Module with `example_inputs`.
+
+    `task` overrides the inferred one (causal-lm, embedding, sequence-classification).
+    Pickle checkpoints are refused unless `allow_pickle`.
 
     `recipe` defaults to the target's (cpu, gpu: fp32; npu: npu-int8), except that a causal
     LM on the cpu through ORT gets int4. `calibration` is a text file for data-aware passes
@@ -94,8 +104,9 @@ def compile(  # noqa: A001
     start = time.perf_counter()
     # Validate everything cheap before any expensive work.
     profile = get_target(target)
-    source = get_source(model) if isinstance(model, str) and not model.endswith(".onnx") else None
-    plan = load_recipe(recipe or default_recipe(profile, backend, source.task if source else None))
+    source, loaded = _resolve(model, task, allow_pickle, tokenizer, example_inputs)
+    source_task = source.task if source else loaded.meta["task"] if loaded else None
+    plan = load_recipe(recipe or default_recipe(profile, backend, source_task))
     if target_params is not None or target_mb is not None:
         from kiln.passes.structure import retarget_steps
 
@@ -116,13 +127,17 @@ def compile(  # noqa: A001
 
     with tempfile.TemporaryDirectory(prefix="kiln-export-") as scratch:
         feeds = None
-        if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
+        if source is not None:
+            prepared = prepare(source, progress=progress, console=console)
+        elif loaded is not None:
+            write_export(loaded, Path(scratch), {"source": type(model).__name__,
+                                                 "sha256": module_fingerprint(model)})
+            prepared = read_export(Path(scratch))
+        elif _is_onnx_path(model):
             path = Path(model)
             if not path.is_file():
                 raise CompileError(f"{path}: no such ONNX file")
             prepared = Prepared(path, {"source": path.name, "task": "custom", "sha256": file_sha256(path)}, None)
-        elif isinstance(model, str):
-            prepared = prepare(source, progress=progress, console=console)
         else:
             prepared, feeds = _from_module(model, example_inputs, dynamic_shapes, Path(scratch))
 
@@ -137,10 +152,18 @@ def compile(  # noqa: A001
                                   tokenizer=prepared.tokenizer)
         lowering = be.lowering_passes(profile) if plan.lower else []
         passes = plan.build() + lowering
+        limit = prepared.meta.get("max_positions")
+        for p in passes:
+            if limit and p.name == "fuse-attention":  # the rotary cache covers the model's positions, no more
+                p.max_positions = limit
         calib, calib_info = _calibration(passes, prepared, before.inputs, feeds, calibration, plan.calibration_windows)
         quality = _quality_budget(prepared, before.inputs, max_ppl_increase, min_cosine)
+        gate = None
+        if prepared.reference is not None:
+            reference = dict(np.load(prepared.reference))
+            gate = lambda m, done: parity_gate(m, reference, prepared.task, done)  # noqa: E731
         run = run_pipeline(ir_model, passes, feeds, calibration=calib, quality=quality, progress=progress,
-                           console=console)
+                           console=console, checkpoint=gate)
         ir_model, records, feeds = run.model, run.records, run.feeds
         after = summary(ir_model)
 
@@ -156,12 +179,41 @@ def compile(  # noqa: A001
                 manifest["compile"]["calibration"] = calib_info
             if run.quality:
                 manifest["compile"]["quality_budget"] = run.quality
+            if run.checkpoint is not None:
+                manifest["compile"]["parity"] = run.checkpoint
             check = be.check_feeds(ir_model, feeds) if hasattr(be, "check_feeds") else feeds
             manifest["compile"]["artifact_check"] = _check_artifact(tmp, backend_info, ir_model, check,
                                                                     profile.precision)
             manifest["compile"]["seconds"] = round(time.perf_counter() - start, 1)
             write_manifest(tmp, manifest)
     return CompileResult(output, manifest)
+
+
+def _is_onnx_path(model) -> bool:
+    return isinstance(model, (str, Path)) and str(model).lower().endswith(".onnx")
+
+
+def _resolve(model, task, allow_pickle, tokenizer, example_inputs):
+    """(a Source to prepare, or a Loaded transformers object, or neither for ONNX files and
+    plain modules). Checks everything cheap: names, paths, configs, weight files."""
+    from kiln.models.local import TASKS, module_loaded, path_source
+
+    if task is not None and task not in TASKS:
+        raise CompileError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
+    if isinstance(model, str) and model in SOURCES:
+        if task is not None and task != SOURCES[model].task:
+            raise CompileError(f"{model} is a {SOURCES[model].task} model; --task {task} does not apply")
+        return SOURCES[model], None
+    if _is_onnx_path(model):
+        return None, None
+    if isinstance(model, (str, Path)):
+        path = Path(model).expanduser()
+        if not path.exists() and isinstance(model, str) and "/" not in model and not path.suffix:
+            get_source(model)  # an unknown name: its error lists the known ones
+        return path_source(path, task=task, allow_pickle=allow_pickle), None
+    if example_inputs is None and hasattr(model, "config") and hasattr(model, "state_dict"):
+        return None, module_loaded(model, tokenizer, task)
+    return None, None
 
 
 def _static_signature(signature: list[dict], static: dict[str, int] | None) -> list[dict]:
@@ -255,12 +307,19 @@ def _manifest(model, prepared, plan, profile, backend_info, records, before, aft
     }
     if KV_CACHE_METADATA in model.metadata_props:
         manifest["kv_cache"] = json.loads(model.metadata_props[KV_CACHE_METADATA])
+        limit = meta.get("max_positions")
+        if limit:  # the model's own limit (config, rope scaling), or the rotary cache's if that is shorter
+            manifest["kv_cache"]["max_positions"] = min(limit, manifest["kv_cache"].get("max_positions", limit))
     if prepared.task == "causal-lm":
-        manifest["generation"] = {**meta.get("generation", {}), "max_new_tokens": 64, "do_sample": False}
-    elif prepared.task == "embedding":
+        manifest["generation"] = {"max_new_tokens": 64, "do_sample": False, **meta.get("generation", {})}
+    elif prepared.task in ("embedding", "sequence-classification"):
         longest = meta.get("max_sequence_length", meta.get("max_position_embeddings"))
         if profile.static_shapes:  # the runtime truncates to what the static graph takes
             longest = min(longest or profile.static_shapes["sequence"], profile.static_shapes["sequence"])
-        manifest["embedding"] = {"pooling": meta.get("pooling", "mean"), "normalize": meta.get("normalize", True),
-                                 "max_sequence_length": longest}
+        if prepared.task == "embedding":
+            manifest["embedding"] = {"pooling": meta.get("pooling", "mean"), "normalize": meta.get("normalize", True),
+                                     "max_sequence_length": longest}
+        else:
+            manifest["classification"] = {"labels": meta["labels"], "problem_type": meta["problem_type"],
+                                          "max_sequence_length": longest}
     return manifest

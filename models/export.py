@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import time
 import warnings
@@ -25,7 +26,7 @@ from kiln.errors import KilnError
 from kiln.models.cache import atomic_dir, cache_dir
 from kiln.models.sources import Loaded, Source, quiet_third_party
 
-EXPORT_VERSION = "1"
+EXPORT_VERSION = "2"  # 2: reference outputs for the parity gate, max_positions and attention windows in meta
 
 
 class ExportError(KilnError):
@@ -39,6 +40,7 @@ class Prepared:
     path: Path  # model.onnx
     meta: dict[str, Any]
     tokenizer: Path | None
+    reference: Path | None = None  # reference.npz: the source model's outputs on the parity gate's inputs
 
     @property
     def task(self) -> str:
@@ -111,16 +113,68 @@ def prepare(source: Source, *, progress: bool = True, console=None) -> Prepared:
             loaded = source.load()
             bar.update(task, advance=1, description=f"exporting {source.name} (torch.export → ONNX)")
             with atomic_dir(final) as tmp:
-                seconds = export_loaded(loaded, tmp)
-                meta = {"source": source.name, "description": source.description, "sha256": fingerprint,
-                        **loaded.meta, "export_seconds": round(seconds, 1), "versions": _versions()}
-                if loaded.tokenizer_json is not None:
-                    (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+                write_export(loaded, tmp, {"source": source.name, "description": source.description,
+                                           "sha256": fingerprint})
             bar.advance(task)
-    meta = json.loads((final / "meta.json").read_text())
-    tok = final / "tokenizer.json"
-    return Prepared(final / "model.onnx", meta, tok if tok.is_file() else None)
+    return read_export(final)
+
+
+def write_export(loaded: Loaded, directory: Path, meta: dict) -> None:
+    """model.onnx, meta.json, tokenizer.json and the reference outputs of `loaded` into `directory`."""
+    seconds = export_loaded(loaded, directory)
+    meta = {**meta, **loaded.meta, "export_seconds": round(seconds, 1), "versions": _versions()}
+    if loaded.tokenizer_json is not None:
+        (directory / "tokenizer.json").write_text(loaded.tokenizer_json)
+    if loaded.reference is not None:
+        np.savez(directory / "reference.npz", **reference_outputs(loaded, meta))
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def read_export(directory: Path) -> Prepared:
+    meta = json.loads((directory / "meta.json").read_text())
+    tok, ref = directory / "tokenizer.json", directory / "reference.npz"
+    return Prepared(directory / "model.onnx", meta, tok if tok.is_file() else None, ref if ref.is_file() else None)
+
+
+GATE_PADDING = 5  # slots of padding in the gate's second row
+
+
+def gate_inputs(meta: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """The parity gate's inputs: batch 2, the second row padded (left for a causal LM, as its
+    runtime pads; right for encoders), longer than any attention window the config declares."""
+    rng = np.random.default_rng(seed)
+    vocab = int(meta.get("vocab_size") or 2)
+    limit = meta.get("max_positions") or meta.get("max_sequence_length") or 4096
+    if meta.get("task") == "causal-lm":
+        length = min(limit, max(32, max(meta.get("attention_windows") or [0]) + 16))
+    else:
+        length = min(meta.get("max_sequence_length") or limit, 24)
+    ids = rng.integers(0, vocab, size=(2, length)).astype(np.int64)
+    mask = np.ones_like(ids)
+    if meta.get("task") == "causal-lm":
+        mask[1, :GATE_PADDING] = 0
+        pad = (meta.get("generation") or {}).get("pad_token_id")
+        ids[1, :GATE_PADDING] = pad if pad is not None else 0
+    else:
+        mask[1, -GATE_PADDING:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def reference_outputs(loaded: Loaded, meta: dict) -> dict[str, np.ndarray]:
+    """The source model's outputs on `gate_inputs`, computed in PyTorch (fp32)."""
+    feeds = gate_inputs(meta)
+    ids, mask = (torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))
+    with torch.no_grad():
+        if meta.get("task") == "causal-lm":
+            model = loaded.reference
+            kwargs = {"attention_mask": mask, "use_cache": False}
+            if "position_ids" in inspect.signature(model.forward).parameters:
+                kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+            out = model(input_ids=ids, **kwargs).logits
+        else:
+            extra = {"token_type_ids": torch.zeros_like(ids)} if "token_type_ids" in loaded.example_inputs else {}
+            out = loaded.module(input_ids=ids, attention_mask=mask, **extra)
+    return {**feeds, "output": out.float().numpy()}
 
 
 SAMPLE_TEXT = ("The committee met on Tuesday to discuss the new budget. Most members agreed that the roads "

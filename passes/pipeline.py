@@ -11,6 +11,10 @@ For every pass it
    than that, within 10x its measured rounding noise (one ulp on every weight; recorded as
    `rounding_noise`), lossy passes within their declared metric's budget.
 
+With a `checkpoint` (the compiler's parity gate against the source model), it is called once
+with the model and the names of the passes run so far, just before the first lossy pass
+(or after the last pass when all are exact); what it returns is `PipelineRun.checkpoint`.
+
 With a quality budget (`kiln.passes.quality`), the source is measured once and the model
 again after every lossy pass that changed it; the value goes into that pass's record and
 the first pass over the limit stops the pipeline.
@@ -24,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +58,7 @@ class PipelineRun:
     records: list[dict[str, Any]]
     feeds: dict[str, np.ndarray] | None  # sample inputs for the final model's signature
     quality: dict[str, Any] | None = None  # {"metric", "limit", "source", "final"} with a budget
+    checkpoint: Any = None  # what the checkpoint callback returned
 
 
 def _round(metrics: dict[str, float]) -> dict[str, float]:
@@ -69,6 +74,7 @@ def run_pipeline(
     quality: QualityBudget | None = None,
     progress: bool = True,
     console=None,
+    checkpoint: Callable[[ir.Model, list[str]], Any] | None = None,
 ) -> PipelineRun:
     """Run `passes` over `model` in place. Returns the model, the records and the final feeds.
 
@@ -84,6 +90,7 @@ def run_pipeline(
     source_outputs = run_ort(model, sample_inputs) if sample_inputs is not None else None
     previous_outputs = source_outputs
     done: list[str] = []
+    checked: list[Any] = []  # the checkpoint's result, once it has run
 
     bar = (
         Progress(TextColumn("[bold]passes[/]"), BarColumn(), TextColumn("{task.description}"),
@@ -97,6 +104,8 @@ def run_pipeline(
             where = f"pass '{name}'" + (f" (after {', '.join(done)})" if done else " (first pass)")
             if progress:
                 bar.update(task, description=name)
+            if checkpoint is not None and not checked and not p.exact:
+                checked.append(checkpoint(model, list(done)))
             before = fingerprint(model)
             if p.uses_calibration:
                 p.calibration = calibration
@@ -176,7 +185,9 @@ def run_pipeline(
             done.append(name)
             if progress:
                 bar.advance(task)
-    return PipelineRun(model, records, sample_inputs, quality_summary)
+    if checkpoint is not None and not checked:
+        checked.append(checkpoint(model, list(done)))
+    return PipelineRun(model, records, sample_inputs, quality_summary, checked[0] if checked else None)
 
 
 def _first_line(exc: BaseException) -> str:

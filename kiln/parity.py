@@ -1,0 +1,118 @@
+"""The parity gate: the compiled graph against the source PyTorch model, before any artifact
+is written.
+
+The pipeline checks every pass against the stage before it on short sample inputs. The
+gate checks the whole chain against the model the user gave, on inputs chosen to exercise
+what the model declares (`kiln.models.export.gate_inputs`): batch 2, the second row padded
+(left for a causal LM, as the runtime pads a batch), and longer than any attention window
+in the config. It runs where the graph is last exact (just before the first lossy pass, or
+at the end); every later stage is tied to it by its own pass check and the final artifact
+to the last stage by the compiler's artifact check.
+
+A causal LM is driven as a runtime drives it: a prefill of all but the last DECODE_STEPS
+tokens, then one token per step through the KV cache, batched with the padding in the
+attention mask and the positions counting real tokens only (one row at a time where the
+layout says `padded_prefill: false`). The logits at every real position must match
+PyTorch's within TOLERANCE (max_rel, relative to the largest logit). Encoders and
+classifiers run the batch once and are compared the same way.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from kiln.errors import KilnError
+from kiln.ir import KV_CACHE_METADATA
+from kiln.passes.numerics import compare, ort_session
+
+TOLERANCE = 1e-3
+DECODE_STEPS = 4
+
+
+class ParityError(KilnError):
+    pass
+
+
+def _cache_names(layout: dict, template: str, layer: int, kind: str) -> str:
+    return template.split(":")[0].strip().replace("{layer}", str(layer)).replace("{key|value}", kind)
+
+
+def _empty_past(layout: dict, batch: int) -> dict[str, np.ndarray]:
+    dtype = np.float16 if layout["dtype"] == "float16" else np.float32
+    feeds = {}
+    for i in range(layout["num_layers"]):
+        for kind, dim in (("key", layout["head_dim"]), ("value", layout["value_head_dim"])):
+            feeds[_cache_names(layout, layout["past"], i, kind)] = np.zeros((batch, layout["kv_heads"], 0, dim), dtype)
+    return feeds
+
+
+def _session(model: ir.Model):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # as the pass checks run it
+    opts.log_severity_level = 3
+    session = ort_session(model, opts)
+    names = [o.name for o in session.get_outputs()]
+    return lambda feeds: dict(zip(names, session.run(names, feeds)))
+
+
+def _decode(run, model: ir.Model, layout: dict | None, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Logits [B, S, V] for rows `ids` with `mask`, computed as a runtime would."""
+    if layout is None:  # no cache: one full-sequence run
+        return run({"input_ids": ids})[model.graph.outputs[0].name]
+    batch, seq = ids.shape
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+    split = max(1, seq - DECODE_STEPS)
+    feeds = {"input_ids": ids[:, :split], "attention_mask": mask[:, :split], "position_ids": positions[:, :split],
+             **_empty_past(layout, batch)}
+    logits_name = model.graph.outputs[0].name
+    pieces = []
+    for end in [split, *range(split + 1, seq + 1)]:
+        out = run(feeds)
+        pieces.append(out[logits_name])
+        if end == seq:
+            break
+        feeds = {"input_ids": ids[:, end:end + 1], "attention_mask": mask[:, :end + 1],
+                 "position_ids": positions[:, end:end + 1]}
+        for i in range(layout["num_layers"]):
+            for kind in ("key", "value"):
+                feeds[_cache_names(layout, layout["past"], i, kind)] = out[_cache_names(layout, layout["present"], i, kind)]
+    return np.concatenate(pieces, axis=1)
+
+
+def parity_gate(model: ir.Model, reference: dict[str, np.ndarray], task: str, after: list[str]) -> dict:
+    """Compare `model` with the source's `reference` outputs; raises ParityError when they differ."""
+    ids, mask, want = reference["input_ids"], reference["attention_mask"], reference["output"]
+    where = f"parity gate (after {', '.join(after)})" if after else "parity gate (before any pass)"
+    layout = json.loads(model.metadata_props[KV_CACHE_METADATA]) if KV_CACHE_METADATA in model.metadata_props else None
+    info: dict = {"batch": int(ids.shape[0]), "tokens": int(ids.shape[1]), "padding": int((mask == 0).sum())}
+    if layout is not None and layout.get("static"):
+        return {**info, "skipped": "a static cache is driven in fixed chunks; checked by the pass checks only"}
+    if task == "causal-lm":
+        run = _session(model)
+        if layout is not None and layout.get("padded_prefill", True):
+            got = _decode(run, model, layout, ids, mask)
+        else:  # one row at a time without its padding, as the runtime prefills such a layout
+            got = np.zeros_like(want)
+            for row in range(ids.shape[0]):
+                real = mask[row] == 1
+                got[row, real] = _decode(run, model, layout, ids[row:row + 1, real], mask[row:row + 1, real])[0]
+        real = mask == 1
+        want_real, got_real = want[real], got[real]
+        info["argmax_agreement"] = float(np.mean(want_real.argmax(-1) == got_real.argmax(-1)))
+        info["decode_steps"] = DECODE_STEPS if layout is not None else 0
+    else:
+        names = [v.name for v in model.graph.inputs]
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        got_all = _session(model)({k: v for k, v in feeds.items() if k in names})
+        want_real, got_real = want, got_all[model.graph.outputs[0].name]
+    delta = compare({"output": want_real}, {"output": got_real})
+    info.update({k: float(f"{v:.4g}") for k, v in delta.items() if k in ("max_abs", "max_rel", "cosine")})
+    if delta["max_rel"] > TOLERANCE:
+        raise ParityError(f"{where}: the compiled graph differs from the PyTorch model: max_rel {delta['max_rel']:.3g} "
+                          f"> {TOLERANCE:g} on {info['tokens']} tokens at batch {info['batch']} with padding; "
+                          "a pass does not handle this model's attention, positions or mask")
+    return info
