@@ -1,5 +1,9 @@
 """kiln.json: the artifact manifest, enough for any runtime in any language to drive it.
 
+This module is a leaf (it imports nothing of the compiler): the passes and backends that
+write a manifest and the runtimes that read it share its types (`KVLayout`,
+`SessionSettings`, `Classification`).
+
 Versioned by `schema_version` "MAJOR.MINOR": readers refuse an unknown MAJOR and
 accept any MINOR (minor versions only add fields). The fields are documented in
 docs/manifest.md and checked by the JSON Schema `manifest.schema.json` (next to this
@@ -8,6 +12,7 @@ file), which every runtime (Python here, examples/node) validates against.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -93,3 +98,115 @@ def _field(path) -> str:
 
 def write_manifest(directory: Path, manifest: dict) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+# --- typed sections ---------------------------------------------------------------------------
+# Each reads one section of a validated manifest (`from_manifest`) and names the fields a runtime
+# uses; `as_dict` writes the same JSON back. Unknown keys are kept in `extra` (minor versions add
+# fields), so reading and writing a section loses nothing.
+
+DEFAULT_PAST = "past_key_values.{layer}.{key|value}"
+DEFAULT_PRESENT = "present.{layer}.{key|value}"
+
+
+def cache_names(template: str, num_layers: int) -> list[tuple[str, str]]:
+    """A cache name template ("past_key_values.{layer}.{key|value}"; text after ': ' is
+    commentary) expanded to (key, value) names per layer."""
+    pattern = template.split(": ")[0].strip()
+    return [tuple(pattern.replace("{layer}", str(layer)).replace("{key|value}", kind) for kind in ("key", "value"))
+            for layer in range(num_layers)]
+
+
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+    """The manifest's `kv_cache`: how the graph takes and returns its cache (docs/manifest.md)."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    value_head_dim: int
+    dtype: str = "float"  # float | float16 | bfloat16
+    past: str = DEFAULT_PAST
+    present: str = DEFAULT_PRESENT
+    static: bool = False
+    max_length: int | None = None  # slots of a static cache
+    sequence_axis: int = 2
+    padded_prefill: bool = True
+    max_positions: int | None = None  # every position_id must stay below this
+    shared_buffer: bool = False
+    extra: dict = dataclasses.field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_manifest(cls, section: dict | None) -> KVLayout | None:
+        if section is None:
+            return None
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in section.items() if k in names}
+        if known.get("padded_prefill") is None:
+            known.pop("padded_prefill", None)
+        if known.get("shared_buffer") is None:
+            known.pop("shared_buffer", None)
+        return cls(**known, extra={k: v for k, v in section.items() if k not in names})
+
+    def as_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        for optional in ("max_length", "max_positions"):
+            if out[optional] is None:
+                del out[optional]
+        return {**self.extra, **out}
+
+    @property
+    def past_names(self) -> list[tuple[str, str]]:
+        """(key, value) input names per layer."""
+        return cache_names(self.past, self.num_layers)
+
+    @property
+    def present_names(self) -> list[tuple[str, str]]:
+        """(key, value) output names per layer."""
+        return cache_names(self.present, self.num_layers)
+
+    def cache_pairs(self) -> dict[str, str]:
+        """Each cache input -> the output that is its next value."""
+        return {p: q for ps, qs in zip(self.past_names, self.present_names) for p, q in zip(ps, qs)}
+
+    @property
+    def numpy_dtype(self) -> str:
+        return {"float": "float32", "float16": "float16", "bfloat16": "float32"}[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSettings:
+    """The manifest's `backend.session`: how to open the graph and feed it."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_num_threads: int = 0
+    graph_optimization_level: str = "all"
+    chunk: int | None = None  # static-cache LM (target npu): tokens go in chunks of exactly this many
+    padding: dict | None = None  # batch-1 fixed-length graph: {"sequence", "inputs", "outputs"}
+
+    @classmethod
+    def from_manifest(cls, backend: dict) -> SessionSettings:
+        s = backend.get("session", {})
+        return cls(tuple(s.get("providers", cls.providers)), s.get("intra_op_num_threads", 0),
+                   s.get("graph_optimization_level", "all"), s.get("chunk"), s.get("padding"))
+
+
+CLASSIFICATION_PROBLEMS = ("single_label_classification", "multi_label_classification", "regression")
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification:
+    """The manifest's `classification` (task `sequence-classification`): logits [batch, num_labels]."""
+
+    labels: tuple[str, ...]
+    problem_type: str = "single_label_classification"
+    max_sequence_length: int | None = None
+
+    @classmethod
+    def from_manifest(cls, section: dict) -> Classification:
+        return cls(tuple(section["labels"]), section.get("problem_type") or "single_label_classification",
+                   section.get("max_sequence_length"))
+
+    def as_dict(self) -> dict:
+        return {"labels": list(self.labels), "problem_type": self.problem_type,
+                "max_sequence_length": self.max_sequence_length}

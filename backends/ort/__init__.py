@@ -17,28 +17,22 @@ Lowering per target (`kiln.targets`):
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import onnx_ir as ir
 import onnxruntime as ort
 
-from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA
-from kiln.ir.io import save_model
-from kiln.passes.base import KilnPass
-from kiln.passes.registry import create_pass
+# The runtime half (sessions) imports nothing of the compiler; the compiler half below imports
+# onnx_ir and the passes where it uses them, so opening an artifact does not load them.
+from kiln.backends.ort.session import _LEVELS, MODEL_FILE, PaddedSession, available_providers, create_session
 from kiln.targets import Target
 
-MODEL_FILE = "model.onnx"
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
-_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
+    from kiln.passes.base import KilnPass
+
+__all__ = ["MODEL_FILE", "OrtBackend", "PaddedSession", "available_providers", "create_session", "_LEVELS"]
 _FUSIONS = ("fuse-rms-norm", "fuse-layer-norm", "fuse-gelu", "fuse-attention")
 _CLEANUP = ("simplify", "eliminate-common-subexpressions", "eliminate-dead-code")
 
@@ -48,6 +42,8 @@ class OrtBackend:
 
     def lowering_passes(self, target: Target) -> list[KilnPass]:
         """Passes that turn kiln's portable IR into what ORT runs fastest on `target`."""
+        from kiln.passes.registry import create_pass
+
         if target.device == "npu":
             return [create_pass("specialize-shapes", target.static_shapes),
                     *[create_pass(n) for n in _CLEANUP],
@@ -66,6 +62,9 @@ class OrtBackend:
                 *[create_pass(n) for n in _CLEANUP], create_pass("pack-attention-qkv")]
 
     def write(self, model: ir.Model, directory: Path, target: Target) -> dict:
+        from kiln.ir import KV_CACHE_METADATA
+        from kiln.ir.io import save_model
+
         save_model(model, directory / MODEL_FILE)
         session = {
             "providers": list(target.providers),
@@ -94,60 +93,3 @@ def _padding(model: ir.Model, sequence: int) -> dict:
 
     return {"sequence": sequence, "inputs": [v.name for v in model.graph.inputs if per_token(v)],
             "outputs": [v.name for v in model.graph.outputs if per_token(v)]}
-
-
-def available_providers(wanted: list[str]) -> tuple[list[str], list[str]]:
-    """(the providers of `wanted` this ONNX Runtime build has, in order; those it lacks)."""
-    have = set(ort.get_available_providers())
-    return [p for p in wanted if p in have], [p for p in wanted if p not in have]
-
-
-def create_session(directory: Path, backend_manifest: dict, threads: int | None = None) -> ort.InferenceSession:
-    """A session configured as the manifest says (`threads` overrides the thread count).
-
-    Providers this ONNX Runtime lacks (CUDA on a CPU-only machine) are skipped with one line
-    on stderr, and the CPU EP runs the artifact: a gpu artifact still opens anywhere."""
-    settings = backend_manifest["session"]
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = _LEVELS[settings.get("graph_optimization_level", "all")]
-    opts.intra_op_num_threads = threads if threads is not None else settings.get("intra_op_num_threads", 0)
-    opts.log_severity_level = 3
-    providers, missing = available_providers(settings["providers"])
-    if missing:
-        print(f"kiln: {', '.join(missing)} not available in this ONNX Runtime; running on "
-              f"{', '.join(providers) or 'CPUExecutionProvider'}", file=sys.stderr)
-    session = ort.InferenceSession(str(Path(directory) / backend_manifest["model"]), opts,
-                                   providers=providers or ["CPUExecutionProvider"])
-    return PaddedSession(session, settings["padding"]) if "padding" in settings else session
-
-
-class PaddedSession:
-    """An ORT session of a batch-1, fixed-length graph (target npu) that takes any batch and
-    sequences up to its length, as `session["padding"]` in the manifest describes."""
-
-    def __init__(self, session: ort.InferenceSession, padding: dict):
-        self.session, self.length = session, padding["sequence"]
-        self.inputs, self.outputs = set(padding["inputs"]), set(padding["outputs"])
-
-    def get_inputs(self):
-        return self.session.get_inputs()
-
-    def get_outputs(self):
-        return self.session.get_outputs()
-
-    def get_providers(self):
-        return self.session.get_providers()
-
-    def run(self, names, feeds: dict) -> list[np.ndarray]:
-        names = names or [o.name for o in self.get_outputs()]
-        first = next(iter(self.inputs & set(feeds)))
-        rows, seq = feeds[first].shape[:2]
-        if seq > self.length:
-            raise KilnError(f"this artifact takes at most {self.length} tokens (static shapes), got {seq}")
-        results = []
-        for row in range(rows):
-            step = {k: np.pad(v[row:row + 1], [(0, 0), (0, self.length - seq)] + [(0, 0)] * (v.ndim - 2))
-                    if k in self.inputs else v[row:row + 1] for k, v in feeds.items()}
-            out = self.session.run(names, step)
-            results.append([o[:, :seq] if n in self.outputs else o for n, o in zip(names, out)])
-        return [np.concatenate(parts, axis=0) for parts in zip(*results)]

@@ -59,6 +59,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA, dims
+from kiln.manifest import KVLayout
 from kiln.models.cache import cache_dir
 from kiln.passes.base import KilnPass
 from kiln.passes.expand_dequantize import ExpandDequantizePass
@@ -66,17 +67,6 @@ from kiln.passes.kv_layout import cache_feeds
 from kiln.passes.registry import create_pass
 from kiln.targets import Target
 
-# TVM sizes its thread pool once, when a kernel first runs in parallel, at TVM_NUM_THREADS
-# workers, else at half the cores on x86 (it assumes hyper-threading): one worker on a 2-core
-# machine, where `runtime.config_threadpool(1, 2)` then still runs every kernel on one core
-# (MiniLM measured 62.9 ms with 1.00 CPU per wall second). A pool of every core the process
-# may use, before any kernel runs; the session then picks the number it runs on.
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-# Idle workers spin for a long while after a call (300,000 rounds by default), taking cores from
-# whatever runs next in the process: MiniLM on ORT measured 30 ms right after a TVM call, 23 ms
-# alone. 1,000 rounds free them at once and cost nothing measurable (SmolLM2 on TVM: decode
-# 21.8 tok/s, against 19.9 with the default and 16.5 with no spinning at all).
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "1000")
 
 PARAMS_FILE = "params.npz"
 WEIGHT_MIN_ELEMENTS = 1024  # smaller initializers stay constants (shape tensors must, to stay static)
@@ -370,7 +360,7 @@ def _cache_pairs(model: ir.Model) -> dict[str, str]:
     layout = _layout(model)
     if layout is None:
         return {}
-    return {f"past_key_values.{i}.{k}": f"present.{i}.{k}" for i in range(layout["num_layers"]) for k in ("key", "value")}
+    return KVLayout.from_manifest(layout).cache_pairs()
 
 
 def _layout(model: ir.Model) -> dict | None:
@@ -381,9 +371,3 @@ def _layout(model: ir.Model) -> dict | None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def create_session(directory: Path, backend_manifest: dict, threads: int | None = None):
-    from kiln.backends.tvm.session import TvmSession
-
-    return TvmSession(Path(directory), backend_manifest, threads)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.backends.static import host, pad_chunk, run_padded, run_rows, sequence_length, shape, take
 from kiln.errors import KilnError
 
 
@@ -69,58 +70,39 @@ class TvmSession:
         missing = [i.name for i in self._inputs if i.name not in feeds]
         if missing:
             raise KilnError(f"missing input '{missing[0]}'")
-        some = next((n for n in self.batch_axes if n in feeds), None)
-        rows = 1 if some is None else _shape(feeds[some])[self.batch_axes[some]]
-        if rows == 1:
-            out = self._row(feeds)
-        else:
-            parts = [self._row({k: _take(v, self.batch_axes.get(k), i) for k, v in feeds.items()}) for i in range(rows)]
-            out = {k: self._tensor(np.concatenate([p[k].numpy() for p in parts], axis=self.batch_axes[k]))
-                   for k in parts[0]}
-        return [out[n] for n in names]
+        out = run_rows(self._row, feeds, self.batch_axes)
+        return [self._tensor(out[n]) for n in names]
 
     def _row(self, feeds: dict) -> dict:
         if "decode" in self.functions:
             return self._through_cache(feeds)
-        length = self.functions["main"]["sequence"]
-        seq = self._sequence_length(feeds)
-        if seq is None:  # a graph exported with static shapes
-            return self._call("main", feeds)
-        if seq > length:
-            raise KilnError(f"this TVM artifact was compiled for at most {length} tokens, got {seq}")
-        padded = {k: _pad(_host(v), self.sequence_axes[k], length) if k in self.sequence_axes else v
-                  for k, v in feeds.items()}
-        out = self._call("main", padded)
-        return {k: self._tensor(np.take(v.numpy(), range(seq), axis=self.sequence_axes[k]))
-                if k in self.sequence_axes and seq < length else v for k, v in out.items()}
+        return run_padded(lambda padded: self._call("main", padded), feeds, self.sequence_axes,
+                          self.functions["main"]["sequence"])
 
     def _through_cache(self, feeds: dict) -> dict:
-        chunk, seq = self.functions["prefill"]["sequence"], self._sequence_length(feeds)
-        slots = _shape(feeds["attention_mask"])[1]
-        feeds, pieces, start = dict(feeds), [], 0
+        chunk, seq = self.functions["prefill"]["sequence"], sequence_length(feeds, self.sequence_axes)
+        slots = shape(feeds["attention_mask"])[1]
+        axes, feeds, pieces, start = self.sequence_axes, dict(feeds), [], 0
         while start < seq:
             n = min(chunk, seq - start)
-            step = {k: np.take(_host(v), range(start, start + n), axis=self.sequence_axes[k])
-                    if k in self.sequence_axes else v for k, v in feeds.items()}
+            step = {k: take(v, axes[k], range(start, start + n)) if k in axes else v for k, v in feeds.items()}
             fn = "decode" if n == 1 else "prefill"
             if 1 < n < chunk:
-                end = int(_host(step["cache_position"])[-1]) + 1
+                end = int(host(step["cache_position"])[-1]) + 1
                 if end + chunk - n > slots:  # no free slots for the padding: one token at a time
                     fn, n = "decode", 1
-                    step = {k: np.take(v, [0], axis=self.sequence_axes[k]) if k in self.sequence_axes else v
-                            for k, v in step.items()}
+                    step = {k: take(v, axes[k], 0) if k in axes else v for k, v in step.items()}
                 else:
-                    step = _pad_chunk(step, self.sequence_axes, chunk, end)
+                    step = pad_chunk(step, axes, chunk, end)
             out = self._call(fn, step)
             if fn == "prefill" and n < chunk:
-                out = {k: self._tensor(np.take(v.numpy(), range(n), axis=self.sequence_axes[k]))
-                       if k in self.sequence_axes else v for k, v in out.items()}
+                out = {k: take(v, axes[k], range(n)) if k in axes else v for k, v in out.items()}
             feeds.update({past: out[present] for past, present in self.cache.items()})
             pieces.append(out)
             start += n
         last = pieces[-1]
-        return {k: self._tensor(np.concatenate([p[k].numpy() for p in pieces], axis=self.sequence_axes[k]))
-                if k in self.sequence_axes and len(pieces) > 1 else v for k, v in last.items()}
+        return {k: np.concatenate([host(p[k]) for p in pieces], axis=axes[k]) if k in axes and len(pieces) > 1 else v
+                for k, v in last.items()}
 
     def _call(self, fn: str, feeds: dict) -> dict:
         spec = self.functions[fn]
@@ -128,46 +110,7 @@ class TvmSession:
         values = [result] if len(spec["outputs"]) == 1 else list(result)
         return dict(zip(spec["outputs"], values))
 
-    def _sequence_length(self, feeds: dict) -> int | None:
-        name = next((n for n in self.sequence_axes if n in feeds), None)
-        return None if name is None else _shape(feeds[name])[self.sequence_axes[name]]
-
     def _tensor(self, value):
         if isinstance(value, self._tvm.runtime.Tensor):
             return value
-        return self._tvm.runtime.tensor(np.ascontiguousarray(_host(value)))
-
-
-def _host(value) -> np.ndarray:
-    """numpy from numpy, an ORT value or a TVM tensor."""
-    return value if isinstance(value, np.ndarray) else value.numpy()
-
-
-def _shape(value) -> tuple[int, ...]:
-    shape = value.shape
-    return tuple(shape() if callable(shape) else shape)  # an OrtValue's shape is a method
-
-
-def _take(value, axis: int | None, row: int):
-    return value if axis is None else np.take(_host(value), [row], axis=axis)
-
-
-def _pad_chunk(step: dict, axes: dict, chunk: int, end: int) -> dict:
-    """A partial prefill chunk padded to `chunk` tokens: the padding repeats the last token and
-    position and is written to the free slots after the real ones (`end`, ...), where the mask
-    hides it until later tokens overwrite it; the caller keeps only the real positions' outputs."""
-    out = {}
-    for k, v in step.items():
-        if k not in axes:
-            out[k] = v
-            continue
-        a = _host(v)
-        out[k] = (np.concatenate([a, np.arange(end, end + chunk - a.shape[0], dtype=a.dtype)]) if k == "cache_position"
-                  else _pad(a, axes[k], chunk, mode="edge"))
-    return out
-
-
-def _pad(array: np.ndarray, axis: int, length: int, mode: str = "constant") -> np.ndarray:
-    widths = [(0, 0)] * array.ndim
-    widths[axis] = (0, length - array.shape[axis])
-    return np.pad(array, widths, mode=mode)
+        return self._tvm.runtime.tensor(np.ascontiguousarray(host(value)))
