@@ -81,8 +81,15 @@ def fetch_cmd(name: str = typer.Argument(..., help="Model name (see `kiln models
 
 @app.command("compile")
 def compile_cmd(
-    model: str = typer.Argument(..., help="A model name (see `kiln models`) or a path to an .onnx file."),
+    model: str = typer.Argument(..., help="A model name (see `kiln models`), or the path of a Hugging Face or "
+                                          "sentence-transformers folder, a .gguf file or an .onnx file."),
     output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create."),
+    task: Optional[str] = typer.Option(
+        None, "--task", help="causal-lm, embedding or sequence-classification (default: inferred from the "
+                             "config's architecture and sentence-transformers files)."),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Load pickle checkpoints (pytorch_model.bin), which can run code: only "
+                                      "for files you trust. Safetensors never need it."),
     recipe: Optional[str] = typer.Option(
         None, "--recipe", "-r", help="Preset name (see kiln/recipes) or path to a .toml recipe "
                                      "(default: the target's: fp32, int4 for LLMs on cpu with ort, npu-int8 on npu)."),
@@ -118,7 +125,8 @@ def compile_cmd(
     result = kiln.compile(model, output, recipe=recipe, target=target, backend=backend, force=force,
                           calibration=calibration, max_ppl_increase=_fraction(max_ppl_increase, "--max-ppl-increase"),
                           min_cosine=min_cosine, target_params=target_params, tune_minutes=tune_minutes,
-                          target_mb=_size_mb(target_size), progress=not quiet, console=err)
+                          target_mb=_size_mb(target_size), task=task, allow_pickle=allow_pickle,
+                          progress=not quiet, console=err)
     if not quiet:
         _print_summary(result.path, result.manifest)
 
@@ -229,7 +237,9 @@ def run_cmd(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `kiln compile`."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt to continue (LLM)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="New tokens to generate."),
-    text: Optional[list[str]] = typer.Option(None, "--text", help="Text to embed (encoder); repeat for a batch."),
+    text: Optional[list[str]] = typer.Option(None, "--text", help="Text to embed (encoder) or classify; repeat for a batch."),
+    pair: Optional[list[str]] = typer.Option(
+        None, "--pair", help="Classifier: the second text of a pair (a cross-encoder's passage), one per --text."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Override the artifact's thread count."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template (one user turn)."),
@@ -243,10 +253,13 @@ def run_cmd(
         help="Compare with the PyTorch source model: greedy tokens (LLM) or cosine (encoder). "
              "Default: on for encoders, off for LLMs (loading an LLM takes a while)."),
 ):
-    """Generate a continuation (LLM: streamed, greedy unless --temperature) or print embeddings (encoder)."""
+    """Generate a continuation (LLM: streamed, greedy unless --temperature), print embeddings (encoder)
+    or a classifier's scores per label."""
     from kiln.runtime import load
 
     art = load(artifact, threads=threads)
+    if pair and art.task != "sequence-classification":
+        raise KilnError(f"--pair is for a sequence-classification artifact; this one is {art.task}")
     if art.task == "causal-lm":
         if prompt is None:
             raise KilnError("this is an LLM artifact: give --prompt TEXT")
@@ -266,6 +279,8 @@ def run_cmd(
         if as_json:
             gen = art.generate(prompt, max_new_tokens, **sampling)
             payload = {"text": gen.text, "token_ids": gen.token_ids, "stop_reason": gen.stop_reason}
+            if art.max_positions is not None:
+                payload["max_positions"] = art.max_positions
             if check:
                 payload["reference"] = _check_tokens(art, gen)
             print(json.dumps(payload))
@@ -286,6 +301,7 @@ def run_cmd(
         sys.stdout.write(shown)
         gen = art.generate(prompt, max_new_tokens, on_token=show, **sampling)
         sys.stdout.write("\n")
+        _say_if_max_positions_stopped(art, gen, max_new_tokens)
         if check:
             ref = _check_tokens(art, gen)
             verdict = "identical" if ref["identical"] else f"differ from token {ref['first_difference']}"
@@ -309,8 +325,31 @@ def run_cmd(
                 if cosines is not None:
                     line += f"\n  cosine vs PyTorch: {cosines[i]:.7f}"
                 out.print(line, highlight=False)
+    elif art.task == "sequence-classification":
+        if not text:
+            raise KilnError("this is a classifier artifact: give --text TEXT (and --pair TEXT for a text pair)")
+        if pair and len(pair) != len(text):
+            raise KilnError(f"{len(text)} --text but {len(pair)} --pair: give one --pair per --text")
+        results = art.classify(text, pair or None)
+        if as_json:
+            print(json.dumps({"results": [r.as_dict() for r in results]}))
+            return
+        for i, r in enumerate(results):
+            head = f"{text[i]!r}" + (f" / {pair[i]!r}" if pair else "")
+            kind = {"regression": "value", "multi_label_classification": "sigmoid"}.get(r.problem_type, "softmax")
+            out.print(f"{head}: {r.label}", highlight=False)
+            for label, score, logit in zip(r.labels, r.scores, r.logits):
+                out.print(f"  {label}: {kind} {score:.6f}  logit {logit:+.6f}", highlight=False)
     else:
         raise KilnError(f"`kiln run` does not know how to drive a '{art.task}' artifact")
+
+
+def _say_if_max_positions_stopped(art, gen, max_new_tokens: int) -> None:
+    limit = art.max_positions
+    if (limit is not None and gen.stop_reason == "length" and len(gen.token_ids) < max_new_tokens
+            and len(gen.prompt_ids) + len(gen.token_ids) >= limit):
+        err.print(f"stopped at the model's limit of {limit} positions (prompt and new tokens, "
+                  f"kv_cache.max_positions) after {len(gen.token_ids)} new tokens", highlight=False)
 
 
 def _check_tokens(art, gen) -> dict:
@@ -414,6 +453,9 @@ def eval_cmd(
         if corpus not in EVAL_CORPORA:
             raise KilnError(f"unknown corpus '{corpus}': choose one of {', '.join(EVAL_CORPORA)}")
     art = load(artifact)
+    if art.task not in ("causal-lm", "embedding"):
+        raise KilnError(f"`kiln eval` measures LLMs (perplexity) and encoders (cosine); a '{art.task}' artifact has "
+                        f"no evaluation here (try `kiln run {artifact} --text ...` or `kiln bench {artifact}`)")
     if corpus is not None:
         text = EVAL_CORPORA[corpus]()
     ref = load(reference) if reference else None

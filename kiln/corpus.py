@@ -27,9 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.errors import KilnError
-from kiln.models.cache import cache_dir
-from kiln.models.fetch import fetch_wheel
+from kiln.errors import KilnError, missing_extra
 
 GENSIM_WHEEL = "gensim==4.4.0"
 EVAL_TEXT = "gensim/test/test_data/lee_background.cor"
@@ -38,6 +36,25 @@ WIKIPEDIA = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p
 NEWSGROUPS = "gensim/test/test_data/mini_newsgroup"
 CALIBRATION_WINDOWS = 64
 LEAD_CHARS = 1500  # of each Wikipedia article: whole paragraphs up to about this many characters
+
+
+def fetch_wheel(name: str) -> Path:
+    """The gensim wheel (kiln.models.fetch): `kiln eval --text FILE` needs none of this, so the
+    runtime imports kiln.models (the compiler) only here, where a corpus is downloaded."""
+    try:
+        from kiln.models.fetch import fetch_wheel as fetch
+    except ModuleNotFoundError as exc:
+        error = missing_extra(exc, "kiln's evaluation texts (the gensim wheel)")
+        if error is exc:
+            raise
+        raise KilnError(f"{error}; or give your own text: --text FILE") from exc
+    return fetch(name)
+
+
+def cache_dir(*parts: str) -> Path:
+    from kiln.models.cache import cache_dir as directory
+
+    return directory(*parts)
 
 
 def default_corpus() -> Path:

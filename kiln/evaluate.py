@@ -22,8 +22,7 @@ import numpy as np
 from kiln.corpus import default_corpus, read_text
 from kiln.errors import KilnError
 from kiln.runtime import Artifact
-from kiln.passes.numerics import log_softmax
-from kiln.runtime.generate import Model
+from kiln.runtime.generate import Model, log_softmax
 
 
 @dataclasses.dataclass

@@ -3,6 +3,11 @@
     art = kiln.load("out/")
     art.generate("The capital of France is", max_new_tokens=16).text   # causal-lm
     art.embed(["hello world"])                                          # embedding
+    art.classify(["query"], pairs=["passage"])[0].scores                # sequence-classification
+
+The runtime imports numpy, onnxruntime, tokenizers and jsonschema (jinja2 for chat templates;
+TVM's runtime for a TVM artifact), never the compiler: it installs alone (`pip install kiln`,
+docs/runtime.md) and reads everything it needs from the manifest (docs/manifest.md).
 
 Artifacts with a KV cache (manifest `kv_cache`) decode one token per step through it;
 others recompute the full sequence per token. See kiln.runtime.generate for batching.
@@ -19,7 +24,7 @@ from tokenizers import Tokenizer
 
 from kiln.backends import create_session
 from kiln.errors import KilnError
-from kiln.manifest import read_manifest
+from kiln.manifest import Classification, read_manifest
 from kiln.runtime.generate import (
     Generator,
     Model,
@@ -40,7 +45,27 @@ class Generation:
     prompt_ids: list[int]
     token_ids: list[int]  # new tokens only
     text: str  # decoded new tokens
-    stop_reason: str  # "stop" (a stop / end-of-sequence token) | "length"
+    stop_reason: str  # "stop" (a stop / end-of-sequence token) | "length" (max_new_tokens or the model's positions)
+
+
+@dataclasses.dataclass
+class Scores:
+    """One row of `Artifact.classify`: the graph's raw logits and their scores, by label."""
+
+    labels: list[str]
+    logits: np.ndarray  # [num_labels] float32, as the graph returns them
+    scores: np.ndarray  # softmax (single-label), sigmoid (multi-label) or the logits (regression)
+    problem_type: str
+
+    @property
+    def label(self) -> str:
+        """The highest-scoring label."""
+        return self.labels[int(np.argmax(self.scores))]
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "problem_type": self.problem_type,
+                "scores": {k: float(v) for k, v in zip(self.labels, self.scores)},
+                "logits": [float(v) for v in self.logits]}
 
 
 class Artifact:
@@ -54,6 +79,9 @@ class Artifact:
             raise ArtifactError(f"{self.path}: cannot open the model: {str(exc).strip().splitlines()[0]}") from exc
         tok = self.manifest.get("tokenizer")
         self.tokenizer = Tokenizer.from_file(str(self.path / tok)) if tok else None
+        # The tokenizer's own pad id (tokenizer.json `padding`), before padding is switched off.
+        padding = self.tokenizer.padding if self.tokenizer is not None else None
+        self.pad_id = int(padding["pad_id"]) if padding else 0
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._model: Model | None = None
 
@@ -93,6 +121,11 @@ class Artifact:
         if not ids:
             raise ArtifactError("the prompt is empty")
         return ids
+
+    @property
+    def max_positions(self) -> int | None:
+        """A causal LM's limit on prompt + generated tokens (kv_cache.max_positions), if recorded."""
+        return self._lm().max_positions
 
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None,
                  on_token: Callable[[int], None] | None = None, **sampling) -> Generation:
@@ -145,24 +178,61 @@ class Artifact:
         (embedding,) = self.session.run(["embedding"], self.tokenize_batch(texts))
         return embedding
 
-    def tokenize_batch(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """Encoder feeds for `texts`, padded to the longest and truncated to the model's limit."""
+    def tokenize_batch(self, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None,
+                       pad_id: int = 0) -> dict[str, np.ndarray]:
+        """Encoder feeds for `texts` (or the pairs (texts[i], pairs[i]), encoded as the tokenizer
+        encodes a pair: [CLS] a [SEP] b [SEP], type ids 0 then 1), padded at the end to the
+        longest with `pad_id` and truncated to `max_length` tokens (default: the embedding's limit, else 512)."""
         tok = self._need_tokenizer()
         if not texts:
-            raise ArtifactError("no text to embed")
-        max_len = self.manifest.get("embedding", {}).get("max_sequence_length") or 512
+            raise ArtifactError("no text given")
+        if pairs is not None and len(pairs) != len(texts):
+            raise ArtifactError(f"{len(texts)} texts but {len(pairs)} pairs: give one pair per text")
+        max_len = max_length or self.manifest.get("embedding", {}).get("max_sequence_length") or 512
         # Truncation in the tokenizer keeps the special tokens ([CLS] ... [SEP]) intact.
         tok.enable_truncation(max_len)
         tok.no_padding()  # some tokenizer.json files pad to a fixed length; pad to the batch instead
-        encodings = tok.encode_batch(texts)
+        encodings = tok.encode_batch(list(zip(texts, pairs)) if pairs is not None else list(texts))
         length = max(len(e.ids) for e in encodings)
         feeds = {name: np.zeros((len(texts), length), dtype=np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
+        feeds["input_ids"][:] = pad_id
         for row, enc in enumerate(encodings):
             n = len(enc.ids)
             feeds["input_ids"][row, :n] = enc.ids
             feeds["attention_mask"][row, :n] = 1
             feeds["token_type_ids"][row, :n] = enc.type_ids
         return {k: v for k, v in feeds.items() if k in self.input_names}
+
+    # --- sequence classification (cross-encoders, classifiers) -------------------------
+    @property
+    def classification(self) -> Classification:
+        if self.task != "sequence-classification":
+            raise ArtifactError(f"{self.path}: a {self.task} artifact does not classify text")
+        return Classification.from_manifest(self.manifest["classification"])
+
+    def classify(self, texts: str | list[str], pairs: str | list[str] | None = None) -> list[Scores]:
+        """Scores per text (or per (text, pair): a cross-encoder's query and passage), by label."""
+        spec = self.classification
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        pairs = [pairs] if isinstance(pairs, str) else (list(pairs) if pairs is not None else None)
+        feeds = self.tokenize_batch(texts, pairs, spec.max_sequence_length, self.pad_id)
+        (logits,) = self.session.run(["logits"], feeds)
+        if logits.ndim != 2 or logits.shape[1] != len(spec.labels):
+            raise ArtifactError(f"{self.path}: logits of shape {list(logits.shape)}, but the manifest names "
+                                f"{len(spec.labels)} labels")
+        return [Scores(list(spec.labels), row, class_scores(row, spec.problem_type), spec.problem_type)
+                for row in logits]
+
+
+def class_scores(logits: np.ndarray, problem_type: str) -> np.ndarray:
+    """softmax (single-label), sigmoid (multi-label) or the logits themselves (regression)."""
+    x = logits.astype(np.float64)
+    if problem_type == "regression":
+        return x
+    if problem_type == "multi_label_classification":
+        return 1.0 / (1.0 + np.exp(-x))
+    e = np.exp(x - x.max())
+    return e / e.sum()
 
 
 def load(path: str | Path, threads: int | None = None) -> Artifact:

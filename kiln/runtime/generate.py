@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import onnxruntime as ort
 
+from kiln.backends.static import check_chunk_room, chunk_spans
 from kiln.errors import KilnError
-from kiln.passes.numerics import log_softmax
+from kiln.manifest import KVLayout, SessionSettings
 
 
 class GenerationError(KilnError, ValueError):
@@ -41,6 +42,12 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     stop_token_ids: tuple[int, ...] | None = None  # None = the manifest's eos ids
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -64,16 +71,22 @@ class Model:
     def __init__(self, session, manifest: dict):
         self.session = session
         self.manifest = manifest
-        self.kv = manifest.get("kv_cache")
+        self.kv = manifest.get("kv_cache")  # the manifest's section as written (a dict)
+        self.layout: KVLayout | None = KVLayout.from_manifest(self.kv)
         self.output_names = [o.name for o in session.get_outputs()]
+        if self.layout is not None:
+            # Cache names from the manifest's templates (docs/manifest.md), never assumed.
+            self.past_names = [n for pair in self.layout.past_names for n in pair]
+            self.present_names = [n for pair in self.layout.present_names for n in pair]
+            self._check_names()
         gen = manifest.get("generation", {})
         self.eos = tuple(gen.get("eos_token_ids", []))
         self.pad = gen.get("pad_token_id") if gen.get("pad_token_id") is not None else (self.eos[0] if self.eos else 0)
         # A static-shape artifact (ORT, target npu) takes a fixed number of tokens per call.
-        self.chunk = manifest.get("backend", {}).get("session", {}).get("chunk")
+        self.chunk = SessionSettings.from_manifest(manifest.get("backend", {})).chunk
         # Past and present in one preallocated buffer (ORT on the CPU, where the buffer lives).
         providers = session.get_providers() if hasattr(session, "get_providers") else []
-        self.shared = bool(self.kv and self.kv.get("shared_buffer") and not self.static
+        self.shared = bool(self.layout and self.layout.shared_buffer and not self.static
                            and providers == ["CPUExecutionProvider"])
         self._binding = None  # the IOBinding kept across shared-buffer steps (see _run_shared)
         self._cache_out = None  # the cache list the last shared-buffer step returned
@@ -81,16 +94,41 @@ class Model:
         self._logits_spec = ((logits.shape[-1], np.float16 if logits.type == "tensor(float16)" else np.float32)
                              if logits is not None and isinstance(logits.shape[-1], int) else None)
 
+    def _check_names(self) -> None:
+        inputs = {i.name for i in self.session.get_inputs()}
+        missing = next((n for n in self.past_names if n not in inputs), None) or next(
+            (n for n in self.present_names if n not in self.output_names), None)
+        if missing:
+            raise GenerationError(f"kv_cache names '{missing}' (from its past/present templates) but the graph has no "
+                                  f"such {'input' if missing in self.past_names else 'output'}")
+
     @property
     def static(self) -> bool:
-        return bool(self.kv and self.kv.get("static"))
+        return bool(self.layout and self.layout.static)
+
+    @property
+    def max_positions(self) -> int | None:
+        """Positions must stay below this (kv_cache.max_positions): prompt + generated tokens."""
+        return self.layout.max_positions if self.layout else None
+
+    def check_prompt(self, length: int) -> None:
+        """Refuse a prompt that leaves no position for a new token."""
+        limit = self.max_positions
+        if limit is not None and length >= limit:
+            raise GenerationError(f"the prompt has {length} tokens; the model takes at most {limit} positions "
+                                  f"(kv_cache.max_positions), prompt and new tokens together")
+
+    def room(self, length: int) -> bool:
+        """Whether a sequence of `length` tokens may grow by one (within max_positions)."""
+        limit = self.max_positions
+        return limit is None or length < limit
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
-        kv = self.kv
-        dtype = np.float16 if kv["dtype"] == "float16" else np.float32
-        length = kv["max_length"] if self.static else 0
-        shapes = [(batch, kv["kv_heads"], length, kv["head_dim"]), (batch, kv["kv_heads"], length, kv["value_head_dim"])]
-        return [np.zeros(shapes[j % 2], dtype=dtype) for j in range(2 * kv["num_layers"])]
+        kv = self.layout
+        dtype = np.float16 if kv.dtype == "float16" else np.float32
+        length = kv.max_length if self.static else 0
+        shapes = [(batch, kv.kv_heads, length, kv.head_dim), (batch, kv.kv_heads, length, kv.value_head_dim)]
+        return [np.zeros(shapes[j % 2], dtype=dtype) for j in range(2 * kv.num_layers)]
 
     def forward(self, input_ids, attention_mask, position_ids, cache):
         """Returns (last-position logits [B, V], new cache).
@@ -115,13 +153,14 @@ class Model:
             (logits,) = self.session.run(["logits"], {"input_ids": input_ids})
             return logits, None
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        limit = self.kv.get("max_positions")
+        limit = self.max_positions
         if limit is not None and int(position_ids.max()) >= limit:
-            raise GenerationError(f"position {int(position_ids.max())} is past the model's rotary cache ({limit} positions)")
+            raise GenerationError(f"position {int(position_ids.max())} is past the model's {limit} positions "
+                                  f"(kv_cache.max_positions)")
         if self.chunk and input_ids.shape[1] != self.chunk:
             return self._run_chunks(input_ids, attention_mask, position_ids, cache)
         if self.static:
-            used, new, length = attention_mask.shape[1], input_ids.shape[1], self.kv["max_length"]
+            used, new, length = attention_mask.shape[1], input_ids.shape[1], self.layout.max_length
             if used > length:
                 raise GenerationError(f"the sequence ({used} tokens) exceeds the static cache length {length}")
             mask = np.zeros((attention_mask.shape[0], length), dtype=np.int64)
@@ -130,16 +169,14 @@ class Model:
             feeds["cache_position"] = np.arange(used - new, used, dtype=np.int64)
         if self.shared:
             return self._run_shared(feeds, cache)
-        for i in range(self.kv["num_layers"]):
-            feeds[f"past_key_values.{i}.key"] = cache[2 * i]
-            feeds[f"past_key_values.{i}.value"] = cache[2 * i + 1]
+        feeds.update(zip(self.past_names, cache))
         # The session's own values in and out (OrtValues, or TVM tensors for a TVM artifact): the
         # cache goes from one step's outputs to the next step's inputs without a copy into numpy
         # (the whole cache, every token, otherwise).
         feeds = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
                  for k, v in feeds.items()}
         named = dict(zip(self.output_names, self.session.run_with_ort_values(self.output_names, feeds)))
-        present = [named[f"present.{i}.{k}"] for i in range(self.kv["num_layers"]) for k in ("key", "value")]
+        present = [named[n] for n in self.present_names]
         return named["logits"].numpy(), present
 
 
@@ -164,10 +201,9 @@ class Model:
             binding.bind_ortvalue_input(name, value)
         values = self._bound if same else [s.value for s in slots]
         if self._bound is None or len(values) != len(self._bound) or any(a is not b for a, b in zip(values, self._bound)):
-            for i in range(self.kv["num_layers"]):
-                for j, kind in enumerate(("key", "value")):
-                    binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", values[2 * i + j])
-                    binding.bind_ortvalue_output(f"present.{i}.{kind}", values[2 * i + j])
+            for past, present, value in zip(self.past_names, self.present_names, values):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
             self._bound = values
         batch, new = feeds["input_ids"].shape
         kept = new == 1 and self._logits_spec is not None
@@ -191,22 +227,22 @@ class Model:
         # The next power of two above `total`: a prefill leaves room to decode, where growing
         # the buffer (a copy of the whole cache) would cost several decode steps.
         capacity = max(256, 1 << total.bit_length())
-        limit = self.kv.get("max_positions")
+        limit = self.max_positions
         return max(total, min(capacity, limit)) if limit else capacity
 
     def _run_chunks(self, input_ids, attention_mask, position_ids, cache):
         """Tokens in fixed chunks through the static cache: the last chunk is padded, its padding
         written to the free slots after the real tokens (masked out, overwritten later), so a
         call needs `chunk` free slots and only the real positions' logits are returned."""
-        chunk, length = self.chunk, self.kv["max_length"]
+        chunk = self.chunk
         batch, seq = input_ids.shape
         start = attention_mask.shape[1] - seq
-        if start + -(-seq // chunk) * chunk > length:
-            raise GenerationError(f"{start} cached + {seq} new tokens in chunks of {chunk} exceed the static cache "
-                                  f"length {length}")
+        try:
+            check_chunk_room(start, seq, chunk, self.layout.max_length)
+        except KilnError as exc:
+            raise GenerationError(str(exc)) from None
         logits = []
-        for begin in range(0, seq, chunk):
-            real = min(chunk, seq - begin)
+        for begin, real in chunk_spans(seq, chunk):
             ids = np.full((batch, chunk), self.pad, dtype=np.int64)
             ids[:, :real] = input_ids[:, begin:begin + real]
             positions = np.repeat(position_ids[:, begin + real - 1:begin + real], chunk, axis=1)
@@ -241,9 +277,11 @@ def generate_stream(model: Model, prompt: list[int], params: SamplingParams) -> 
 
 def generate_batch(model: Model, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
     """Static batching: all prompts left-padded and decoded together."""
-    if model.kv is None or model.kv.get("padded_prefill") is False:
+    if model.layout is None or not model.layout.padded_prefill:
         # Prefill each prompt alone, decode together (the layout forbids padded prefill).
         return run_requests(model, [(p, params) for p in prompts])
+    for p in prompts:
+        model.check_prompt(len(p))
     stops = set(params.stop_token_ids if params.stop_token_ids is not None else model.eos)
     rngs = [np.random.default_rng(params.seed) for _ in prompts]
     ids, mask, positions = left_pad(prompts, model.pad)
@@ -258,7 +296,8 @@ def generate_batch(model: Model, prompts: list[list[int]], params: SamplingParam
             tokens.append(token)
             if not done[row]:
                 outputs[row].append(token)
-                done[row] = token in stops or len(outputs[row]) >= params.max_new_tokens
+                done[row] = (token in stops or len(outputs[row]) >= params.max_new_tokens
+                             or not model.room(len(prompts[row]) + len(outputs[row])))
         if all(done):
             break
         mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
@@ -297,6 +336,7 @@ class Generator:
     def submit(self, prompt: list[int], params: SamplingParams | None = None) -> int:
         if not prompt:
             raise GenerationError("empty prompt")
+        self.model.check_prompt(len(prompt))
         params = params or SamplingParams()
         rid = self._next_id
         self._next_id += 1
@@ -349,7 +389,8 @@ class Generator:
             row.generated += 1
             emitted.append((row.rid, token))
             stops = row.params.stop_token_ids if row.params.stop_token_ids is not None else self.model.eos
-            if token not in stops and row.generated < row.params.max_new_tokens:
+            # A row also ends at the model's last position (stop reason "length").
+            if token not in stops and row.generated < row.params.max_new_tokens and self.model.room(len(row.tokens)):
                 keep.append(i)
         self._retain(keep)
         if self.rows:
@@ -457,6 +498,9 @@ def beam_search(model: Model, prompt: list[int], num_beams: int, max_new_tokens:
     scored sum(log p) / len**length_penalty (len = generated tokens); search ends when
     `num_beams` hypotheses have finished or the length limit is reached."""
     stops = set(stop_token_ids if stop_token_ids is not None else model.eos)
+    model.check_prompt(len(prompt))
+    if model.max_positions is not None:  # the model's last position ends the search
+        max_new_tokens = min(max_new_tokens, model.max_positions - len(prompt))
     ids = np.array([prompt], dtype=np.int64)
     logits, cache = model.forward(ids, np.ones_like(ids), np.arange(len(prompt))[None],
                                   model.empty_cache(1) if model.kv else None)

@@ -188,7 +188,7 @@ def test_generator_requests_join_and_leave(artifact):
     assert out[c] == art.generate(PROMPTS[2], 1).token_ids
 
 
-def test_positions_past_the_rotary_cache_are_refused(tmp_path, prepared):
+def test_generation_stops_at_the_rotary_cache(tmp_path, prepared):
     from kiln.errors import KilnError
 
     prepared("tiny-llama")
@@ -199,5 +199,7 @@ def test_positions_past_the_rotary_cache_are_refused(tmp_path, prepared):
     art = kiln.load(kiln.compile("tiny-llama", tmp_path / "a", recipe=recipe, progress=False).path)
     assert art.manifest["kv_cache"]["max_positions"] == 24
     assert len(art.generate("Hello", 10).token_ids) == 10
-    with pytest.raises(KilnError, match="past the model's rotary cache"):
-        art.generate("Hello, world and more", 20)
+    gen = art.generate("Hello, world and more", 20)  # 21 prompt tokens: 3 positions left
+    assert len(gen.token_ids) == 3 and gen.stop_reason == "length"
+    with pytest.raises(KilnError, match="the model takes at most 24 positions"):
+        art.generate("Hello, world and more, and more", 4)
