@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, missing_extra
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kiln: compile transformer models ahead of time into validated ONNX artifacts.")
@@ -620,6 +620,11 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # usage errors (typer's click) and unexpected failures
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        missing = missing_extra(exc, f"`kiln {command}`") if isinstance(exc, ModuleNotFoundError) else exc
+        if missing is not exc and not debug:  # a compile-only command where only the runtime is installed
+            err.print(f"[red]error:[/] {escape(str(missing))}", highlight=False, soft_wrap=True)
+            sys.exit(1)
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             ctx = getattr(exc, "ctx", None)
             where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""

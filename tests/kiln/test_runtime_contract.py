@@ -204,3 +204,35 @@ def test_one_static_chunking_serves_any_batch_and_length():
     step = pad_chunk({"ids": np.array([[5, 6]]), "cache_position": np.array([8, 9]), "mask": np.ones((1, 16))},
                      {"ids": 1, "cache_position": 0}, 4, 10)
     assert step["ids"].tolist() == [[5, 6, 6, 6]] and step["cache_position"].tolist() == [8, 9, 10, 11]
+
+
+# The compiler made unimportable, as on a box with only the runtime installed.
+BLOCK_COMPILER = """
+import importlib.abc, sys
+class _NoCompiler(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named '{{name}}'", name=name)
+sys.meta_path.insert(0, _NoCompiler())
+sys.argv = ["kiln", *{argv!r}]
+from kiln.cli import main
+main()
+"""
+BLOCKED = ["torch", "transformers", "onnx", "onnx_ir", "onnxscript", "networkx", "tvm", "tvm_ffi"]
+
+
+def _without_compiler(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK_COMPILER.format(blocked=BLOCKED, argv=list(argv))],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_without_the_compiler_kiln_run_works_and_compile_commands_name_the_extra(tiny, tmp_path):
+    proc = _without_compiler("run", str(tiny), "--prompt", PROMPT, "-n", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["token_ids"] == kiln.load(tiny).generate(PROMPT, 8).token_ids
+    for argv in (["compile", "tiny-llama", "-o", str(tmp_path / "x")], ["models"], ["passes"], ["inspect", str(tiny)]):
+        proc = _without_compiler(*argv)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 1 and len(lines) == 1, (argv, proc.stderr)
+        assert lines[0].startswith("error: ") and "pip install 'kiln[compile]'" in lines[0], lines[0]
+        assert f"`kiln {argv[0]}`" in lines[0] or "kiln.compile" in lines[0], lines[0]
