@@ -46,7 +46,6 @@ or ALiBi masks (their mask is replaced by a plain causal one: wrong for them), c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -55,138 +54,19 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA as METADATA_KEY
+from kiln.passes.attention import (Attention, MaskForm, Operand, _dims, classify_masks, content_values, find_attentions,
+                                   neutral_scores, operand)
 from kiln.passes.base import KilnPass
 from kiln.passes.kv_layout import cache_feeds, decode_consistency
-from kiln.passes.numerics import evaluate_subgraph, run_ort
+from kiln.passes.numerics import compare, evaluate_subgraph, run_ort
 from kiln.passes.registry import register_pass
-
-LAYOUT_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Cast", "Identity"}
-SCALE_OPS = {"Mul", "Div"}
-
 
 class KVCacheError(KilnError):
     pass
 
 
-@dataclasses.dataclass
-class _Operand:
-    """One K or V operand of an attention: the cut value and the chain below it."""
-
-    cut: ir.Value
-    consumer: ir.Node  # first node below the cut on the way to the attention MatMul
-    index: int  # input index of the cut in `consumer`
-    below: list[ir.Node]  # nodes between the cut and the MatMul (inclusive of consumer)
-
-
-@dataclasses.dataclass
-class _Attention:
-    softmax: ir.Node
-    mask_use: tuple[ir.Node, int] | None  # where the mask enters
-    mask_kind: str  # "additive" | "boolean" | "none"
-    scores: ir.Value  # Q·Kᵀ (scaled), without the mask
-    key: _Operand
-    value: _Operand
-
-
-def _is_const(value: ir.Value | None) -> bool:
-    if value is None:
-        return False
-    producer = value.producer()
-    return value.const_value is not None or (producer is not None and producer.op_type == "Constant")
-
-
-def _scaled_input(node: ir.Node) -> ir.Value | None:
-    """For Mul/Div by a constant, the non-constant operand; else None."""
-    if node.op_type not in SCALE_OPS or len(node.inputs) != 2:
-        return None
-    a, b = node.inputs
-    if _is_const(b) and not _is_const(a):
-        return a
-    if node.op_type == "Mul" and _is_const(a) and not _is_const(b):
-        return b
-    return None
-
-
-def _skip_scale(value: ir.Value) -> ir.Value:
-    while (p := value.producer()) is not None and (inner := _scaled_input(p)) is not None:
-        value = inner
-    return value
-
-
-def _dims(value: ir.Value) -> list | None:
-    if value.shape is None:
-        return None
-    return [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None) for d in value.shape]
-
-
-def _operand(matmul: ir.Node, index: int, seq: str) -> _Operand | str:
-    """Walk up from matmul.inputs[index] through layout ops; cut at the top [B, Hkv, S, Dh] tensor."""
-    chain: list[tuple[ir.Value, ir.Node, int]] = []  # (value, its consumer on the chain, input index)
-    value, consumer, idx = matmul.inputs[index], matmul, index
-    while True:
-        chain.append((value, consumer, idx))
-        producer = value.producer()
-        if producer is None:
-            break
-        if producer.op_type in LAYOUT_OPS:
-            value, consumer, idx = producer.inputs[0], producer, 0
-        elif (inner := _scaled_input(producer)) is not None:
-            value, consumer, idx = inner, producer, list(producer.inputs).index(inner)
-        else:
-            break
-    for pos in range(len(chain) - 1, -1, -1):
-        value, consumer, idx = chain[pos]
-        dims = _dims(value)
-        if dims and len(dims) == 4 and dims[2] == seq and isinstance(dims[1], int) and isinstance(dims[3], int):
-            below = [c for _, c, _ in chain[: pos + 1]]
-            return _Operand(value, consumer, idx, below)
-    return f"no [batch, heads, {seq}, head_dim] tensor between the projection and the attention MatMul"
-
-
-def _probabilities_matmul(softmax: ir.Node) -> ir.Node | None:
-    """The MatMul that consumes the attention probabilities (through Where/Cast/IsNaN guards)."""
-    frontier, seen = [softmax.outputs[0]], set()
-    for _ in range(4):
-        nxt = []
-        for value in frontier:
-            for use in value.uses():
-                node = use.node
-                if node in seen:
-                    continue
-                seen.add(node)
-                if node.op_type == "MatMul" and use.idx == 0:
-                    return node
-                if node.op_type in ("Where", "Cast", "Identity", "Dropout"):
-                    nxt.extend(node.outputs[:1])
-        frontier = nxt
-    return None
-
-
-def _analyse(softmax: ir.Node, seq: str) -> _Attention | str:
-    x = softmax.inputs[0]
-    producer = x.producer()
-    mask_use, kind, scores = None, "none", x
-    if producer is not None and producer.op_type == "Add":
-        for i in (0, 1):
-            p = _skip_scale(producer.inputs[i]).producer()
-            if p is not None and p.op_type == "MatMul":
-                scores, mask_use, kind = producer.inputs[i], (producer, 1 - i), "additive"
-                break
-    elif producer is not None and producer.op_type == "Where":
-        scores, mask_use, kind = producer.inputs[1], (producer, 0), "boolean"
-    qk = _skip_scale(scores).producer()
-    if qk is None or qk.op_type != "MatMul":
-        return "softmax input is not a (scaled) MatMul of Q and K"
-    pv = _probabilities_matmul(softmax)
-    if pv is None:
-        return "no MatMul consumes the attention probabilities"
-    key = _operand(qk, 1, seq)
-    if isinstance(key, str):
-        return f"K: {key}"
-    value = _operand(pv, 1, seq)
-    if isinstance(value, str):
-        return f"V: {value}"
-    return _Attention(softmax, mask_use, kind, scores, key, value)
+def _unsupported(feature: str, why: str) -> KVCacheError:
+    return KVCacheError(f"pass 'insert-kv-cache': {feature} is not supported: {why}")
 
 
 def _ancestors_read_shape_of(value: ir.Value, inside: set[ir.Value]) -> bool:
@@ -251,17 +131,50 @@ class InsertKVCachePass(KilnPass):
             if self.only_causal_lm:
                 return self.result(model, modified=False, stats={"kv_layers": 0},
                                    rejected=[f"not a causal LM: {not_lm}; no cache inserted"])
-            raise KVCacheError(f"insert-kv-cache: not a causal LM: {not_lm}")
+            raise _unsupported("a model that is not a causal LM", f"not a causal LM: {not_lm}")
         ids = graph.inputs[0]
         batch_sym, seq = _dims(ids)
-        softmaxes = [n for n in graph if n.op_type == "Softmax"]
-        found = [_analyse(s, seq) for s in softmaxes]
-        reasons = [f"attention {i} ({s.name}): {a}" for i, (s, a) in enumerate(zip(softmaxes, found)) if isinstance(a, str)]
-        if not softmaxes:
-            raise KVCacheError("insert-kv-cache: no attention (Softmax over Q·Kᵀ) in the graph")
+        vocab = _dims(graph.outputs[0])[-1]
+        vocab = vocab if isinstance(vocab, int) else 2
+        found = find_attentions(model)
+        if not found:
+            raise KVCacheError("pass 'insert-kv-cache': no attention (Softmax over Q·Kᵀ) in the graph")
+        analysed: list[Attention | str] = []
+        operands: list[tuple[Operand, Operand]] = []
+        for softmax, att in found:
+            if isinstance(att, Attention):
+                key, value = operand(att.qk, 1, seq), operand(att.pv, 1, seq)
+                att = f"K: {key}" if isinstance(key, str) else f"V: {value}" if isinstance(value, str) else att
+                if isinstance(att, Attention):
+                    operands.append((key, value))
+            analysed.append(att)
+        reasons = [f"attention {i} ({s.name}): {a}" for i, ((s, _), a) in enumerate(zip(found, analysed)) if isinstance(a, str)]
         if reasons:
-            raise KVCacheError(f"insert-kv-cache: {len(reasons)} of {len(softmaxes)} attentions not understood; {reasons[0]}")
-        attentions: list[_Attention] = found  # type: ignore[assignment]
+            raise _unsupported("this attention form", f"{len(reasons)} of {len(found)} attentions not understood; {reasons[0]}")
+        attentions: list[Attention] = analysed  # type: ignore[assignment]
+
+        # What each attention's mask and bias mean, measured: the scores path without its
+        # mask/bias terms (kept: it becomes the path below the new mask) against the original.
+        content = content_values(graph)
+        neutral, scratch = [], []
+        for att in attentions:
+            value, nodes = neutral_scores(graph, att, content)
+            neutral.append(value)
+            scratch.extend(nodes)
+        try:
+            forms = classify_masks(model, attentions, neutral, ids, vocab)
+        except Exception as exc:  # noqa: BLE001 - the probe itself failed: refuse, in one line
+            forms = [f"the mask could not be evaluated ({str(exc).strip().splitlines()[0][:160]})"] * len(attentions)
+        bad = [(i, f) for i, f in enumerate(forms) if isinstance(f, str)]
+        if bad:
+            graph.remove(scratch, safe=True)
+            i, why = bad[0]
+            raise _unsupported("this attention mask", f"attention {i} ({attentions[i].softmax.name}): {why}"
+                               + (f" ({len(bad)} of {len(forms)} attentions)" if len(bad) > 1 else ""))
+        windows = [f.window for f in forms if f.window]
+        check_length = max([48, *(w + 8 for w in windows)])
+        check_ids = np.random.default_rng(7).integers(0, vocab, size=(2, check_length))
+        original = run_ort(model, {"input_ids": check_ids})
 
         first = next(iter(graph))
         tape = ir.tape.Tape()
@@ -290,45 +203,76 @@ class InsertKVCachePass(KilnPass):
         allowed = tape.op("And", [tape.op("Unsqueeze", [causal, const(np.array([0, 1]))]), not_pad])
         mask_shape = ir.Shape([batch_sym, 1, seq, total_sym])
         allowed.dtype, allowed.shape = ir.DataType.BOOL, mask_shape
-        masks: dict[ir.DataType, ir.Value] = {}
+        windowed: dict[int, ir.Value] = {}
+        masks: dict[tuple, ir.Value] = {}
 
-        def additive(dtype: ir.DataType) -> ir.Value:
-            if dtype not in masks:
+        def allowed_in(window: int | None) -> ir.Value:
+            """allowed, and for a sliding window also t > P + s - window."""
+            if not window:
+                return allowed
+            if window not in windowed:
+                low = tape.op("Sub", [q_slots, const(np.int64(window))])
+                inside = tape.op("Greater", [tape.op("Unsqueeze", [k_slots, const(np.array([0]))]),
+                                             tape.op("Unsqueeze", [low, const(np.array([1]))])])
+                windowed[window] = tape.op("And", [allowed, tape.op("Unsqueeze", [inside, const(np.array([0, 1]))])])
+                windowed[window].dtype, windowed[window].shape = ir.DataType.BOOL, mask_shape
+            return windowed[window]
+
+        def additive(dtype: ir.DataType, form: MaskForm) -> ir.Value:
+            """0 where allowed (or the ALiBi bias slope[h] * key slot), finfo.min elsewhere."""
+            slopes = None if form.slopes is None else form.slopes.astype(np.float32)
+            key = (dtype, form.window, None if slopes is None else slopes.tobytes())
+            if key not in masks:
                 np_dtype = dtype.numpy()
-                masks[dtype] = tape.op("Where", [allowed, const(np.array(0, dtype=np_dtype)),
-                                                 const(np.array(np.finfo(np_dtype).min, dtype=np_dtype))])
-                masks[dtype].dtype, masks[dtype].shape = dtype, mask_shape
-            return masks[dtype]
+                shape = mask_shape
+                if slopes is None:
+                    keep = const(np.array(0, dtype=np_dtype))
+                else:
+                    slots = tape.op("Cast", [tape.op("Reshape", [k_slots, const(np.array([1, 1, 1, -1]))])],
+                                    attributes={"to": dtype})
+                    keep = tape.op("Mul", [const(slopes.reshape(1, -1, 1, 1).astype(np_dtype)), slots])
+                    shape = ir.Shape([batch_sym, len(slopes), seq, total_sym])
+                masks[key] = tape.op("Where", [allowed_in(form.window), keep,
+                                               const(np.array(np.finfo(np_dtype).min, dtype=np_dtype))])
+                masks[key].dtype, masks[key].shape = dtype, shape
+            return masks[key]
 
         batch_1d = tape.op("Shape", [ids], attributes={"start": 0, "end": 1})
         layers = []
-        for i, att in enumerate(attentions):
-            dtype = att.scores.dtype or ir.DataType.FLOAT
-            if att.mask_kind == "additive":
-                att.mask_use[0].replace_input_with(att.mask_use[1], additive(dtype))
-            elif att.mask_kind == "boolean":
-                att.mask_use[0].replace_input_with(att.mask_use[1], allowed)
-            else:
-                add = ir.node("Add", [att.scores, additive(dtype)], num_outputs=1)
-                graph.insert_before(att.softmax, add)
-                att.softmax.replace_input_with(0, add.outputs[0])
+        for i, (att, form, scores) in enumerate(zip(attentions, forms, neutral)):
+            dtype = scores.dtype or ir.DataType.FLOAT
+            add = ir.node("Add", [scores, additive(dtype, form)], num_outputs=1, name=f"kiln_mask_{i}")
+            add.outputs[0].dtype, add.outputs[0].shape = dtype, att.softmax.inputs[0].shape
+            graph.insert_before(att.softmax, add)
+            att.softmax.replace_input_with(0, add.outputs[0])
             entry = {}
-            for kind, op in (("key", att.key), ("value", att.value)):
-                b, heads, _, head_dim = _dims(op.cut)
+            for kind, op in zip(("key", "value"), operands[i]):
+                heads, head_dim = op.heads, op.head_dim
                 past = ir.Value(name=f"past_key_values.{i}.{kind}", type=ir.TensorType(op.cut.dtype),
                                 shape=ir.Shape([batch_sym, heads, static or "past_sequence", head_dim]))
+                new_nodes = []
+                new = op.cut  # the new tokens' rows in the cache layout [B, Hkv, S, Dh]
+                if op.layout == "bshd":  # RoPE was applied before the head transpose (GPT-J)
+                    new_nodes.append(ir.node("Transpose", [op.cut], attributes={"perm": [0, 2, 1, 3]}, num_outputs=1))
+                    new = new_nodes[-1].outputs[0]
+                    new.dtype, new.shape = op.cut.dtype, ir.Shape([batch_sym, heads, seq, head_dim])
                 if static:  # write the new rows at cache_position: ScatterElements on the sequence axis
                     where = ir.tape.Tape()
                     index = where.op("Expand", [where.op("Reshape", [slot_in, where.op("Constant", [], attributes={
-                        "value": ir.tensor(np.array([1, 1, -1, 1], dtype=np.int64))})]), where.op("Shape", [op.cut])])
-                    writer = ir.node("ScatterElements", [past, index, op.cut], attributes={"axis": 2}, num_outputs=1)
-                    new_nodes = [*where.nodes, writer]
+                        "value": ir.tensor(np.array([1, 1, -1, 1], dtype=np.int64))})]), where.op("Shape", [new])])
+                    writer = ir.node("ScatterElements", [past, index, new], attributes={"axis": 2}, num_outputs=1)
+                    new_nodes += [*where.nodes, writer]
                 else:
-                    writer = ir.node("Concat", [past, op.cut], attributes={"axis": 2}, num_outputs=1)
-                    new_nodes = [writer]
+                    writer = ir.node("Concat", [past, new], attributes={"axis": 2}, num_outputs=1)
+                    new_nodes.append(writer)
                 full = writer.outputs[0]
                 full.name = f"present.{i}.{kind}"
                 full.dtype, full.shape = op.cut.dtype, ir.Shape([batch_sym, heads, total_sym, head_dim])
+                back = full
+                if op.layout == "bshd":
+                    new_nodes.append(ir.node("Transpose", [full], attributes={"perm": [0, 2, 1, 3]}, num_outputs=1))
+                    back = new_nodes[-1].outputs[0]
+                    back.dtype, back.shape = op.cut.dtype, ir.Shape([batch_sym, total_sym, heads, head_dim])
                 if op.cut.producer() is not None:
                     graph.insert_after(op.cut.producer(), new_nodes)
                 else:
@@ -336,12 +280,12 @@ class InsertKVCachePass(KilnPass):
                 # Everything that read K (the chain and shape computations on it) now reads the
                 # full-length K; only the writer (and its index shape) reads the new tokens.
                 readers = {(n, j) for n in new_nodes for j, v in enumerate(n.inputs) if v is op.cut}
-                op.cut.replace_all_uses_with(full)
+                op.cut.replace_all_uses_with(back)
                 for n, j in readers:
                     n.replace_input_with(j, op.cut)
                 graph.inputs.append(past)
                 graph.outputs.append(full)
-                self._retarget_shapes(graph, op, full, batch_1d, batch_sym, seq)
+                self._retarget_shapes(graph, op, full, back, batch_1d, batch_sym, seq)
                 entry[kind] = {"heads": heads, "head_dim": head_dim}
             layers.append(entry)
 
@@ -353,6 +297,7 @@ class InsertKVCachePass(KilnPass):
         RemoveUnusedNodesPass()(model)
         positions, rejected = self._replace_positions(graph, pos_in)
         positions += self._replace_counted_positions(model, pos_in)
+        rebatched = self._rebatch_position_reshapes(graph, pos_in, batch_sym) if positions else 0
         RemoveUnusedNodesPass()(model)
 
         kv_heads = layers[0]["key"]["heads"]
@@ -364,7 +309,7 @@ class InsertKVCachePass(KilnPass):
             "kv_heads": kv_heads,
             "head_dim": head_dim,
             "value_head_dim": layers[0]["value"]["head_dim"],
-            "dtype": attentions[0].key.cut.dtype.name.lower(),
+            "dtype": operands[0][0].cut.dtype.name.lower(),
             "past": "past_key_values.{layer}.{key|value}",
             "present": "present.{layer}.{key|value}",
             "attention_mask": "attention_mask: int64 [batch, past + sequence], 1 = real token, 0 = padding",
@@ -378,19 +323,42 @@ class InsertKVCachePass(KilnPass):
                 "cache_position": "cache_position: int64 [sequence], the slots the new tokens are written to",
                 "present": "present.{layer}.{key|value}: the whole cache, [batch, kv_heads, max_length, head_dim]",
             })
+        if windows or any(f.slopes is not None for f in forms):
+            layout["attention"] = [{"window": f.window, "alibi": f.slopes is not None} for f in forms]
         model.metadata_props[METADATA_KEY] = json.dumps(layout)
-        decode = decode_consistency(model)
-        stats = {"attentions_seen": len(softmaxes), "kv_layers": len(layers), "positions_replaced": positions,
+        # Self-checks, each one that would have caught a wrong mask or position:
+        # 1. the full sequence (mask all ones, positions 0..S-1, S longer than every window)
+        #    equals the original graph;
+        # 2. batch 2, row 1 left-padded: prefill longer than every window + decode steps
+        #    through the cache equal the full recompute, and the padded row equals the plain one.
+        got = run_ort(model, cache_feeds(layout, check_ids))
+        full_check = compare({"out": original[graph.outputs[0].name]}, {"out": got[graph.outputs[0].name]})["max_rel"]
+        decode = decode_consistency(model, prefill=max([5, *(w + 4 for w in windows)]), steps=3, pad=3)
+        stats = {"attentions_seen": len(found), "kv_layers": len(layers), "positions_replaced": positions,
+                 "full_check_length": check_length, "full_check_max_rel": float(f"{full_check:.3g}"),
                  "decode_check_max_rel": float(f"{decode:.3g}")}
+        if windows:
+            stats["sliding_window_layers"] = len(windows)
+        if any(f.slopes is not None for f in forms):
+            stats["alibi_layers"] = sum(f.slopes is not None for f in forms)
+        if any(a.softcap for a in attentions):
+            stats["softcap_layers"] = sum(a.softcap for a in attentions)
+        if rebatched:
+            stats["position_reshapes_rebatched"] = rebatched
+        if full_check > 1e-4:
+            raise KVCacheError(f"pass 'insert-kv-cache': the cached graph differs from the original on {check_length} "
+                               f"tokens (max_rel {full_check:.3g}): an attention form was misread")
         if decode > 1e-4:
-            raise KVCacheError(f"insert-kv-cache: decoding through the cache differs from full recompute (max_rel {decode:.3g})")
+            raise KVCacheError(f"pass 'insert-kv-cache': decoding through the cache differs from full recompute "
+                               f"(max_rel {decode:.3g})")
         return self.result(model, modified=True, stats=stats, rejected=rejected)
 
     @staticmethod
-    def _retarget_shapes(graph, op: _Operand, full: ir.Value, batch_1d, batch_sym, seq) -> None:
+    def _retarget_shapes(graph, op: Operand, full: ir.Value, back: ir.Value, batch_1d, batch_sym, seq) -> None:
         """Reshape/Expand targets below the cut that were computed from the input's length S
-        become the annotated shape with T = the concatenated length."""
-        inside = {full} | {o for n in op.below for o in n.outputs}
+        become the annotated shape with T = the concatenated length (one other dim, e.g.
+        batch·heads, becomes -1)."""
+        inside = {full, back} | {o for n in op.below for o in n.outputs}
         for node in op.below:
             if node.op_type not in ("Reshape", "Expand"):
                 continue
@@ -398,8 +366,10 @@ class InsertKVCachePass(KilnPass):
             if not _ancestors_read_shape_of(target, inside):
                 continue
             dims = _dims(node.outputs[0])
-            if dims is None or any(d not in (batch_sym, seq) and not isinstance(d, int) for d in dims):
-                raise KVCacheError(f"insert-kv-cache: cannot retarget {node.op_type} '{node.name}' (output shape {dims})")
+            unknown = [d for d in dims or [] if d not in (batch_sym, seq) and not isinstance(d, int)]
+            if dims is None or len(unknown) > 1 or (unknown and node.op_type != "Reshape"):
+                raise _unsupported("this K/V layout", f"cannot retarget {node.op_type} '{node.name}' (output shape {dims})")
+            dims = [-1 if d in unknown else d for d in dims]
             tape = ir.tape.Tape()
             total_1d = tape.op("Shape", [full], attributes={"start": 2, "end": 3})
             parts = [batch_1d if d == batch_sym else total_1d if d == seq else
@@ -409,7 +379,36 @@ class InsertKVCachePass(KilnPass):
             node.replace_input_with(1, new_target)
             for out in node.outputs:
                 if out.shape is not None:
-                    out.shape = ir.Shape(["total_sequence" if d == seq else d for d in dims])
+                    out.shape = ir.Shape(["total_sequence" if d == seq else old for d, old in zip(_dims(out), out.shape)])
+
+    @staticmethod
+    def _rebatch_position_reshapes(graph, pos_in: ir.Value, batch_sym) -> int:
+        """A Reshape below position_ids to a constant target with a leading 1, of a tensor that
+        was [1, ...] at export (the [1, S] token counter's batch, e.g. GPT-J's sin/cos
+        `[1, -1, 1, d]`), would fold a batch of B into the next axis once positions are
+        [B, S]: its leading target dim becomes the input's dim 0."""
+        from kiln.passes.structure import descendants
+
+        done = 0
+        for node in [n for n in graph if n in descendants([pos_in])]:
+            if node.op_type != "Reshape" or node.inputs[1] is None or node.inputs[1].const_value is None:
+                continue
+            target = node.inputs[1].const_value.numpy().reshape(-1)
+            dims = _dims(node.inputs[0])
+            if len(target) < 2 or target[0] != 1 or not dims or dims[0] != 1:
+                continue
+            tape = ir.tape.Tape()
+            lead = tape.op("Shape", [node.inputs[0]], attributes={"start": 0, "end": 1})
+            rest = tape.op("Constant", [], attributes={"value": ir.tensor(np.asarray(target[1:], dtype=np.int64))})
+            graph.insert_before(node, tape.nodes)
+            concat = ir.node("Concat", [lead, rest], attributes={"axis": 0}, num_outputs=1)
+            graph.insert_before(node, concat)
+            node.replace_input_with(1, concat.outputs[0])
+            out = node.outputs[0]
+            if out.shape is not None and len(out.shape) == len(target):
+                out.shape = ir.Shape([batch_sym, *list(out.shape)[1:]])
+            done += 1
+        return done
 
     @staticmethod
     def _replace_positions(graph, pos_in: ir.Value) -> tuple[int, list[str]]:

@@ -47,29 +47,65 @@ def step_feeds(layout: dict, tokens: np.ndarray, t: int, out: dict[str, np.ndarr
     return feeds
 
 
-def decode_consistency(model: ir.Model, prefill: int = 5, steps: int = 3, capacity: int = 0) -> float:
-    """max_rel between one full prefill and prefill + `steps` single-token decodes through the cache.
+def decode_consistency(model: ir.Model, prefill: int = 5, steps: int = 3, capacity: int = 0, pad: int = 0) -> float:
+    """max_rel between one full prefill and prefill + `steps` single-token decodes through the cache,
+    at batch 2.
+
+    With `pad` > 0 row 1 is row 0's first tokens left-padded by `pad` slots (attention_mask 0,
+    position_ids counting real tokens only): its logits must also equal row 0's at the same
+    positions, so padding and slots are checked as well as the cache. Make `prefill` longer
+    than any sliding window so that the window is crossed both in the prefill and in decoding.
 
     With `capacity` > 0 the past is a preallocated buffer of that many slots, as a runtime
     that shares one buffer between past and present passes it: the used slots first, random
     values in the free ones (which must not leak into the result), and each step's present
     (the whole buffer) fed back as the next past."""
+    from kiln.passes.numerics import ort_session
+
     layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
+    if layout.get("static"):
+        pad = 0  # the static variant's slots are given by cache_position; checked without padding
     rng = np.random.default_rng(2)
     vocab = model.graph.outputs[0].shape[-1] if model.graph.outputs[0].shape is not None else 2
     vocab = vocab if isinstance(vocab, int) else 2
-    ids = np.random.default_rng(1).integers(0, vocab, size=(2, prefill + steps))
+    n = prefill + steps
+    ids = np.random.default_rng(1).integers(0, vocab, size=(2, n))
+    if pad:
+        ids[1] = np.concatenate([np.zeros(pad, dtype=ids.dtype), ids[0, : n - pad]])
+    mask = np.ones((2, n), dtype=np.int64)
+    mask[1, :pad] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     name = model.graph.outputs[0].name
-    full = run_ort(model, cache_feeds(layout, ids))
-    feeds = cache_feeds(layout, ids[:, :prefill])
-    if capacity:
-        for k in [k for k in feeds if k.startswith("past_key_values.")]:
-            shape = feeds[k].shape[:2] + (capacity,) + feeds[k].shape[3:]
-            feeds[k] = rng.standard_normal(shape).astype(feeds[k].dtype)
-    out = run_ort(model, feeds)
+    session = ort_session(model)
+
+    def run(feeds):
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+
+    def feeds_for(lo: int, hi: int, out: dict | None) -> dict:
+        if out is None:
+            feeds = cache_feeds(layout, ids[:, :hi])
+            if capacity:
+                for k in [k for k in feeds if k.startswith("past_key_values.")]:
+                    shape = feeds[k].shape[:2] + (capacity,) + feeds[k].shape[3:]
+                    feeds[k] = rng.standard_normal(shape).astype(feeds[k].dtype)
+        else:
+            feeds = step_feeds(layout, ids[:, lo:hi], lo, out)
+        if not layout.get("static"):
+            feeds["attention_mask"] = mask[:, :hi]
+            feeds["position_ids"] = positions[:, lo:hi]
+        return feeds
+
+    full = run(feeds_for(0, n, None))[name]
+    out = run(feeds_for(0, prefill, None))
     pieces = [out[name]]
-    for step in range(steps):
-        t = prefill + step
-        out = run_ort(model, step_feeds(layout, ids[:, t:t + 1], t, out))
+    for t in range(prefill, n):
+        out = run(feeds_for(t, t + 1, out))
         pieces.append(out[name])
-    return compare({name: full[name]}, {name: np.concatenate(pieces, axis=1)})["max_rel"]
+    cached = np.concatenate(pieces, axis=1)
+    real = np.ones((2, n), dtype=bool)
+    real[1, :pad] = False  # padded slots' outputs are not defined
+    worst = compare({name: full[real]}, {name: cached[real]})["max_rel"]
+    if pad:
+        worst = max(worst, compare({name: full[0, : n - pad]}, {name: full[1, pad:]})["max_rel"])
+    return worst
