@@ -15,6 +15,8 @@ import pytest
 import kiln
 from conftest import run_kiln
 
+pytestmark = pytest.mark.slow  # TVM compiles
+
 
 def _qdq_recipe(tmp_path, base: str):
     path = tmp_path / f"{base}-qdq.toml"

@@ -8,6 +8,8 @@ from tvm import te
 from kiln.backends.tvm import host_target
 from kiln.backends.tvm.schedules import CpuMatmul
 
+pytestmark = pytest.mark.slow  # TVM builds kernels
+
 TARGET = tvm.target.Target(host_target())
 
 

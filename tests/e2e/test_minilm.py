@@ -10,6 +10,8 @@ from kiln.models import get_source
 from kiln.reference import cosine, reference_embed
 from conftest import run_kiln
 
+pytestmark = pytest.mark.slow  # the MiniLM wheel and export
+
 SENTENCES = [
     "hello world",
     "The cat sat on the mat.",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from artifact_edits import copy_artifact, rename_cache
 from conftest import REPO, run_kiln
 
 import kiln
@@ -25,7 +26,8 @@ NODE = shutil.which("node")
 NPM = shutil.which("npm")
 EXAMPLE = REPO / "examples" / "node"
 
-pytestmark = pytest.mark.skipif(NODE is None, reason="node is not on PATH (the Node.js runtime needs Node 20+)")
+pytestmark = [pytest.mark.slow,  # npm ci, a node process per check
+              pytest.mark.skipif(NODE is None, reason="node is not on PATH (the Node.js runtime needs Node 20+)")]
 
 PROMPTS = ["Hello, world", "The quick brown fox jumps", "¿Dónde está? 日本語 😀"]
 SENTENCES = [
@@ -126,6 +128,21 @@ def test_greedy_tokens_match_python(node_pkg, llm):
         assert got["prompt_ids"] == want.prompt_ids, prompt
         assert got["token_ids"] == want.token_ids, prompt
         assert got["stop_reason"] == want.stop_reason
+
+
+@pytest.mark.parametrize("variant", ["dynamic", "static"])
+def test_renamed_cache_is_driven_from_the_manifest_templates(node_pkg, tiny_llama, tmp_path, variant):
+    """Cache inputs and outputs renamed in the graph, the manifest's past/present templates changed
+    to match: Node and Python both take the names from the templates and give the same tokens."""
+    original = tiny_llama(variant)
+    renamed = copy_artifact(original, tmp_path / "renamed")
+    rename_cache(renamed)
+    want = kiln.load(original)
+    for prompt in PROMPTS[:2]:
+        tokens = want.generate(prompt, NEW_TOKENS).token_ids
+        assert kiln.load(renamed).generate(prompt, NEW_TOKENS).token_ids == tokens
+        got = node_json(node_pkg, "generate.js", str(renamed), prompt, "--max-new-tokens", str(NEW_TOKENS), "--json")
+        assert got["token_ids"] == tokens, prompt
 
 
 def test_streamed_text_matches_kiln_run(node_pkg, tiny):

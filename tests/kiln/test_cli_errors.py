@@ -99,6 +99,7 @@ def test_wrong_task_arguments(tmp_path, prepared):
     assert_one_line_error(run_kiln("run", str(out), "--text", "hi"), "LLM artifact: give --prompt")
 
 
+@pytest.mark.slow  # pip-installs the plugin package
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_compile_killed_midway_leaves_nothing(tmp_path, plugin_path, prepared, sig):
     prepared("tiny-llama")  # export cached, so the compile reaches the passes quickly

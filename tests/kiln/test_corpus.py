@@ -1,6 +1,7 @@
 """Calibration windows: the whole text, wrapped in the tokenizer's special tokens."""
 
 import numpy as np
+import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from kiln.corpus import text_feeds
@@ -59,6 +60,7 @@ def test_wikipedia_leads_keep_the_prose_and_drop_the_markup(tmp_path):
     assert wikipedia_leads(dump, chars=50) == [leads[0].split("\n")[0]]  # whole paragraphs up to the limit
 
 
+@pytest.mark.slow  # the gensim wheel
 def test_the_default_calibration_text_is_lee_then_wikipedia_and_disjoint_from_evaluation():
     from kiln.corpus import CALIBRATION_TEXT, GENSIM_WHEEL, calibration_corpus, default_corpus, read_text
     from kiln.models.fetch import fetch_wheel
@@ -71,6 +73,7 @@ def test_the_default_calibration_text_is_lee_then_wikipedia_and_disjoint_from_ev
     assert not any(line in evaluation for line in text.splitlines() if len(line) > 80)
 
 
+@pytest.mark.slow  # the gensim wheel
 def test_newsgroups_corpus_is_post_bodies_without_headers_or_quotes():
     import re
 

@@ -57,6 +57,7 @@ def test_against_itself_kl_is_zero(llama, tmp_path):
     assert report.top1_agreement == 1.0 and report.ppl_increase == pytest.approx(0, abs=1e-9)
 
 
+@pytest.mark.slow  # the gensim wheel
 def test_cli_evaluates_on_a_named_corpus(llama):
     import json
 

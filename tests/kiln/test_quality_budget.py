@@ -8,6 +8,7 @@ from conftest import run_kiln
 from test_cli_errors import assert_nothing_left, assert_one_line_error
 
 
+@pytest.mark.slow  # the calibration and evaluation texts (gensim wheel)
 def test_loose_budget_records_quality_per_lossy_pass(tmp_path):
     result = kiln.compile("tiny-llama", tmp_path / "a", recipe="int4", max_ppl_increase=10.0, progress=False)
     budget = result.manifest["compile"]["quality_budget"]
@@ -22,6 +23,7 @@ def test_loose_budget_records_quality_per_lossy_pass(tmp_path):
 BOOST = 'name = "boost"\nbase = "fp32"\n[[passes]]\nname = "boost-token"\n'
 
 
+@pytest.mark.slow  # pip-installs the plugin package
 def test_exceeded_budget_names_the_pass_and_writes_nothing(tmp_path, plugin_path):
     """A lossy plugin pass that piles probability on one token must spend any budget."""
     recipe = tmp_path / "boost.toml"
