@@ -193,7 +193,9 @@ def _numpy_dtype(name: str) -> np.dtype | None:
 
 
 def sample_inputs(meta: dict, signature: list[dict], seed: int = 0, tokenizer: Path | None = None) -> dict[str, np.ndarray]:
-    """Fixed inputs for the pipeline's numeric checks: batch 2, sequence 12 for dynamic axes.
+    """Fixed inputs for the pipeline's numeric checks: batch 2, sequence 12 for dynamic axes, or
+    longer than the longest attention window the model declares (so every pass is checked
+    where a window changes the attention).
 
     Token ids are real text when a tokenizer is given (lossy passes are judged on the
     distributions a model produces on language, not on random ids), else drawn below the
@@ -207,9 +209,10 @@ def sample_inputs(meta: dict, signature: list[dict], seed: int = 0, tokenizer: P
         from tokenizers import Tokenizer
 
         text_ids = Tokenizer.from_file(str(tokenizer)).encode(SAMPLE_TEXT).ids
+    length = max(12, max(meta.get("attention_windows") or [0]) + 8)
     feeds: dict[str, np.ndarray] = {}
     for spec in signature:
-        shape = [d if isinstance(d, int) else (2 if i == 0 else 12) for i, d in enumerate(spec["shape"] or [])]
+        shape = [d if isinstance(d, int) else (2 if i == 0 else length) for i, d in enumerate(spec["shape"] or [])]
         dtype = _numpy_dtype(spec["dtype"])
         name = spec["name"]
         if dtype is not None and dtype.kind == "i":

@@ -104,3 +104,18 @@ def cleaned(prepared):
         return p.meta, model, feeds, calib
 
     return get
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def assert_nothing_left(directory, name):
+    assert not (directory / name).exists()
+    assert not list(directory.glob(f".{name}.tmp-*"))

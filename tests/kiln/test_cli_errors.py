@@ -9,23 +9,8 @@ import time
 
 import pytest
 
-from conftest import run_kiln
+from conftest import assert_nothing_left, assert_one_line_error, run_kiln
 from kiln.models.cache import atomic_dir
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in proc.stderr + proc.stdout
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
-def assert_nothing_left(directory, name):
-    assert not (directory / name).exists()
-    assert not list(directory.glob(f".{name}.tmp-*"))
 
 
 def test_unknown_model(tmp_path):
