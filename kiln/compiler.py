@@ -28,8 +28,9 @@ from kiln.manifest import SCHEMA_VERSION, write_manifest
 from kiln.models import Loaded, Prepared, export_loaded, get_source, prepare, sample_inputs
 from kiln.models.export import read_export, write_export
 from kiln.models.local import module_fingerprint
+from kiln.models.onnx_file import onnx_prepared
 from kiln.models.cache import atomic_dir
-from kiln.models.sources import SOURCES, file_sha256
+from kiln.models.sources import SOURCES
 from kiln.parity import parity_gate
 from kiln.passes.numerics import compare
 from kiln.passes.pipeline import run_pipeline
@@ -134,10 +135,10 @@ def compile(  # noqa: A001
                                                  "sha256": module_fingerprint(model)})
             prepared = read_export(Path(scratch))
         elif _is_onnx_path(model):
-            path = Path(model)
+            path = Path(model).expanduser()
             if not path.is_file():
                 raise CompileError(f"{path}: no such ONNX file")
-            prepared = Prepared(path, {"source": path.name, "task": "custom", "sha256": file_sha256(path)}, None)
+            prepared = onnx_prepared(path, task, Path(scratch))
         else:
             prepared, feeds = _from_module(model, example_inputs, dynamic_shapes, Path(scratch))
 

@@ -44,7 +44,7 @@ class ModelFolderError(KilnError):
     pass
 
 
-def _read_json(path: Path, what: str) -> Any:
+def read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as exc:
@@ -81,7 +81,7 @@ def weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
     """The checkpoint's weight files and whether they are safetensors; checked, or refused."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        mapping = _read_json(index, "the safetensors index").get("weight_map")
+        mapping = read_json(index, "the safetensors index").get("weight_map")
         if not isinstance(mapping, dict) or not mapping:
             raise ModelFolderError(f"{index}: no weight_map")
         files = []
@@ -141,12 +141,12 @@ def infer_task(architectures: list[str], sentence_transformers: bool) -> str | N
     return None
 
 
-def _sentence_transformers(folder: Path) -> dict | None:
+def sentence_transformers_info(folder: Path) -> dict | None:
     """Pooling and normalisation from a sentence-transformers folder, or None if it is not one."""
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         return None
-    modules = _read_json(modules_file, "modules.json")
+    modules = read_json(modules_file, "modules.json")
     if not isinstance(modules, list):
         raise ModelFolderError(f"{modules_file}: not a list of modules")
     info: dict[str, Any] = {"pooling": "mean", "normalize": False}
@@ -162,7 +162,7 @@ def _sentence_transformers(folder: Path) -> dict | None:
             info["normalize"] = True
         if kind == "Pooling":
             cfg_file = folder / str(m.get("path", "1_Pooling")) / "config.json"
-            cfg = _read_json(cfg_file, "the pooling config") if cfg_file.is_file() else {"pooling_mode_mean_tokens": True}
+            cfg = read_json(cfg_file, "the pooling config") if cfg_file.is_file() else {"pooling_mode_mean_tokens": True}
             on = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
             if len(on) != 1 or on[0] not in POOLING_MODES:
                 raise ModelFolderError(f"{cfg_file}: pooling {on or 'none'} is not supported "
@@ -170,7 +170,7 @@ def _sentence_transformers(folder: Path) -> dict | None:
             info["pooling"] = POOLING_MODES[on[0]]
     st_config = folder / "sentence_bert_config.json"
     if st_config.is_file():
-        length = _read_json(st_config, "sentence_bert_config.json").get("max_seq_length")
+        length = read_json(st_config, "sentence_bert_config.json").get("max_seq_length")
         if isinstance(length, int):
             info["max_sequence_length"] = length
     return info
@@ -182,11 +182,11 @@ def _special_id(tokenizer, config: dict, key: str) -> int | None:
     return tokenizer.token_to_id(token) if isinstance(token, str) else None
 
 
-def _tokenizer(folder: Path) -> tuple[str | None, str | None, Any]:
+def folder_tokenizer(folder: Path) -> tuple[str | None, str | None, Any]:
     """(tokenizer.json text, chat template, special ids and length limit) from a folder, if it has
     a tokenizer. A tokenizer.json is taken as it is; older formats are converted by transformers."""
     config_file = folder / "tokenizer_config.json"
-    config = _read_json(config_file, "tokenizer_config.json") if config_file.is_file() else {}
+    config = read_json(config_file, "tokenizer_config.json") if config_file.is_file() else {}
     if "auto_map" in config:
         raise ModelFolderError(f"{config_file}: auto_map asks for custom tokenizer code, which kiln never runs")
     template = config.get("chat_template")
@@ -285,7 +285,7 @@ def folder_source(folder: Path, *, task: str | None = None, allow_pickle: bool =
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelFolderError(f"{folder}: no config.json (a model folder holds config.json and its weights)")
-    config = _read_json(config_file, "config.json")
+    config = read_json(config_file, "config.json")
     if not isinstance(config, dict):
         raise ModelFolderError(f"{config_file}: not a JSON object")
     if "auto_map" in config:
@@ -294,7 +294,7 @@ def folder_source(folder: Path, *, task: str | None = None, allow_pickle: bool =
     if not isinstance(config.get("model_type"), str):
         raise ModelFolderError(f"{config_file}: no model_type")
     files, safe = weight_files(folder, allow_pickle)
-    st = _sentence_transformers(folder)
+    st = sentence_transformers_info(folder)
     architectures = config.get("architectures") or []
     inferred = infer_task(architectures, st is not None)
     task = task or inferred
@@ -318,7 +318,7 @@ def folder_source(folder: Path, *, task: str | None = None, allow_pickle: bool =
 
     def load() -> Loaded:
         quiet_third_party()
-        tokenizer_json, chat_template, tok = _tokenizer(folder)
+        tokenizer_json, chat_template, tok = folder_tokenizer(folder)
         try:
             model = _auto_class(task).from_pretrained(folder, dtype=torch.float32, trust_remote_code=False,
                                                       use_safetensors=safe).eval()
