@@ -55,7 +55,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA as METADATA_KEY
 from kiln.passes.attention import (Attention, MaskForm, Operand, _dims, classify_masks, content_values, find_attentions,
-                                   neutral_scores, operand)
+                                   neutral_scores, operand, PROBE_LENGTHS)
 from kiln.passes.base import KilnPass
 from kiln.passes.kv_layout import cache_feeds, decode_consistency
 from kiln.passes.numerics import compare, evaluate_subgraph, run_ort
@@ -164,7 +164,9 @@ class InsertKVCachePass(KilnPass):
         try:
             forms = classify_masks(model, attentions, neutral, ids, vocab)
         except Exception as exc:  # noqa: BLE001 - the probe itself failed: refuse, in one line
-            forms = [f"the mask could not be evaluated ({str(exc).strip().splitlines()[0][:160]})"] * len(attentions)
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            why = why.split("Status Message:")[0].strip()[:160]
+            forms = [f"the mask could not be evaluated on {PROBE_LENGTHS} tokens ({why})"] * len(attentions)
         bad = [(i, f) for i, f in enumerate(forms) if isinstance(f, str)]
         if bad:
             graph.remove(scratch, safe=True)
