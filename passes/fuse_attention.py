@@ -44,6 +44,7 @@ from onnxscript.rewriter.ort_fusions.sdpa_via_mha import _rules as sdpa_to_mha_r
 
 from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA
+from kiln.passes.attention import Attention, find_attentions
 from kiln.passes.base import KilnPass
 from kiln.passes.kv_layout import decode_consistency
 from kiln.passes.numerics import evaluate_subgraph
@@ -192,6 +193,80 @@ class RotaryGroupQueryAttentionRule(GroupQueryAttentionRule):
                          rotary=(cos_cache, sin_cache, self._positions))
 
 
+def _explicit_head_repeat(model: ir.Model) -> int:
+    """Multi-query / grouped K and V that reach the attention MatMuls with fewer heads than Q
+    (the MatMul broadcasts them, e.g. Falcon's multi_query) get the explicit repeat that the
+    SDPA and GQA rules recognise:  Reshape(Expand(Unsqueeze(K_all, 2), [1,1,rep,1,1]), [0,H,-1,Dh]).
+    Only the attention's reader changes; the present output keeps Hkv heads."""
+    added = 0
+    for _, att in find_attentions(model):
+        if not isinstance(att, Attention):
+            continue
+        heads = _dim(att.qk.inputs[0], 1)
+        for matmul in (att.qk, att.pv):
+            reader, value = matmul, matmul.inputs[1]
+            while value.producer() is not None and value.producer().op_type == "Transpose":
+                reader, value = value.producer(), value.producer().inputs[0]
+            concat = value.producer()
+            kv_heads, head_dim = _dim(value, 1), _dim(value, 3)
+            if (concat is None or concat.op_type != "Concat" or not concat.inputs[0].is_graph_input()
+                    or None in (heads, kv_heads, head_dim) or kv_heads >= heads or heads % kv_heads):
+                continue
+            tape = ir.tape.Tape()
+
+            def const(array):
+                return tape.op("Constant", [], attributes={"value": ir.tensor(np.asarray(array, dtype=np.int64))})
+
+            rep = heads // kv_heads
+            unsq = tape.op("Unsqueeze", [value, const([2])])
+            expand = tape.op("Expand", [unsq, const([1, 1, rep, 1, 1])])
+            out = tape.op("Reshape", [expand, const([0, heads, -1, head_dim])])
+            dims = list(value.shape)
+            unsq.dtype = expand.dtype = out.dtype = value.dtype
+            unsq.shape = ir.Shape([dims[0], kv_heads, 1, dims[2], head_dim])
+            expand.shape = ir.Shape([dims[0], kv_heads, rep, dims[2], head_dim])
+            out.shape = ir.Shape([dims[0], heads, dims[2], head_dim])
+            model.graph.insert_before(reader, tape.nodes)
+            reader.replace_input_with(list(reader.inputs).index(value), out)
+            if reader.op_type == "Transpose" and reader.outputs[0].shape is not None:
+                perm = reader.attributes.get_ints("perm", None)
+                if perm is not None:
+                    reader.outputs[0].shape = ir.Shape([list(out.shape)[i] for i in perm])
+            added += 1
+    return added
+
+
+def _why_not_sdpa(model: ir.Model) -> list[str]:
+    """For each attention still decomposed after the SDPA rule, what in its form kept it so."""
+    reasons = []
+    for sm, att in find_attentions(model):
+        if not isinstance(att, Attention):
+            continue
+        if att.softcap:
+            reasons.append(f"attention at {sm.name}: logit softcapping (tanh) on the scores is not fused; left as plain ops")
+        elif len(att.scores.shape or ()) == 3:
+            reasons.append(f"attention at {sm.name}: scores computed per batch·head (3-D MatMul, e.g. ALiBi models) "
+                           "are not fused; left as plain ops")
+        else:
+            reasons.append(f"attention at {sm.name}: not the SDPA pattern; left as plain ops")
+    return reasons
+
+
+def _rope_reasons(reasons: list[str]) -> list[str]:
+    """The rotary GQA rules' mismatches, one line per attention: why RoPE stays outside the op."""
+    out: dict[str, str] = {}
+    for r in reasons:
+        where, _, why = r.partition(": ")
+        site = where.split(" at ", 1)[-1]
+        if "expected RotaryEmbedding, got Concat" in why:
+            why = "RoPE on part of each head (partial rotary) stays outside GroupQueryAttention (do_rotary=0)"
+        elif "expected RotaryEmbedding" in why:
+            why = ("no RoPE that the op can absorb on K (none, or applied before the head transpose); "
+                   "any RoPE stays outside GroupQueryAttention (do_rotary=0)")
+        out.setdefault(site, f"GQA at {site}: {why}")
+    return list(out.values())
+
+
 @register_pass("fuse-attention")
 class FuseAttentionPass(KilnPass):
     def __init__(self, max_positions: int = 8192):
@@ -201,7 +276,10 @@ class FuseAttentionPass(KilnPass):
     def call(self, model: ir.Model):
         seen = count_ops(model, "Softmax")
         has_cache = KV_CACHE_METADATA in model.metadata_props
+        repeats = _explicit_head_repeat(model) if has_cache else 0
         sdpa, sdpa_reasons = apply_rules(model, list(sdpa_rules.rules), expected=seen)
+        if sdpa < seen:
+            sdpa_reasons = _why_not_sdpa(model) or sdpa_reasons
         rotary = gqa = 0
         gqa_reasons: list[str] = []
         if has_cache and sdpa:
@@ -211,13 +289,18 @@ class FuseAttentionPass(KilnPass):
                 model, [RotaryGroupQueryAttentionRule.rule(r, self.max_positions) for r in (True, False)], expected=sdpa)
             plain, plain_reasons = apply_rules(
                 model, [GroupQueryAttentionRule.rule(r) for r in (True, False)], expected=sdpa - rotary)
-            gqa, gqa_reasons = rotary + plain, gqa_reasons + plain_reasons
+            gqa, gqa_reasons = rotary + plain, _rope_reasons(gqa_reasons) + plain_reasons
             InlinePass()(model)  # RoPE that was not absorbed goes back to plain ops
         mha, _ = apply_rules(model, list(sdpa_to_mha_rules.rules)) if sdpa > gqa else (0, [])
         if count_ops(model, "SDPA", "ai.onnxruntime._fusion"):
             raise KilnError("fuse-attention: an intermediate SDPA node could not be lowered to an ORT attention op")
         stats = {"attentions_seen": seen, "sdpa_matched": sdpa, "gqa_fused": gqa, "gqa_with_rotary": rotary, "mha_fused": mha}
+        if repeats:
+            stats["kv_head_repeats_made_explicit"] = repeats
         warnings = self.coverage("attention", sdpa, seen, sdpa_reasons)
+        partial = [r for r in gqa_reasons if "part of each head" in r]
+        if partial and gqa:
+            warnings.append(f"RoPE stays outside GroupQueryAttention on {len(partial)} layer(s): {partial[0]}")
         if rotary:
             # ORT's fused rotary rotates the cached K of a padded first prompt by slot, not by
             # position_ids: runtimes must prefill one sequence at a time (decode batches fine).
@@ -228,7 +311,11 @@ class FuseAttentionPass(KilnPass):
         if has_cache:
             warnings += self.coverage("GroupQueryAttention", gqa, sdpa, gqa_reasons)
             if gqa:
-                decode = decode_consistency(model)
+                # past every sliding window; left padding where the op's rotary does not forbid it
+                layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
+                windows = [a["window"] for a in layout.get("attention", []) if a.get("window")]
+                decode = decode_consistency(model, prefill=max([5, *(w + 4 for w in windows)]),
+                                            pad=0 if rotary else 3)
                 stats["decode_check_max_rel"] = float(f"{decode:.3g}")
                 if decode > 1e-4:
                     raise KilnError(f"fuse-attention: decoding through the fused cache differs from full recompute "

@@ -285,6 +285,13 @@ class InsertKVCachePass(KilnPass):
                 op.cut.replace_all_uses_with(back)
                 for n, j in readers:
                     n.replace_input_with(j, op.cut)
+                if back is not full:  # Transpose(back, p) = Transpose(present, composed): no round trip
+                    for use in list(back.uses()):
+                        if use.node.op_type == "Transpose" and use.node in op.below:
+                            perm = use.node.attributes.get_ints("perm", None)
+                            if perm is not None and len(perm) == 4:
+                                use.node.attributes["perm"] = ir.AttrInt64s("perm", [(0, 2, 1, 3)[p] for p in perm])
+                                use.node.replace_input_with(0, full)
                 graph.inputs.append(past)
                 graph.outputs.append(full)
                 self._retarget_shapes(graph, op, full, back, batch_1d, batch_sym, seq)

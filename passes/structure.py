@@ -6,7 +6,7 @@ Everything here is found from the graph's structure, never from value names:
   decoder layers (an attention sublayer and the sublayers that follow it up to the next one);
 - `find_mlps`: a down projection whose input is computed channel-wise (elementwise ops only)
   from one or more up projections (gate/up for a gated MLP, fc1 + bias for GELU MLPs);
-- `find_attentions`: per Softmax (found as insert-kv-cache finds it), the Q, K, V and O
+- `find_attentions`: per attention (found by the shared `kiln.passes.attention`), the Q, K, V and O
   projections, the query/kv head counts and the head dim;
 - `refresh_shapes`: after a pass changed an int dim (heads, channels), the annotated shapes
   are re-read from one short ORT run (symbolic dims stay symbolic).
@@ -365,26 +365,17 @@ def _projection_below(value: ir.Value, limit: int = 8) -> ir.Node | None:
 
 
 def find_attentions(model: ir.Model) -> tuple[list[Attention], list[str]]:
-    from kiln.passes.insert_kv_cache import _probabilities_matmul, _skip_scale
+    """Per attention found by the shared analysis (`kiln.passes.attention`), its projections."""
+    from kiln.passes.attention import Attention as Found
+    from kiln.passes.attention import find_attentions as find_softmax_attentions
 
     order = {n: i for i, n in enumerate(model.graph)}
     found, rejected = [], []
-    for sm in [n for n in model.graph if n.op_type == "Softmax"]:
-        x = sm.inputs[0]
-        p = x.producer()
-        scores = x
-        if p is not None and p.op_type == "Add":
-            for i in (0, 1):
-                pp = _skip_scale(p.inputs[i]).producer()
-                if pp is not None and pp.op_type == "MatMul":
-                    scores = p.inputs[i]
-        elif p is not None and p.op_type == "Where":
-            scores = p.inputs[1]
-        qk = _skip_scale(scores).producer()
-        pv = _probabilities_matmul(sm)
-        if qk is None or qk.op_type != "MatMul" or pv is None:
-            rejected.append(f"{sm.name}: not a Softmax(Q·Kᵀ)·V attention")
+    for sm, att in find_softmax_attentions(model):
+        if not isinstance(att, Found):
+            rejected.append(f"{sm.name}: not a Softmax(Q·Kᵀ)·V attention ({att})")
             continue
+        qk, pv = att.qk, att.pv
         projs = [_projection_above(qk.inputs[0]), _projection_above(qk.inputs[1]), _projection_above(pv.inputs[1])]
         if any(isinstance(s, str) or len(s) != 1 for s in projs):
             rejected.append(f"{sm.name}: Q, K and V are not each one projection")
