@@ -41,6 +41,14 @@ FAMILIES = {
     # sliding window of 16 on every layer
     "mistral-sw16": ("MistralConfig", "MistralForCausalLM", dict(vocab_size=V, num_key_value_heads=2,
                                                                  sliding_window=16, **DECODER, **IDS)),
+    # a window of 16 on one layer (use_sliding_window, max_window_layers=1)
+    "qwen2-sw16": ("Qwen2Config", "Qwen2ForCausalLM", dict(vocab_size=V, num_key_value_heads=1, use_sliding_window=True,
+                                                         sliding_window=16, max_window_layers=1, **DECODER, **IDS)),
+    "phi3-sw16": ("Phi3Config", "Phi3ForCausalLM", dict(vocab_size=V, num_key_value_heads=2, sliding_window=16,
+                                                       **DECODER, **IDS)),
+    # ALiBi in [batch, heads, query, key] layout
+    "mpt": ("MptConfig", "MptForCausalLM", dict(vocab_size=V, d_model=64, n_layers=2, n_heads=4, max_seq_len=512,
+                                                initializer_range=0.2, **IDS)),
     # logit softcapping on every layer, a window of 16 on every other layer
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(vocab_size=V, num_key_value_heads=2, head_dim=16,
                                                          sliding_window=16, attn_logit_softcapping=50.0,
@@ -56,6 +64,9 @@ EXPECTED = {
     "gptj": {"position_reshapes_rebatched": 2},
     "bloom": {"alibi_layers": 2},
     "mistral-sw16": {"sliding_window_layers": 2},
+    "qwen2-sw16": {"sliding_window_layers": 1},
+    "phi3-sw16": {"sliding_window_layers": 2},
+    "mpt": {"alibi_layers": 2},
     "gemma2": {"sliding_window_layers": 1, "softcap_layers": 2},
     "falcon-mq": {},
 }
