@@ -175,6 +175,8 @@ class InsertKVCachePass(KilnPass):
                                + (f" ({len(bad)} of {len(forms)} attentions)" if len(bad) > 1 else ""))
         windows = [f.window for f in forms if f.window]
         check_length = max([48, *(w + 8 for w in windows)])
+        if self.static_length:
+            check_length = min(check_length, self.static_length)
         check_ids = np.random.default_rng(7).integers(0, vocab, size=(2, check_length))
         original = run_ort(model, {"input_ids": check_ids})
 
@@ -342,7 +344,10 @@ class InsertKVCachePass(KilnPass):
         #    through the cache equal the full recompute, and the padded row equals the plain one.
         got = run_ort(model, cache_feeds(layout, check_ids))
         full_check = compare({"out": original[graph.outputs[0].name]}, {"out": got[graph.outputs[0].name]})["max_rel"]
-        decode = decode_consistency(model, prefill=max([5, *(w + 4 for w in windows)]), steps=3, pad=3)
+        prefill = max([5, *(w + 4 for w in windows)])
+        if static:
+            prefill = max(1, min(prefill, static - 3))
+        decode = decode_consistency(model, prefill=prefill, steps=3, pad=3)
         stats = {"attentions_seen": len(found), "kv_layers": len(layers), "positions_replaced": positions,
                  "full_check_length": check_length, "full_check_max_rel": float(f"{full_check:.3g}"),
                  "decode_check_max_rel": float(f"{decode:.3g}")}

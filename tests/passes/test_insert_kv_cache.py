@@ -34,6 +34,7 @@ def test_inserts_a_cache_in_every_layer_and_keeps_outputs(decoder):
     assert result.stats["kv_layers"] == result.stats["attentions_seen"] == layers
     assert result.stats["positions_replaced"] == 1
     assert result.stats["decode_check_max_rel"] < 1e-5
+    assert result.stats["full_check_max_rel"] < 1e-5 and result.stats["full_check_length"] == 48
     layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
     assert layout["num_layers"] == layers and layout["kv_heads"] == meta["num_key_value_heads"]
     names = [v.name for v in model.graph.inputs]
@@ -57,6 +58,20 @@ def test_left_padding_gives_the_same_logits_as_no_padding(decoder):
     np.testing.assert_allclose(got, plain, rtol=1e-4, atol=1e-4)
 
 
+def test_batch_2_left_padded_long_decode_equals_recompute(decoder):
+    _, _, model, _ = decoder
+    InsertKVCachePass()(model)
+    # 40-token prefill + 4 steps, row 1 left-padded by 6 (and equal to row 0 on its real tokens)
+    assert decode_consistency(model, prefill=40, steps=4, pad=6) < 1e-5
+
+
+def test_static_cache_checks_itself_within_its_length(decoder):
+    _, _, model, _ = decoder
+    result = InsertKVCachePass(static_length=32)(model)
+    assert result.stats["full_check_length"] == 32 and result.stats["full_check_max_rel"] < 1e-5
+    assert result.stats["decode_check_max_rel"] < 1e-5
+
+
 def test_idempotent(decoder):
     _, _, model, _ = decoder
     InsertKVCachePass()(model)
@@ -73,7 +88,7 @@ def test_rejects_a_graph_without_attention():
     gather.outputs[0].name = "logits"
     gather.outputs[0].dtype, gather.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(["batch", "sequence", 4])
     g = ir.Graph([ids], [gather.outputs[0]], nodes=[gather], initializers=[table], opset_imports={"": 21}, name="g")
-    with pytest.raises(KilnError, match="no attention"):
+    with pytest.raises(KilnError, match="^pass 'insert-kv-cache': no attention"):
         InsertKVCachePass()(ir.Model(g, ir_version=10))
 
 
