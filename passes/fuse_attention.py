@@ -23,7 +23,18 @@ Step 2, kiln's GQA rule, on the graph written by insert-kv-cache:
   on a preallocated past with random free slots): the past may be a longer preallocated
   buffer, and present (the same length) may be bound to the same memory, as the
   onnxruntime-genai runtime does, so a decode step writes one slot instead of copying the cache.
+  Sliding windows and ALiBi stay in kiln's additive mask (attention_bias: [B,1,S,T], or
+  [B,H,S,T] with ALiBi), which GroupQueryAttention adds before its softmax, so the op's
+  local_window_size is not used (exact as is; the decode check crosses every window listed
+  under the layout's "attention"). RoPE that the op cannot absorb (partial rotary, GPT-J's
+  interleaved RoPE applied before the head transpose) stays outside with do_rotary=0 and a
+  reason per layer in `rejected` (partial rotary: also a warning).
+Step 0 (with a cache): K/V with fewer heads than Q that reach the attention MatMuls by
+  broadcasting (multi-query, e.g. Falcon) get the explicit repeat Reshape(Expand(Unsqueeze))
+  that the SDPA and GQA rules recognise.
 Step 3, onnxscript's SDPA→MHA rule for the remaining SDPA nodes (K/V already repeated).
+Not fused, with the reason from the shared attention analysis (`kiln.passes.attention`):
+logit softcapping (Gemma 2) and scores computed per batch·head with 3-D MatMuls (Bloom).
 
 Dims: B batch, S new tokens, P past, T = P + S, H query heads, Hkv kv heads, Dh head dim.
 Every attention that does not become GQA in a model with a KV cache is a warning with the

@@ -1,47 +1,65 @@
 """Insert a KV cache into a full-sequence decoder graph, found by analysing its attention.
 
 Before (exported without a cache):
-    input_ids[B,S] -> ... Softmax(Q·Kᵀ·scale + mask[·,·,S,S]) · V ... -> logits[B,S,V]
+    input_ids[B,S] -> ... Softmax(f(Q·Kᵀ) + mask/bias terms) · V ... -> logits[B,S,V]
 After:
     inputs   input_ids[B,S]  attention_mask[B,T]  position_ids[B,S]
              past_key_values.{i}.key / .value [B,Hkv,P,Dh]
     outputs  logits[B,S,V]   present.{i}.key / .value [B,Hkv,T,Dh]          T = P + S
     per attention i:  K_i ← Concat(past_key_values.{i}.key, K_i, axis=2), same for V
-    every attention mask ← Where(allowed, 0, finfo.min),
-        allowed[b,0,s,t] = (t <= P + s) and attention_mask[b,t]
+    per attention i:  Softmax input ← f(Q·Kᵀ) + Where(allowed_i, bias_i, finfo.min)
+        allowed_i[b,0,s,t] = t <= P + s  and  attention_mask[b,t]   (and t > P + s - W_i for a window W_i)
+        bias_i[0,h,0,t]   = slope_i[h] * t for ALiBi, else 0
+        f = the model's own scores ops without their mask/bias terms (scale, softcap tanh(x/c)*c, layout)
     the token-numbering Range(0, S) feeding the positional encoding ← position_ids, and so does
     any other integer [1|B, S] tensor computed from input_ids' shape alone whose value is 0..S-1
-    in every row (probed numerically: e.g. OPT's cumsum(ones) - 1)
+    in every row (probed numerically: e.g. OPT's cumsum(ones) - 1); a Reshape below it to a
+    constant [1, ...] target of a tensor that was [1, ...] at export (GPT-J's sin/cos
+    `[1, -1, 1, d]`) gets the batch as its leading dim, else batch 2 would fold into the sequence
 
-How K and V are found (no names, no per-architecture code): every Softmax whose input is
-a MatMul (Q·Kᵀ, possibly scaled, plus an additive mask or inside a Where) is an attention;
-the MatMul that consumes the probabilities gives V. From each MatMul operand the pass walks
-up through layout ops (Transpose, Reshape, Expand, Unsqueeze, Squeeze, Cast, Identity,
-Mul/Div by a constant) and cuts at the highest tensor in the cache layout [B, Hkv, S, Dh]:
-after RoPE (the Mul/Add that applies it is not a layout op) and before any GQA head repeat
-(Unsqueeze/Expand/Reshape to H heads). Reshape/Expand targets below the cut that were
-computed from the input's sequence length are rebuilt from the value's annotated shape
-with the total length T.
+How attentions are found and read: `kiln.passes.attention` (shared with fuse-attention and the
+pruning passes). Each Softmax over a scores path from Q·Kᵀ is an attention; the mask/bias terms
+on the path (structural tensors: computed from input_ids' shape only) are classified numerically
+per attention, by evaluating the softmax input against the path without its terms on two
+lengths (40, 72) and the terms alone on a long one (up to 4160): causal; causal + sliding window
+W; causal + ALiBi slopes (per head, key position; per-row constants are dropped, which a softmax
+ignores); the softcap is part of f. Nothing is read from names or configs. K and V: from each
+MatMul operand the pass walks up through layout ops (Transpose, Reshape, Expand, Unsqueeze,
+Squeeze, Cast, Identity, Mul/Div by a constant) and cuts at the highest tensor in the cache
+layout [B, Hkv, S, Dh] (after RoPE, before any GQA head repeat), or else at the highest
+[B, S, Hkv, Dh] one (RoPE applied before the head transpose, GPT-J; transposed into the cache
+and back). Reshape/Expand targets below the cut computed from the input's sequence length are
+rebuilt from the annotated shape with the total length T (one other dim, e.g. batch·heads, -1).
 
 Static variant (`static_length=L`, for targets that need static shapes): the cache has a
 fixed length L; a new input cache_position[S] gives the slots the new tokens are written to
 (ScatterElements on the sequence axis), attention_mask is [B, L] and marks filled slots, and
 present.{i}.* is the whole updated cache.
 
-Positions are slots: causality compares cache slots, padding is attention_mask, and RoPE
-or learned position tables read position_ids, so left padding and rows that join a batch
-later (continuous batching) are exact.
+Positions are slots: causality, windows and ALiBi compare cache slots, padding is
+attention_mask, and RoPE or learned position tables read position_ids, so left padding and rows
+that join a batch later (continuous batching) are exact (ALiBi by slot differs from ALiBi by
+position by a per-row constant, which a softmax ignores; windows count slots, as transformers does).
 
 The layout is stored in the model's metadata as `kiln.kv_cache` (JSON), which the backend
-copies into the manifest. The pass checks itself: prefill + step-by-step decode through
-the cache must reproduce full-sequence logits (stats: decode_check_max_rel).
+copies into the manifest; with windows or ALiBi it lists them per layer under "attention".
+The pass checks itself, so a misread form cannot pass silently:
+  full_check_max_rel: the new graph's full sequence (mask all ones, positions 0..S-1) against
+      the original graph on the same ids, S = max(48, every window + 8) (static: at most L);
+  decode_check_max_rel: batch 2, row 1 left-padded by 3, a prefill longer than every window and
+      3 decode steps through the cache against the full recompute, and the padded row against
+      the plain one. Either over 1e-4 is an error.
 
 Preconditions: a causal LM: one input `input_ids` [batch, S] with S symbolic, a per-token
 first output, and (probed numerically) no dependence of earlier positions on later tokens.
 With `only_causal_lm=true` other models are skipped with the reason (so one recipe serves
 encoders and decoders); otherwise they are an error. Dims annotated by the exporter. All
-attentions must be understood, else nothing changes and the reasons are raised. Not handled: models that already take a cache, sliding-window
-or ALiBi masks (their mask is replaced by a plain causal one: wrong for them), cross-attention.
+attentions must be understood, else nothing changes and the first reason is raised in one line:
+    pass 'insert-kv-cache': <feature> is not supported: <why>
+Not handled (refused that way): models that already take a cache, cross-attention, any other
+mask or bias (relative-position tables, bidirectional prefixes, a mask term before the softcap),
+scores multiplied by a position-dependent tensor; windows longer than the long probe (4159) are
+not seen as windows.
 """
 
 from __future__ import annotations
