@@ -33,8 +33,11 @@ Step 0 (with a cache): K/V with fewer heads than Q that reach the attention MatM
   broadcasting (multi-query, e.g. Falcon) get the explicit repeat Reshape(Expand(Unsqueeze))
   that the SDPA and GQA rules recognise.
 Step 3, onnxscript's SDPA→MHA rule for the remaining SDPA nodes (K/V already repeated).
+Step 1b (with a cache), softcap attention, which the SDPA rule does not take:
+    Softmax(Mul(Tanh(Div(Mul(Q·K_repᵀ, scale), cap)), cap) + mask) · V_rep
+  -> GroupQueryAttention(..., scale, softcap=cap, attention_bias=mask)    (Gemma 2)
 Not fused, with the reason from the shared attention analysis (`kiln.passes.attention`):
-logit softcapping (Gemma 2) and scores computed per batch·head with 3-D MatMuls (Bloom).
+softcap attention without a cache, scores computed per batch·head with 3-D MatMuls (Bloom).
 
 Dims: B batch, S new tokens, P past, T = P + S, H query heads, Hkv kv heads, Dh head dim.
 Every attention that does not become GQA in a model with a KV cache is a warning with the
@@ -131,6 +134,8 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         attrs = {"num_heads": self._heads, "kv_num_heads": self._kv_heads}
         if self._scale is not None:
             attrs["scale"] = self._scale
+        if getattr(self, "_softcap", None):
+            attrs["softcap"] = self._softcap
         cos_cache, sin_cache, positions = rotary or (None, None, None)
         if rotary:
             attrs.update(do_rotary=1, rotary_interleaved=self._interleaved)
@@ -140,6 +145,57 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         out.dtype, out.shape = query.dtype, _bsd_shape(query)
         bhsd = op.Constant(value=ir.tensor(np.array([0, 0, self._heads, self._head_dim], dtype=np.int64)))
         return op.Transpose(op.Reshape(out, bhsd), perm=[0, 2, 1, 3]), present_key, present_value
+
+
+class SoftcapGroupQueryAttentionRule(GroupQueryAttentionRule):
+    """Attention-logit softcapping (Gemma 2), which the SDPA rule does not take, straight from
+    the decomposed graph insert-kv-cache writes:
+        Softmax(Mul(Tanh(Div(Mul(Q·K_repᵀ, scale), cap)), cap) + mask) · V_rep
+    -> GroupQueryAttention(..., scale, softcap=cap, attention_bias=mask). ORT applies the
+    softcap to the scaled scores and then adds the bias, the model's own order. RoPE stays outside."""
+
+    def __init__(self, repeated: bool):
+        pattern.RewriteRuleClassBase.__init__(self, "GQA-softcap" if repeated else "GQA-softcap-equal-heads",
+                                              remove_nodes=True)
+        self._repeated = repeated
+
+    def pattern(self, op, query, key, value, past_key, past_value, mask, scale, cap_in, cap_out):
+        key_all = op.Concat(past_key, key, axis=2, _outputs=["key_all"])
+        value_all = op.Concat(past_value, value, axis=2, _outputs=["value_all"])
+        key_rep, value_rep = key_all, value_all
+        if self._repeated:
+            key_rep = op.Reshape(op.Expand(op.Unsqueeze(key_all, pattern.ANY_VALUE), pattern.ANY_VALUE), pattern.ANY_VALUE)
+            value_rep = op.Reshape(op.Expand(op.Unsqueeze(value_all, pattern.ANY_VALUE), pattern.ANY_VALUE), pattern.ANY_VALUE)
+        scores = op.Mul(op.MatMul(query, op.Transpose(key_rep, perm=[0, 1, 3, 2])), scale)
+        capped = op.Mul(op.Tanh(op.Div(scores, cap_in)), cap_out)
+        probs = op.Softmax(op.Add(capped, mask), axis=-1)
+        return op.MatMul(probs, value_rep, _outputs=["attention"]), key_all, value_all
+
+    def check(self, context, query, key, value, past_key, past_value, mask, attention, scale, cap_in, cap_out, **_):
+        result = pattern.MatchResult()
+        consts = [None if v.const_value is None or v.const_value.size != 1 else float(v.const_value.numpy().reshape(-1)[0])
+                  for v in (scale, cap_in, cap_out)]
+        if None in consts or consts[1] != consts[2] or consts[1] <= 0:
+            return result.fail("scale and softcap are not positive constant scalars (cap the same in Div and Mul)")
+        self._scale, self._softcap = consts[0], consts[1]
+        graph_inputs = set(context.graph_or_function.inputs) if hasattr(context.graph_or_function, "inputs") else set()
+        if past_key not in graph_inputs or past_value not in graph_inputs:
+            return result.fail("K/V are not concatenated with a past-cache graph input")
+        heads, kv_heads = _dim(query, 1), _dim(past_key, 1)
+        head_dim, v_dim = _dim(past_key, 3), _dim(past_value, 3)
+        if None in (heads, kv_heads, head_dim, v_dim):
+            return result.fail("head counts or head size are not static")
+        if heads % kv_heads or (heads != kv_heads) != self._repeated:
+            return result.fail(f"{heads} query heads do not group over {kv_heads} kv heads")
+        if head_dim != v_dim:
+            return result.fail("GroupQueryAttention needs equal K and V head sizes")
+        if mask is None or mask.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            return result.fail("attention needs kiln's additive mask (run insert-kv-cache first)")
+        self._heads, self._kv_heads, self._head_dim = heads, kv_heads, head_dim
+        return result
+
+    def rewrite(self, op, query, key, value, past_key, past_value, mask, **_):
+        return self._gqa(op, query, key, value, past_key, past_value, mask, rotary=None)
 
 
 class RotaryGroupQueryAttentionRule(GroupQueryAttentionRule):
@@ -291,8 +347,12 @@ class FuseAttentionPass(KilnPass):
         sdpa, sdpa_reasons = apply_rules(model, list(sdpa_rules.rules), expected=seen)
         if sdpa < seen:
             sdpa_reasons = _why_not_sdpa(model) or sdpa_reasons
-        rotary = gqa = 0
+        rotary = gqa = softcap = 0
         gqa_reasons: list[str] = []
+        if has_cache and sdpa < seen:  # softcap attention, which the SDPA rule leaves
+            softcap, _ = apply_rules(model, [SoftcapGroupQueryAttentionRule.rule(r) for r in (True, False)])
+            if softcap:
+                sdpa_reasons = _why_not_sdpa(model)
         if has_cache and sdpa:
             # RoPE becomes an intermediate RotaryEmbedding function, absorbed into GQA where possible.
             apply_rules(model, list(rotary_rules.rules))
@@ -305,10 +365,13 @@ class FuseAttentionPass(KilnPass):
         mha, _ = apply_rules(model, list(sdpa_to_mha_rules.rules)) if sdpa > gqa else (0, [])
         if count_ops(model, "SDPA", "ai.onnxruntime._fusion"):
             raise KilnError("fuse-attention: an intermediate SDPA node could not be lowered to an ORT attention op")
+        gqa += softcap
         stats = {"attentions_seen": seen, "sdpa_matched": sdpa, "gqa_fused": gqa, "gqa_with_rotary": rotary, "mha_fused": mha}
+        if softcap:
+            stats["gqa_with_softcap"] = softcap
         if repeats:
             stats["kv_head_repeats_made_explicit"] = repeats
-        warnings = self.coverage("attention", sdpa, seen, sdpa_reasons)
+        warnings = self.coverage("attention", sdpa + softcap, seen, sdpa_reasons)
         partial = [r for r in gqa_reasons if "part of each head" in r]
         if partial and gqa:
             warnings.append(f"RoPE stays outside GroupQueryAttention on {len(partial)} layer(s): {partial[0]}")
@@ -320,7 +383,7 @@ class FuseAttentionPass(KilnPass):
             layout.update(padded_prefill=False, max_positions=self.max_positions)
             model.metadata_props[KV_CACHE_METADATA] = json.dumps(layout)
         if has_cache:
-            warnings += self.coverage("GroupQueryAttention", gqa, sdpa, gqa_reasons)
+            warnings += self.coverage("GroupQueryAttention", gqa, sdpa + softcap, gqa_reasons)
             if gqa:
                 # past every sliding window; left padding where the op's rotary does not forbid it
                 layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
@@ -333,7 +396,7 @@ class FuseAttentionPass(KilnPass):
                                     f"(max_rel {decode:.3g})")
             if gqa and gqa == seen:
                 self._mark_shared_buffer(model, stats)
-        return self.result(model, modified=sdpa > 0, stats=stats, rejected=sdpa_reasons + gqa_reasons,
+        return self.result(model, modified=sdpa + softcap + repeats > 0, stats=stats, rejected=sdpa_reasons + gqa_reasons,
                            warnings=warnings)
 
     @staticmethod

@@ -141,7 +141,7 @@ GQA_FAMILIES = {
     "falcon-mq": dict(gqa=2, rotary=2, repeats=4),  # one K/V head broadcast by the MatMul
     "gptj": dict(gqa=2, rotary=0),  # interleaved RoPE applied before the head transpose: outside
     "mpt": dict(gqa=2, rotary=0),  # ALiBi [B, H, S, T] as attention_bias
-    "gemma2": dict(gqa=0, reason="logit softcapping"),
+    "gemma2": dict(gqa=2, rotary=0, softcap=2),  # softcap=50 on the op; the alternating window in the bias
     "bloom": dict(gqa=0, reason="per batch·head"),
 }
 
@@ -166,6 +166,7 @@ def test_decoder_families_fuse_gqa_or_say_why(name):
     if want["gqa"]:
         assert att.stats["gqa_with_rotary"] == want["rotary"]
         assert att.stats.get("kv_head_repeats_made_explicit", 0) == want.get("repeats", 0)
+        assert att.stats.get("gqa_with_softcap", 0) == want.get("softcap", 0)
         assert att.stats["decode_check_max_rel"] < 1e-5
         assert decode_consistency(model, prefill=24, steps=3, pad=0 if want["rotary"] else 3) < 1e-5
     else:
