@@ -130,6 +130,8 @@ def compile(  # noqa: A001
         feeds = None
         if source is not None:
             prepared = prepare(source, progress=progress, console=console)
+            if source.path is not None:  # not from the export cache: two folders may share one entry
+                prepared.meta["path"] = str(source.path)
         elif loaded is not None:
             write_export(loaded, Path(scratch), {"source": type(model).__name__,
                                                  "sha256": module_fingerprint(model)})

@@ -7,6 +7,8 @@ itself never does).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -15,9 +17,18 @@ from kiln.models import SOURCES
 
 
 def _source(manifest: dict):
-    name = manifest.get("source", {}).get("source")
+    """The source model: a named kiln model, or the folder or file it was compiled from."""
+    source = manifest.get("source", {})
+    name, path = source.get("source"), source.get("path")
+    if path:
+        from kiln.models.local import path_source
+
+        if not Path(path).exists():
+            raise KilnError(f"no PyTorch reference: the source {path} is no longer there")
+        return path_source(Path(path), task=manifest.get("task")).load()
     if name not in SOURCES:
-        raise KilnError(f"no PyTorch reference for source '{name}' (only named kiln models have one)")
+        raise KilnError(f"no PyTorch reference for source '{name}' (only named kiln models and models "
+                        "compiled by path have one)")
     return SOURCES[name].load()
 
 

