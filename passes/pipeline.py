@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -88,6 +90,7 @@ def run_pipeline(
         measured = quality.measure(model)
         quality_summary = {"metric": quality.metric, "limit": quality.limit, "source": measured, "final": measured}
     source_outputs = run_ort(model, sample_inputs) if sample_inputs is not None else None
+    trace_rss("source outputs")
     previous_outputs = source_outputs
     done: list[str] = []
     checked: list[Any] = []  # the checkpoint's result, once it has run
@@ -117,6 +120,7 @@ def run_pipeline(
             except Exception as exc:
                 raise PipelineError(f"{where} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
             seconds = time.perf_counter() - start
+            trace_rss(f"pass {name}")
             if not isinstance(result, KilnPassResult):
                 raise PipelineError(f"{where} broke the contract: returned {type(result).__name__}, not KilnPassResult")
             if not isinstance(result.modified, bool):
@@ -182,12 +186,28 @@ def run_pipeline(
                     if quality.violated(values):
                         raise PipelineError(f"{where}: {quality.describe(values)}")
             records.append(record)
+            trace_rss(f"checks after {name}")
             done.append(name)
             if progress:
                 bar.advance(task)
     if checkpoint is not None and not checked:
         checked.append(checkpoint(model, list(done)))
     return PipelineRun(model, records, sample_inputs, quality_summary, checked[0] if checked else None)
+
+
+def trace_rss(label: str) -> None:
+    """With KILN_TRACE_RSS=1 (Linux): print the resident memory now and its peak since the last
+    trace to stderr, then reset the peak, so each traced stage reports its own high-water mark."""
+    if not os.environ.get("KILN_TRACE_RSS"):
+        return
+    try:
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        rss, peak = (int(status[k].split()[0]) / 1e6 for k in ("VmRSS", "VmHWM"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM
+    except (OSError, KeyError, ValueError):
+        return
+    print(f"[rss] {label}: {rss:.2f} GB now, peak {peak:.2f} GB", file=sys.stderr, flush=True)
 
 
 def _first_line(exc: BaseException) -> str:
