@@ -14,6 +14,8 @@ tokens, columns = channels); calibration feeds carry no padding, so every row is
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -107,3 +109,76 @@ def collect(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], values: Seq
                 stats[name] = Stats.empty(x.shape[-1], name in gram)
             stats[name].add(x)
     return stats
+
+
+# Σ xᵀx of all requested values above this many bytes are not accumulated side by side: the
+# captured values go to disk and each Gram matrix is summed when it is asked for (a 0.5B model
+# with 4864-wide MLPs would otherwise hold 4.7 GB of float64 Hessians at once).
+GRAM_MEMORY = 1 << 30
+
+
+class Grams:
+    """Σ xᵀx (float64) of named values over the calibration feeds, as `collect` sums them.
+
+    Small sets are collected in one pass and held; when their total would exceed
+    `GRAM_MEMORY`, the captured arrays are written to a temporary folder in the same pass and
+    `grams[name]` sums that value's matrix from them (the same additions in the same order, so
+    the same bits); `release(name)` frees one that is no longer needed."""
+
+    def __init__(self, model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str],
+                 memory: int | None = None):
+        self.names = list(dict.fromkeys(names))
+        by_name = {v.name: v for node in model.graph for v in node.outputs}
+        by_name.update({v.name: v for v in model.graph.inputs})
+        widths = [_last_dim(by_name.get(n)) for n in self.names]
+        limit = GRAM_MEMORY if memory is None else memory
+        self._dir = None
+        self._held: dict[str, np.ndarray] = {}
+        if all(w is not None for w in widths) and sum(8 * w * w for w in widths) > limit:
+            self._dir = tempfile.TemporaryDirectory(prefix="kiln-activations-")
+            self._count = 0
+            for i, arrays in enumerate(capture(model, feeds, self.names)):
+                for j, name in enumerate(self.names):
+                    np.save(self._path(j, i), arrays[name])
+                self._count = i + 1
+        else:
+            self._held = {n: s.gram for n, s in collect(model, feeds, self.names, gram=self.names).items()}
+
+    def _path(self, j: int, i: int) -> str:
+        return os.path.join(self._dir.name, f"{j}-{i}.npy")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._held or (self._dir is not None and name in self.names)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._held:
+            if self._dir is None or name not in self.names:
+                raise KeyError(name)
+            j = self.names.index(name)
+            gram = None
+            for i in range(self._count):
+                x = np.load(self._path(j, i))
+                x = x.reshape(-1, x.shape[-1]).astype(np.float32)
+                if gram is None:
+                    gram = np.zeros((x.shape[1], x.shape[1]), np.float64)
+                x64 = x.astype(np.float64)
+                gram += x64.T @ x64
+            self._held[name] = gram
+        return self._held[name]
+
+    def release(self, name: str) -> None:
+        """Forget a matrix that can be summed again from disk (held ones stay)."""
+        if self._dir is not None:
+            self._held.pop(name, None)
+
+    def close(self) -> None:
+        self._held = {}
+        if self._dir is not None:
+            self._dir.cleanup()
+
+
+def _last_dim(value: ir.Value | None) -> int | None:
+    if value is None or value.shape is None or len(value.shape) == 0:
+        return None
+    last = value.shape[-1]
+    return last if isinstance(last, int) else None

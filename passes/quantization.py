@@ -185,7 +185,7 @@ def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block: int, symmetric: bool
     grids = [_grid(w[s:s + bs].astype(np.float32), bits, symmetric, diag[s:s + bs], scale_step) for s in range(0, k, bs)] \
         if act_order else None
     order = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
-    w = w.astype(np.float64)[order]
+    w = w[order].astype(np.float64)  # (gather first: one float64 copy, not two)
     h = h[np.ix_(order, order)]
     # Upper Cholesky factor of H⁻¹: row i holds the update coefficients for rows after i.
     hinv = np.linalg.cholesky(np.linalg.inv(h)).T
@@ -225,8 +225,16 @@ def dequantize(q, scale, zero, block: int) -> np.ndarray:
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, gram: np.ndarray | None) -> float:
     """‖X(W − Ŵ)‖² / ‖XW‖² from Σ xᵀx; plain relative Frobenius error without calibration."""
+    num, den = output_error_terms(w, w_hat, gram)
+    return float(num / max(den, 1e-30))
+
+
+def output_error_terms(w: np.ndarray, w_hat: np.ndarray, gram: np.ndarray | None) -> tuple[float, float]:
+    """(‖X(W − Ŵ)‖², ‖XW‖²) of `output_error`, summable over chunks of output columns."""
     d = (w - w_hat).astype(np.float64)
     if gram is None:
-        return float(np.sum(d * d) / max(np.sum(np.square(w, dtype=np.float64)), 1e-30))
+        return float(np.sum(d * d)), float(np.sum(np.square(w, dtype=np.float64)))
+    num = float(np.sum(d * (gram @ d)))
+    del d
     w64 = w.astype(np.float64)
-    return float(np.sum(d * (gram @ d)) / max(np.sum(w64 * (gram @ w64)), 1e-30))
+    return num, float(np.sum(w64 * (gram @ w64)))

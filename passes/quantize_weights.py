@@ -61,7 +61,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
 from kiln.passes.quantization import (BITS_HINT, DTYPES, INDEX_HINT, bits_per_weight, compact_step, dequantize, gptq,
-                                     output_error, rtn, storage_bits)
+                                     output_error, output_error_terms, rtn, storage_bits)
 from kiln.passes.registry import register_pass
 from kiln.passes.structure import new_initializer, unique_name
 
@@ -116,17 +116,27 @@ class QuantizeWeightsPass(KilnPass):
         graph = model.graph
         rejected: list[str] = []
         weights = [w for v in list(graph.initializers.values()) if (w := self._candidate(v, rejected)) is not None]
+        # The float teacher's outputs are taken first (written to disk: no session stays open
+        # while the Hessians and the quantized weights take memory).
+        tuning = self._tuning_data(model) if self.tune_steps and weights else None
         needs_grams = self.method == "gptq" or bool(self.max_bits_per_weight)
         grams = self._grams(model, weights) if needs_grams and weights else {}
 
         quantized = {}
-        for w in weights:
+        last = {v.name: i for i, w in enumerate(weights) for v in w.inputs}  # the last weight reading each input
+        for i, w in enumerate(weights):
             gram = _sum([grams[v.name] for v in w.inputs if v.name in grams])
             quantized[id(w)] = self._quantize(w, self._hinted_bits(w, rejected), gram)
+            del gram
+            for v in w.inputs:
+                if last[v.name] == i and isinstance(grams, calib.Grams):
+                    grams.release(v.name)  # summed again from disk if mixed precision needs it
         index_bits = _index_bits(graph, {w.value.name for w in weights}) if weights else 0
         if self.max_bits_per_weight:
             self._promote(weights, quantized, grams, rejected, index_bits)
-        tuning = self._tuning_data(model) if self.tune_steps and weights else None
+        if isinstance(grams, calib.Grams):
+            grams.close()
+        del grams  # K×K float64 each: gigabytes for a model with wide MLPs
 
         bytes_before = bytes_after = 0
         scales = []
@@ -152,6 +162,10 @@ class QuantizeWeightsPass(KilnPass):
             _require_opset(model, 21)
             RemoveUnusedNodesPass()(model)  # the float weights are no longer read
         n_params = sum(quantized[id(w)][0].size for w in weights)
+        del quantized  # the initializers hold their own copies
+        for w in weights:  # drop the float weights the graph no longer holds (they stay referenced here)
+            if graph.initializers.get(w.value.name) is not w.value:
+                w.value.const_value = None
         stats = {"weights_quantized": len(weights),
                  "matmuls": sum("matmul" in w.kinds for w in weights),
                  "embeddings": sum("gather" in w.kinds for w in weights),
@@ -217,11 +231,9 @@ class QuantizeWeightsPass(KilnPass):
             return None
         return _Weight(value, orient.pop(), uses, inputs, kinds)
 
-    def _grams(self, model: ir.Model, weights: list[_Weight]) -> dict[str, np.ndarray]:
+    def _grams(self, model: ir.Model, weights: list[_Weight]) -> calib.Grams:
         feeds = calib.require(self.calibration, f"quantize-weights (method={self.method})")
-        names = list(dict.fromkeys(v.name for w in weights for v in w.inputs))
-        stats = calib.collect(model, feeds, names, gram=names)
-        return {name: s.gram for name, s in stats.items()}
+        return calib.Grams(model, feeds, [v.name for w in weights for v in w.inputs])
 
     def _tuning_data(self, model: ir.Model):
         """(feeds, the float model as teacher, train indices, held-out indices), taken while the
@@ -230,14 +242,14 @@ class QuantizeWeightsPass(KilnPass):
         from kiln.passes.scale_tuning import Teacher, split_feeds
 
         feeds = list(calib.require(self.calibration, "quantize-weights (tune_steps)"))
-        return (feeds, Teacher(model), *split_feeds(len(feeds)))
+        return (feeds, Teacher(model, feeds), *split_feeds(len(feeds)))
 
     # -- quantizing -------------------------------------------------------------------
 
     def _quantize(self, w: _Weight, bits: int, gram: np.ndarray | None):
         """(q, scale, zero, compact scales' step or None) in [K, N] orientation; sets w.error,
         the relative output error."""
-        array = w.value.const_value.numpy().astype(np.float32)
+        array = w.value.const_value.numpy().astype(np.float32, copy=False)
         kn = array.T if w.transposed else array
         step = compact_step(kn, bits, self.block_size, self.symmetric) if self.compact_scales else None
         if self.method == "gptq" and gram is not None:
@@ -246,7 +258,7 @@ class QuantizeWeightsPass(KilnPass):
         else:
             q, scale, zero = rtn(kn, bits, self.block_size, self.symmetric, scale_step=step)
         w.bits = bits
-        w.error = output_error(kn, dequantize(q, scale, zero, self.block_size), gram)
+        w.error = _output_error(kn, q, scale, zero, self.block_size, gram)
         return q, scale, zero, step
 
     def _hinted_bits(self, w: _Weight, rejected: list[str]) -> int:
@@ -260,7 +272,7 @@ class QuantizeWeightsPass(KilnPass):
         rejected.append(f"{w.value.name}: {hint} bits (asked by the graph)")
         return int(hint)
 
-    def _promote(self, weights: list[_Weight], quantized: dict, grams: dict, rejected: list[str],
+    def _promote(self, weights: list[_Weight], quantized: dict, grams: calib.Grams, rejected: list[str],
                  index_bits: int) -> None:
         """Move the most sensitive weights to 8 bits while the average bits per weight allows."""
         def bpw(w, bits):
@@ -279,6 +291,9 @@ class QuantizeWeightsPass(KilnPass):
             error4 = w.error
             gram = _sum([grams[v.name] for v in w.inputs if v.name in grams])
             quantized[id(w)] = self._quantize(w, 8, gram)
+            del gram
+            for v in w.inputs:
+                grams.release(v.name)
             stored += extra
             rejected.append(f"{w.value.name}: 8 bits (output error at {self.bits} bits {error4:.2e}, "
                             f"at 8 bits {w.error:.2e})")
@@ -340,6 +355,26 @@ def _index_bits(graph: ir.Graph, quantized: set[str]) -> int:
         if names & quantized or not names & set(graph.initializers):
             bits += v.const_value.nbytes * 8
     return bits
+
+
+# Output columns per chunk when measuring a weight's output error: the float64 temporaries of a
+# 150k-row embedding table would otherwise take several gigabytes at once.
+ERROR_COLUMNS = 8192
+
+
+def _output_error(kn: np.ndarray, q, scale, zero, block: int, gram: np.ndarray | None) -> float:
+    """`output_error(kn, dequantize(q, scale, zero))`, a chunk of output columns at a time (columns
+    are independent; only the order of the final sums differs)."""
+    n = kn.shape[1]
+    if n <= ERROR_COLUMNS:
+        return output_error(kn, dequantize(q, scale, zero, block), gram)
+    num = den = 0.0
+    for j in range(0, n, ERROR_COLUMNS):
+        cols = slice(j, j + ERROR_COLUMNS)
+        a, b = output_error_terms(kn[:, cols], dequantize(q[:, cols], scale[:, cols],
+                                                         None if zero is None else zero[:, cols], block), gram)
+        num, den = num + a, den + b
+    return float(num / max(den, 1e-30))
 
 
 def _sum(arrays: list[np.ndarray]) -> np.ndarray | None:

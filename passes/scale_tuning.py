@@ -24,6 +24,8 @@ KL 0.144 against 0.130 without, the same Lee perplexity within noise.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 
 import numpy as np
 import onnx_ir as ir
@@ -34,18 +36,26 @@ from kiln.passes.numerics import ort_session
 
 
 class Teacher:
-    """The float model's first output on a feed (log-probabilities for logits), through an ONNX
-    Runtime session made before the weights are rewritten. Computed per step rather than kept:
-    a vocabulary of 150k over 64 feeds of 256 tokens would be 5 GB even in half precision."""
+    """The float model's first output on each feed (log-probabilities for logits), run through
+    ONNX Runtime once, before the weights are rewritten, and kept on disk: a vocabulary of 150k
+    over 64 feeds of 256 tokens is 10 GB in float32, and a session open through the tuning would
+    hold another copy of the float weights. `teacher(i)` reads feed i's output back."""
 
-    def __init__(self, model: ir.Model):
-        self.session = ort_session(model)
+    def __init__(self, model: ir.Model, feeds: list[dict]):
         self.name = model.graph.outputs[0].name
-        self.inputs = {i.name for i in self.session.get_inputs()}
+        self._dir = tempfile.TemporaryDirectory(prefix="kiln-teacher-")
+        session = ort_session(model)
+        inputs = {i.name for i in session.get_inputs()}
+        for i, feed in enumerate(feeds):
+            y = session.run([self.name], {k: v for k, v in feed.items() if k in inputs})[0]
+            np.save(self._path(i), np.asarray(y, dtype=np.float32))
+        del session
 
-    def __call__(self, feed: dict) -> torch.Tensor:
-        y = self.session.run([self.name], {k: v for k, v in feed.items() if k in self.inputs})[0]
-        y = torch.from_numpy(np.asarray(y, dtype=np.float32))
+    def _path(self, i: int) -> str:
+        return os.path.join(self._dir.name, f"{i}.npy")
+
+    def __call__(self, i: int) -> torch.Tensor:
+        y = torch.from_numpy(np.load(self._path(i)))
         return torch.log_softmax(y, -1) if self.name == "logits" else y
 
     def loss(self, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -71,12 +81,10 @@ def tune_scales(model: ir.Model, scales: list[ir.Value], feeds: list[dict], teac
     logs = {n: torch.zeros_like(s, requires_grad=True) for n, s in base.items()}
     train = train or held
     check = held or train
-    fixed = {i: teacher(feeds[i]) for i in check}
 
     def loss_on(i):
         params = {n: base[n] * torch.exp(logs[n]) for n in base}
-        target = fixed[i] if i in fixed else teacher(feeds[i])
-        return teacher.loss(graph(feeds[i], params, [name])[0], target)
+        return teacher.loss(graph(feeds[i], params, [name])[0], teacher(i))
 
     def evaluate(indices):
         with torch.no_grad():

@@ -321,3 +321,25 @@ def test_an_op_torch_cannot_run_skips_tuning_with_a_warning(prepared):
     verify(model)
     assert result.stats["weights_quantized"] == 16 and "tune_heldout_loss_after" not in result.stats
     assert result.warnings == ["scales not tuned: no torch evaluation for ai.onnx::Hardmax"]
+
+
+def test_hessians_summed_from_disk_give_the_same_weights(prepared, monkeypatch):
+    """Above GRAM_MEMORY the captured activations go to disk and each Σxᵀx is summed when needed
+    (released and summed again for mixed precision): the same bits as holding them all."""
+    from kiln.passes import calibration as calib
+
+    results, spilled_to = [], []
+    close = calib.Grams.close
+    monkeypatch.setattr(calib.Grams, "close", lambda self: (spilled_to.append(self._dir is not None), close(self)))
+    for memory in (calib.GRAM_MEMORY, 0):
+        monkeypatch.setattr(calib, "GRAM_MEMORY", memory)
+        model, feeds = _llama(prepared)
+        p = QuantizeWeightsPass(method="gptq", block_size=16, min_elements=0, max_bits_per_weight=7.0,
+                                act_order=True, tune_steps=3, budget=10)
+        p.calibration = _wide_calibration(feeds, 4)
+        stats = p(model).stats
+        results.append((stats, {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}))
+    (held, a), (spilled, b) = results
+    assert spilled_to == [False, True]
+    assert held == spilled and held["int8_weights"] > 0
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
