@@ -49,7 +49,11 @@ class CompileResult:
     manifest: dict[str, Any]
 
 
-def _from_module(module, example_inputs, dynamic_shapes, workdir: Path) -> tuple[Prepared, dict]:
+def _from_module(module, example_inputs, dynamic_shapes, workdir: Path, task: str | None,
+                 tokenizer) -> tuple[Prepared, dict]:
+    """A plain torch.nn.Module: exported with its example inputs. With `task="causal-lm"` (inputs
+    `input_ids` only, first output logits [batch, sequence, vocab]) and a tokenizer it becomes an
+    LLM artifact that the runtime generates with; otherwise a custom graph."""
     import torch
 
     if isinstance(example_inputs, (tuple, list)):
@@ -58,13 +62,42 @@ def _from_module(module, example_inputs, dynamic_shapes, workdir: Path) -> tuple
         example_inputs = dict(zip(names, example_inputs))
     if not isinstance(example_inputs, dict) or not example_inputs:
         raise CompileError("a torch.nn.Module needs example_inputs: a tuple of tensors or a dict name -> tensor")
-    loaded = Loaded(module, example_inputs, dynamic_shapes, {"task": "custom"})
+    if task not in (None, "causal-lm"):
+        raise CompileError(f"a plain torch.nn.Module compiles as task causal-lm or as a custom graph, not {task}")
+    meta: dict[str, Any] = {"task": task or "custom"}
+    if task == "causal-lm":
+        if list(example_inputs) != ["input_ids"]:
+            raise CompileError(f"a causal-lm module takes input_ids alone, not {list(example_inputs)}")
+        with torch.no_grad():
+            logits = module(example_inputs["input_ids"])
+        logits = getattr(logits, "logits", logits)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            raise CompileError("a causal-lm module returns logits [batch, sequence, vocab]")
+        eos = getattr(tokenizer, "eos_token_id", None)
+        meta.update(vocab_size=int(logits.shape[-1]), generation={
+            "eos_token_ids": [eos] if eos is not None else [], "bos_token_id": getattr(tokenizer, "bos_token_id", None),
+            "pad_token_id": getattr(tokenizer, "pad_token_id", None) or eos,
+            "chat_template": getattr(tokenizer, "chat_template", None)})
+        dynamic_shapes = dynamic_shapes or {"input_ids": {0: "batch", 1: "sequence"}}
+        from kiln.models.wrappers import LogitsOf
+
+        module = LogitsOf(module)
+    loaded = Loaded(module, example_inputs, dynamic_shapes, meta)
     seconds = export_loaded(loaded, workdir)
-    meta = {"source": type(module).__name__, "task": "custom", "export_seconds": round(seconds, 1),
-            "sha256": hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in module.state_dict().values()
-                                              if isinstance(t, torch.Tensor))).hexdigest()}
+    meta.update({"source": type(module).__name__, "export_seconds": round(seconds, 1),
+                 "sha256": hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in module.state_dict().values()
+                                                   if isinstance(t, torch.Tensor))).hexdigest()})
+    tok_path = None
+    if tokenizer is not None:
+        backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+        if not hasattr(backend, "to_str"):
+            raise CompileError("the tokenizer has no fast (tokenizers) form that a runtime can read")
+        tok_path = workdir / "tokenizer.json"
+        tok_path.write_text(backend.to_str())
     feeds = {k: v.detach().numpy() for k, v in example_inputs.items()}
-    return Prepared(workdir / "model.onnx", meta, None), feeds
+    if task == "causal-lm":
+        feeds = None  # sample inputs of the causal-LM signature (batch 2, real text) are made later
+    return Prepared(workdir / "model.onnx", meta, tok_path), feeds
 
 
 def compile(  # noqa: A001
@@ -106,7 +139,7 @@ def compile(  # noqa: A001
     # Validate everything cheap before any expensive work.
     profile = get_target(target)
     source, loaded = _resolve(model, task, allow_pickle, tokenizer, example_inputs)
-    source_task = source.task if source else loaded.meta["task"] if loaded else None
+    source_task = source.task if source else loaded.meta["task"] if loaded else task
     plan = load_recipe(recipe or default_recipe(profile, backend, source_task))
     if target_params is not None or target_mb is not None:
         from kiln.passes.structure import retarget_steps
@@ -142,7 +175,7 @@ def compile(  # noqa: A001
                 raise CompileError(f"{path}: no such ONNX file")
             prepared = onnx_prepared(path, task, Path(scratch))
         else:
-            prepared, feeds = _from_module(model, example_inputs, dynamic_shapes, Path(scratch))
+            prepared, feeds = _from_module(model, example_inputs, dynamic_shapes, Path(scratch), task, tokenizer)
 
         ir_model = load_model(prepared.path)
         try:

@@ -72,3 +72,17 @@ class SequenceClassifierLogits(torch.nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         extra = {"token_type_ids": token_type_ids} if self.takes_token_types else {}
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+
+class LogitsOf(torch.nn.Module):
+    """A user's own causal-LM module (input_ids -> logits, or an output with .logits) under the contract's names."""
+
+    output_names = ["logits"]
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids)
+        return getattr(out, "logits", out)

@@ -219,3 +219,27 @@ def _constant_classifier(value):
     out.outputs[0].name = "logits"
     graph = ir.Graph([ids], [out.outputs[0]], nodes=[const, out], opset_imports={"": 21})
     return ir.Model(graph, ir_version=10)
+
+
+def test_a_plain_module_declared_a_causal_lm_generates(tmp_path):
+    """No transformers class: the user says what it is (task and tokenizer), and kiln caches it."""
+    inner = build("LlamaForCausalLM", "LlamaConfig", **LLAMA)
+
+    class MyLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids, use_cache=False).logits
+
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tiny.byte_tokenizer(bert_style=False),
+                                               eos_token="<|endoftext|>")
+    ids = torch.zeros(2, 8, dtype=torch.int64)
+    m = kiln.compile(MyLM().eval(), tmp_path / "out", example_inputs={"input_ids": ids}, task="causal-lm",
+                     tokenizer=tok, recipe="fp32", progress=False).manifest
+    assert m["task"] == "causal-lm" and m["kv_cache"]["num_layers"] == 2 and m["generation"]["eos_token_ids"] == [tiny.EOS]
+    prompt = list(b"kiln ")
+    want = inner.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                          pad_token_id=tiny.EOS)[0, len(prompt):].tolist()
+    assert kiln.load(tmp_path / "out").generate(prompt, max_new_tokens=8, stop_token_ids=()).token_ids == want
