@@ -17,6 +17,7 @@ tokens), GroupQueryAttention's local window.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -390,8 +391,40 @@ def _domain(node: ir.Node) -> str:
     return "" if node.domain in ("", "ai.onnx") else node.domain
 
 
+class _DequantizeKeepingInputs(torch.autograd.Function):
+    """DequantizeLinear whose backward recomputes its intermediates (the widened integers, the
+    expanded scales: two float32 copies of the weight) instead of keeping them from the forward;
+    the gradient is computed by the same ops, so it is the same."""
+
+    @staticmethod
+    def forward(ctx, node, x, scale, zero):
+        ctx.node = node
+        ctx.save_for_backward(x, scale, zero)
+        return _dequantize(node, x, scale, zero)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero = ctx.saved_tensors
+        with torch.enable_grad():
+            s = scale.detach().requires_grad_()
+            (grad_scale,) = torch.autograd.grad(_dequantize(ctx.node, x, s, zero), s, grad)
+        return None, None, grad_scale, None
+
+
+# Weight-side results smaller than this are kept for the backward pass as usual.
+RECOMPUTE_ELEMENTS = 1 << 16
+
+
 class TorchGraph:
-    """Run `model.graph` in torch. `parameters` replace initializers (or any value) by name."""
+    """Run `model.graph` in torch. `parameters` replace initializers (or any value) by name.
+
+    When a gradient is wanted (grad mode on, a parameter that requires it), the large tensors
+    computed from weights alone (dequantized weights and their transposes) are not kept for the
+    backward pass: autograd's saved-tensor hooks recompute them there, from the initializers and
+    the parameters, by the same ops. Training a 0.5B model's quantization scales would otherwise
+    keep two or three float32 copies of every weight from each forward to its backward."""
+
+    recompute = True  # False: autograd keeps everything (the same gradients, more memory)
 
     def __init__(self, model: ir.Model):
         self.graph = model.graph
@@ -405,6 +438,13 @@ class TorchGraph:
         for node in self.nodes:
             if node.op_type == "Constant":
                 self.constants[node.outputs[0].name] = _constant(node)
+        # nodes that read weights only (no graph input upstream): their results can be recomputed
+        weight_side = set(self.constants)
+        self.weight_nodes: set[int] = set()
+        for i, node in enumerate(self.nodes):
+            if node.op_type != "Constant" and node.inputs and all(v is None or v.name in weight_side for v in node.inputs):
+                self.weight_nodes.add(i)
+                weight_side.update(o.name for o in node.outputs if o.name)
 
     def __call__(self, feeds: Mapping[str, np.ndarray | torch.Tensor],
                  parameters: Mapping[str, torch.Tensor] | None = None,
@@ -412,16 +452,59 @@ class TorchGraph:
         env: dict[str, torch.Tensor] = dict(self.constants)
         env.update({k: torch.as_tensor(v) for k, v in feeds.items()})
         env.update(parameters or {})
-        for node in self.nodes:
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in (parameters or {}).values())
+        if not (training and self.recompute):
+            self._run(env, None)
+        else:
+            recompute: dict[int, tuple] = {}  # id(tensor) -> (weak reference, function that recomputes it)
+
+            def pack(t):
+                entry = recompute.get(id(t))
+                return entry[1] if entry is not None and entry[0]() is t else t
+
+            def unpack(x):
+                return x() if isinstance(x, _Recompute) else x
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                self._run(env, recompute)
+        names = outputs or [v.name for v in self.graph.outputs]
+        return [env[n] for n in names]
+
+    def _run(self, env: dict[str, torch.Tensor], recompute: dict[int, tuple] | None) -> None:
+        makers: dict[str, _Recompute] = {}  # weight-side value name -> its recomputation
+        for i, node in enumerate(self.nodes):
             if node.op_type == "Constant" or all(o.name in env for o in node.outputs if o.name):
                 continue
             args = [env[v.name] if v is not None and v.name else None for v in node.inputs]
             while args and args[-1] is None:
                 args.pop()
-            result = OPS[(_domain(node), node.op_type)](node, *args)
+            op = OPS[(_domain(node), node.op_type)]
+            if recompute is not None and node.op_type == "DequantizeLinear" and len(args) >= 2 \
+                    and args[1].requires_grad and not args[0].requires_grad:
+                result = _DequantizeKeepingInputs.apply(node, args[0], args[1], args[2] if len(args) > 2 else None)
+            else:
+                result = op(node, *args)
             results = result if isinstance(result, (list, tuple)) else [result]
-            for value, r in zip(node.outputs, results):
+            for k, (value, r) in enumerate(zip(node.outputs, results)):
                 if value.name and r is not None:
                     env[value.name] = r
-        names = outputs or [v.name for v in self.graph.outputs]
-        return [env[n] for n in names]
+                    if recompute is not None and i in self.weight_nodes and isinstance(r, torch.Tensor):
+                        sources = [makers.get(v.name, env[v.name]) if v is not None and v.name else None
+                                   for v in node.inputs[:len(args)]]
+                        makers[value.name] = maker = _Recompute(op, node, sources, k)
+                        if r.is_floating_point() and r.numel() >= RECOMPUTE_ELEMENTS:
+                            recompute[id(r)] = (weakref.ref(r), maker)
+
+
+class _Recompute:
+    """A weight-side value computed again: its node's op on its inputs (recomputed in turn, or
+    the initializers and parameters themselves), without gradient."""
+
+    def __init__(self, op, node, sources, index):
+        self.op, self.node, self.sources, self.index = op, node, sources, index
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():
+            args = [s() if isinstance(s, _Recompute) else s for s in self.sources]
+            result = self.op(self.node, *args)
+        return result[self.index] if isinstance(result, (list, tuple)) else result

@@ -72,3 +72,30 @@ def test_an_op_without_torch_evaluation_is_named():
     relu.op_type = "Hardmax"
     with pytest.raises(UnsupportedOp, match="ai.onnx::Hardmax"):
         TorchGraph(model)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_recomputing_weights_in_the_backward_gives_the_same_gradients(prepared, monkeypatch, compact):
+    """Dequantized weights (and their transposes) are recomputed for the backward pass instead
+    of kept: the loss and every scale's gradient are the same bits."""
+    import kiln.ir.torch_graph as tg
+    from kiln.passes.quantize_weights import QuantizeWeightsPass
+
+    monkeypatch.setattr(tg, "RECOMPUTE_ELEMENTS", 1)  # the tiny model's weights count as large
+    model, feeds = _fp32(prepared, "tiny-llama")
+    QuantizeWeightsPass(bits=4, block_size=16, min_elements=0, symmetric=not compact, compact_scales=compact)(model)
+    names = [v.name for v in model.graph.initializers.values() if v.name.endswith(".scale_step" if compact else ".scale")]
+    assert names
+    graph = TorchGraph(model)
+    results = []
+    for recompute in (False, True):
+        graph.recompute = recompute
+        params = {n: torch.from_numpy(model.graph.initializers[n].const_value.numpy().copy()).requires_grad_()
+                  for n in names}
+        (logits,) = graph(feeds, params, ["logits"])
+        loss = torch.log_softmax(logits, -1).exp().square().sum()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in params.items()}))
+    (loss0, grads0), (loss1, grads1) = results
+    assert loss0 == loss1
+    assert all(torch.equal(grads0[n], grads1[n]) for n in names)
