@@ -326,7 +326,7 @@ class InsertKVCachePass(KilnPass):
         RemoveUnusedNodesPass()(model)
         positions, rejected = self._replace_positions(graph, pos_in)
         positions += self._replace_counted_positions(model, pos_in)
-        rebatched = self._rebatch_position_reshapes(graph, pos_in, batch_sym) if positions else 0
+        rebatched = self._rebatch_positions(graph, pos_in, batch_sym) if positions else 0
         RemoveUnusedNodesPass()(model)
 
         kv_heads = layers[0]["key"]["heads"]
@@ -418,11 +418,11 @@ class InsertKVCachePass(KilnPass):
                     out.shape = ir.Shape(["total_sequence" if d == seq else old for d, old in zip(_dims(out), out.shape)])
 
     @staticmethod
-    def _rebatch_position_reshapes(graph, pos_in: ir.Value, batch_sym) -> int:
+    def _rebatch_positions(graph, pos_in: ir.Value, batch_sym) -> int:
         """A Reshape below position_ids to a constant target with a leading 1, of a tensor that
         was [1, ...] at export (the [1, S] token counter's batch, e.g. GPT-J's sin/cos
         `[1, -1, 1, d]`), would fold a batch of B into the next axis once positions are
-        [B, S]: its leading target dim becomes the input's dim 0."""
+        [B, S]: its leading target dim becomes the input's dim 0. Returns how many."""
         from kiln.passes.structure import descendants
 
         done = 0
@@ -440,10 +440,15 @@ class InsertKVCachePass(KilnPass):
             concat = ir.node("Concat", [lead, rest], attributes={"axis": 0}, num_outputs=1)
             graph.insert_before(node, concat)
             node.replace_input_with(1, concat.outputs[0])
-            out = node.outputs[0]
-            if out.shape is not None and len(out.shape) == len(target):
-                out.shape = ir.Shape([batch_sym, *list(out.shape)[1:]])
             done += 1
+        # The position-only values (below position_ids, not below the token ids) were annotated
+        # with the export's batch of 1: their batch is now B. Left at 1, a later constant fold
+        # would read Shape(...)[0] = 1 from the annotation and bring the fold back.
+        below_ids = descendants([graph.inputs[0]])
+        for node in descendants([pos_in]) - below_ids:
+            for out in node.outputs:
+                if out.shape is not None and len(out.shape) >= 2 and out.shape[0] == 1 and not out.is_graph_output():
+                    out.shape = ir.Shape([batch_sym, *list(out.shape)[1:]])
         return done
 
     @staticmethod
