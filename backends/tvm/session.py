@@ -1,5 +1,9 @@
 """A TVM artifact behind the session surface the runtime uses for ORT.
 
+Only TVM's runtime is needed: the Relax VM from `tvm.runtime.vm`, never `tvm.relax`. With
+TVM_USE_RUNTIME_LIB=1 (set by `kiln run`, `kiln eval` and `kiln bench`, which never compile)
+`import tvm` loads libtvm_runtime alone, not the compiler library.
+
     session.get_inputs() / get_outputs()         objects with `.name`, in the graph's order
     session.run(names, feeds)                    numpy in, numpy out
     session.run_with_ort_values(names, feeds)    values out that stay on the TVM side (they have
@@ -35,7 +39,7 @@ class _Arg:
 class TvmSession:
     def __init__(self, directory: Path, backend_manifest: dict, threads: int | None = None):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # the Relax VM's runtime half (tvm.relax re-exports it)
 
         # TVM's pool would pin the calling thread to core 0 (for the whole process); its size
         # is set where the backend is imported (TVM_NUM_THREADS), the threads it runs on here.
@@ -45,7 +49,7 @@ class TvmSession:
             tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1: kBig, all cores alike
         self._tvm = tvm
         self.functions = backend_manifest["functions"]
-        self.vms = {fn: relax.VirtualMachine(tvm.runtime.load_module(str(directory / spec["library"])), tvm.cpu())
+        self.vms = {fn: VirtualMachine(tvm.runtime.load_module(str(directory / spec["library"])), tvm.cpu())
                     for fn, spec in self.functions.items()}
         self.sequence_axes = backend_manifest["sequence_axes"]
         self.batch_axes = backend_manifest["batch_axes"]

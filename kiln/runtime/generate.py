@@ -119,9 +119,12 @@ class Model:
                                   f"(kv_cache.max_positions), prompt and new tokens together")
 
     def room(self, length: int) -> bool:
-        """Whether a sequence of `length` tokens may grow by one (within max_positions)."""
+        """Whether a sequence of `length` tokens may grow by one: within max_positions, and for a
+        static cache, whether feeding its last token (a whole chunk of slots if chunked) fits."""
         limit = self.max_positions
-        return limit is None or length < limit
+        if limit is not None and length >= limit:
+            return False
+        return not self.static or length - 1 + (self.chunk or 1) <= self.layout.max_length
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         kv = self.layout
@@ -153,10 +156,6 @@ class Model:
             (logits,) = self.session.run(["logits"], {"input_ids": input_ids})
             return logits, None
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        limit = self.max_positions
-        if limit is not None and int(position_ids.max()) >= limit:
-            raise GenerationError(f"position {int(position_ids.max())} is past the model's {limit} positions "
-                                  f"(kv_cache.max_positions)")
         if self.chunk and input_ids.shape[1] != self.chunk:
             return self._run_chunks(input_ids, attention_mask, position_ids, cache)
         if self.static:
@@ -167,6 +166,10 @@ class Model:
             mask[:, :used] = attention_mask
             feeds["attention_mask"] = mask
             feeds["cache_position"] = np.arange(used - new, used, dtype=np.int64)
+        limit = self.max_positions  # callers stop before it (check_prompt, room): a safety net
+        if limit is not None and int(position_ids.max()) >= limit:
+            raise GenerationError(f"position {int(position_ids.max())} is past the model's {limit} positions "
+                                  f"(kv_cache.max_positions)")
         if self.shared:
             return self._run_shared(feeds, cache)
         feeds.update(zip(self.past_names, cache))
