@@ -97,10 +97,6 @@ class MaskForm:
     window: int | None = None  # a query sees keys t with s - window < t <= s
     slopes: np.ndarray | None = None  # ALiBi: bias slope[h] * key slot, shape [H]
 
-    def describe(self) -> str:
-        parts = ["causal"] + ([f"window {self.window}"] if self.window else []) + (["ALiBi"] if self.slopes is not None else [])
-        return " + ".join(parts)
-
 
 def _dims(value: ir.Value | None) -> list | None:
     if value is None or value.shape is None:
