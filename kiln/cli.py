@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -257,6 +258,7 @@ def run_cmd(
     or a classifier's scores per label."""
     from kiln.runtime import load
 
+    _runtime_only_tvm()
     art = load(artifact, threads=threads)
     if pair and art.task != "sequence-classification":
         raise KilnError(f"--pair is for a sequence-classification artifact; this one is {art.task}")
@@ -344,6 +346,14 @@ def run_cmd(
         raise KilnError(f"`kiln run` does not know how to drive a '{art.task}' artifact")
 
 
+def _runtime_only_tvm() -> None:
+    """run, eval and bench never compile: a TVM artifact loads TVM's runtime library alone (and
+    tvm_ffi leaves torch unimported)."""
+    if "tvm" not in sys.modules:
+        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+        os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+
+
 def _say_if_max_positions_stopped(art, gen, max_new_tokens: int) -> None:
     limit = art.max_positions
     if (limit is not None and gen.stop_reason == "length" and len(gen.token_ids) < max_new_tokens
@@ -400,6 +410,7 @@ def bench_cmd(
     from kiln.bench import bench_encoder, bench_llm
     from kiln.runtime import load
 
+    _runtime_only_tvm()
     art = load(artifact, threads=threads)
     result = bench_llm(art, prompt_tokens, new_tokens, repeats) if art.task == "causal-lm" else bench_encoder(art, repeats)
     result["threads"] = threads or art.manifest["backend"]["session"].get("intra_op_num_threads")
@@ -452,6 +463,7 @@ def eval_cmd(
             raise KilnError("give --text FILE or --corpus NAME, not both")
         if corpus not in EVAL_CORPORA:
             raise KilnError(f"unknown corpus '{corpus}': choose one of {', '.join(EVAL_CORPORA)}")
+    _runtime_only_tvm()
     art = load(artifact)
     if art.task not in ("causal-lm", "embedding"):
         raise KilnError(f"`kiln eval` measures LLMs (perplexity) and encoders (cosine); a '{art.task}' artifact has "

@@ -1,6 +1,8 @@
 """The TVM backend on tiny random-init models: artifacts, numerics against ORT, errors."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx_ir as ir
@@ -61,6 +63,38 @@ def test_cli_runs_a_tvm_artifact(llama):
     proc = run_kiln("run", str(art.path), "--prompt", "Hello", "-n", "5", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["token_ids"] == art.generate("Hello", 5).token_ids
+
+
+KILN_RUN_PROBE = """
+import json, sys
+sys.argv = ["kiln", "run", {path!r}, "--prompt", "Hello", "-n", "5", "--json"]
+from kiln.cli import main
+try:
+    main()
+except SystemExit as exc:
+    assert not exc.code, exc.code
+import tvm.base
+# not torch: tvm_ffi's __init__ tries `import torch` whatever the settings (where it is not
+# installed, as in the runtime venv of tests/e2e/test_runtime_venv.py, nothing is imported)
+mods = sorted(m for m in sys.modules if m.startswith(("tvm.relax", "tvm.s_tir", "tvm.meta_schedule", "kiln.passes",
+                                                      "kiln.models", "kiln.backends.tvm.backend", "onnx_ir",
+                                                      "onnxscript", "transformers")))
+print()
+print(json.dumps({{"runtime_only": tvm.base._RUNTIME_ONLY, "modules": mods}}))
+"""
+
+
+def test_kiln_run_loads_tvm_runtime_alone(llama):
+    """`kiln run` on a TVM artifact loads libtvm_runtime alone (TVM_USE_RUNTIME_LIB), imports
+    neither tvm.relax nor kiln's compiler, and gives the same tokens."""
+    _, art = llama
+    proc = subprocess.run([sys.executable, "-c", KILN_RUN_PROBE.format(path=str(art.path))], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert json.loads(lines[0])["token_ids"] == art.generate("Hello", 5).token_ids
+    probe = json.loads(lines[-1])
+    assert probe == {"runtime_only": True, "modules": []}
 
 
 def test_encoder_embeddings_match_ort(bert):

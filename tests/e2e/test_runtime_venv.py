@@ -79,6 +79,28 @@ def test_kiln_run_in_the_runtime_venv_gives_the_same_tokens(runtime_venv, tiny):
     assert _run(runtime_venv, "run", str(tiny), "--prompt", PROMPTS[0], "-n", "12").stdout == full.stdout
 
 
+def test_a_tvm_artifact_runs_with_the_tvm_extra_alone(runtime_venv, tmp_path_factory, prepared):
+    """The venv plus the `tvm` extra (apache-tvm, no torch): a TVM artifact gives the ORT tokens.
+    It adds TVM to the module's venv: the compile commands' test after it still finds no torch."""
+    prepared("tiny-llama")
+    path = kiln.compile("tiny-llama", tmp_path_factory.mktemp("venv-tvm") / "a", recipe="fp32", backend="tvm",
+                        progress=False).path
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["tvm"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    proc = subprocess.run([str(runtime_venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                           "--disable-pip-version-check", *[d.split("#")[0].strip() for d in extra]],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    probe = "import importlib.util as u; print(bool(u.find_spec('torch')))"
+    torch_there = subprocess.run([str(runtime_venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                                 cwd=runtime_venv.parent)
+    assert torch_there.stdout.strip() == "False", torch_there.stderr
+    want = kiln.load(path).generate(PROMPTS[0], 12).token_ids
+    proc = _run(runtime_venv, "run", str(path), "--prompt", PROMPTS[0], "-n", "12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["token_ids"] == want
+
+
 def test_compile_commands_name_the_extra_in_the_runtime_venv(runtime_venv, tmp_path):
     for args in (["compile", "tiny-llama", "-o", str(tmp_path / "x")], ["models"]):
         proc = _run(runtime_venv, *args)
