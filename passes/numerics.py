@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from kiln.ir.io import without_weights
+from kiln.ir.io import _NUMPY_DTYPES, IN_MEMORY, without_weights
 
 HIGHER_IS_BETTER = {"top1", "cosine"}
 
@@ -164,10 +164,23 @@ def evaluate_subgraph(model: ir.Model, feeds: dict[ir.Value, np.ndarray], output
     def info(value: ir.Value) -> onnx.ValueInfoProto:
         return onnx.helper.make_tensor_value_info(value.name, value.dtype.value, None)
 
+    # Large weights go to ORT as arrays beside the proto, as in `ort_session` (a subgraph deep in
+    # a model reads most of its weights: serialized, they were copied twice more).
+    tensors, weights = [], {}
+    for value in initializers.values():
+        tensor = value.const_value
+        if tensor.dtype in _NUMPY_DTYPES and tensor.nbytes >= 1 << 20:
+            weights[value.name] = tensor.numpy()
+            tensor = ir.ExternalTensor(IN_MEMORY, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=value.name)
+        tensors.append(ir.serde.serialize_tensor(tensor))
     graph = onnx.helper.make_graph(
         [ir.serde.serialize_node(n) for n in needed], "subgraph", [info(v) for v in feeds], [info(v) for v in outputs],
-        initializer=[ir.serde.serialize_tensor(v.const_value) for v in initializers.values()])
+        initializer=tensors)
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()],
                                    ir_version=model.ir_version)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
+    if values:
+        opts.add_external_initializers(list(weights), values)
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return session.run([v.name for v in outputs], {v.name: a for v, a in feeds.items()})
