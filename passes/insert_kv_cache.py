@@ -426,7 +426,8 @@ class InsertKVCachePass(KilnPass):
         from kiln.passes.structure import descendants
 
         done = 0
-        for node in [n for n in graph if n in descendants([pos_in])]:
+        below_positions = descendants([pos_in])
+        for node in [n for n in graph if n in below_positions]:
             if node.op_type != "Reshape" or node.inputs[1] is None or node.inputs[1].const_value is None:
                 continue
             target = node.inputs[1].const_value.numpy().reshape(-1)
@@ -445,7 +446,7 @@ class InsertKVCachePass(KilnPass):
         # with the export's batch of 1: their batch is now B. Left at 1, a later constant fold
         # would read Shape(...)[0] = 1 from the annotation and bring the fold back.
         below_ids = descendants([graph.inputs[0]])
-        for node in descendants([pos_in]) - below_ids:
+        for node in below_positions - below_ids:
             for out in node.outputs:
                 if out.shape is not None and len(out.shape) >= 2 and out.shape[0] == 1 and not out.is_graph_output():
                     out.shape = ir.Shape([batch_sym, *list(out.shape)[1:]])
