@@ -281,7 +281,7 @@ def _explicit_head_repeat(model: ir.Model) -> int:
                 continue
             tape = ir.tape.Tape()
 
-            def const(array):
+            def const(array, tape=tape):
                 return tape.op("Constant", [], attributes={"value": ir.tensor(np.asarray(array, dtype=np.int64))})
 
             rep = heads // kv_heads

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.ir import KV_CACHE_METADATA
-from kiln.passes.numerics import compare, run_ort
+from kiln.passes.numerics import compare
 
 
 def cache_feeds(layout: dict, input_ids: np.ndarray) -> dict[str, np.ndarray]:
