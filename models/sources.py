@@ -109,7 +109,7 @@ def causal_lm_loaded(model, tokenizer_json: str | None, generation: dict, extra:
     )
 
 
-def _encoder_inputs(model, wrapper: torch.nn.Module) -> tuple[dict, dict]:
+def _encoder_inputs(wrapper: torch.nn.Module) -> tuple[dict, dict]:
     """Example inputs and dynamic axes of an encoder: ids and mask, plus token types when it takes them."""
     ids = torch.ones(2, 8, dtype=torch.int64)  # batch 2: torch.export specialises size-1 dims
     axes = {0: "batch", 1: "sequence"}
@@ -137,7 +137,7 @@ def embedding_loaded(model, tokenizer_json: str | None, extra: dict) -> Loaded:
     """An encoder pooled into one vector per text (`extra` may set pooling and normalize)."""
     extra = {"pooling": "mean", "normalize": True, **extra}
     wrapper = PooledEmbedding(model, extra["pooling"], extra["normalize"]).eval()
-    inputs, axes = _encoder_inputs(model, wrapper)
+    inputs, axes = _encoder_inputs(wrapper)
     return Loaded(wrapper, inputs, axes, {**_encoder_meta(model, "embedding"), **extra}, tokenizer_json, model)
 
 
@@ -147,7 +147,7 @@ def classifier_loaded(model, tokenizer_json: str | None, extra: dict) -> Loaded:
     labels = [str(cfg.id2label.get(i, f"LABEL_{i}")) for i in range(cfg.num_labels)]
     problem = cfg.problem_type or ("regression" if cfg.num_labels == 1 else "single_label_classification")
     wrapper = SequenceClassifierLogits(model).eval()
-    inputs, axes = _encoder_inputs(model, wrapper)
+    inputs, axes = _encoder_inputs(wrapper)
     meta = {**_encoder_meta(model, "sequence-classification"), "labels": labels, "problem_type": problem, **extra}
     return Loaded(wrapper, inputs, axes, meta, tokenizer_json, model)
 

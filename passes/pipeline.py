@@ -115,7 +115,11 @@ def run_pipeline(
             start = time.perf_counter()
             try:
                 result = p(model)
-            except KilnError:
+            except KilnError as exc:  # one format: "pass 'X' (after ...): <what>"
+                message = str(exc)
+                for prefix in (f"pass '{name}': ", f"{name}: "):
+                    message = message.removeprefix(prefix)
+                exc.args = (f"{where}: {message}",)
                 raise
             except Exception as exc:
                 raise PipelineError(f"{where} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
