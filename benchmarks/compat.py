@@ -43,6 +43,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -378,11 +379,13 @@ def check_reranker(model, art) -> dict:
 
 
 def _compile(folder: Path, out: Path, recipe: str, **kw) -> tuple[str, str | None, dict | None, float]:
-    import kiln
+    # kiln.compile's body (imported from kiln.compiler, which also works where a tests/kiln folder
+    # on sys.path makes `kiln` a namespace package, as under a bare `pytest`)
+    from kiln.compiler import compile as kiln_compile
 
     start = time.perf_counter()
     try:
-        result = kiln.compile(str(folder), out, recipe=recipe, force=True, progress=False, **kw)
+        result = kiln_compile(str(folder), out, recipe=recipe, force=True, progress=False, **kw)
     except Exception as exc:  # noqa: BLE001 - every failure is a row of the matrix
         kind, message = classify_error(exc)
         return kind, message, None, time.perf_counter() - start
@@ -414,9 +417,9 @@ def run_family(name: str, workdir: Path | None = None, skip_int4: bool = False) 
         row["kv_cache"] = {k: manifest["kv_cache"].get(k) for k in ("max_positions", "num_layers", "kv_heads")
                            if k in manifest["kv_cache"]} if "kv_cache" in manifest else None
         try:
-            import kiln
+            from kiln.runtime import load
 
-            art = kiln.load(tmp / "fp32")
+            art = load(tmp / "fp32")
             check = {"decoder": check_decoder, "encoder": check_encoder, "reranker": check_reranker}[family.kind]
             row.update(check(model, art))
             row["status"] = "match" if row["match"] else "silent-mismatch"
@@ -467,9 +470,9 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    import kiln
+    from importlib.metadata import version
 
-    return {"kiln": getattr(kiln, "__version__", "?"), "torch": torch.__version__,
+    return {"kiln": version("kiln"), "torch": torch.__version__,
             "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version()}
 
@@ -547,7 +550,7 @@ def _status_cell(r: dict) -> str:
 def _int4_cell(r: dict) -> str:
     i = r.get("int4")
     if not i:
-        return "—"
+        return "not measured" if r["status"] in ("match", "silent-mismatch") else "—"
     earlier = " †" if i.get("reused") else ""
     if i["status"] == "compiled":
         return f"yes ({i['seconds']:.0f} s){earlier}"
@@ -569,6 +572,11 @@ def render(rows: list[dict], args_text: str, seconds: float, skip_int4: bool) ->
     reused = sorted({r["int4"].get("measured", "?") for r in rows if (r.get("int4") or {}).get("reused")})
     if skip_int4 and not reused:
         int4_text = "skipped (--skip-int4)"
+    elif skip_int4:
+        int4_text = (f"not compiled in this run (--skip-int4); † results of an earlier run of this script on the same "
+                     f"family ({', '.join(reused)}; `--int4-from`) where that run compiled it in fp32 too, "
+                     "the `int4` recipe calibrated on a short text (about "
+                     f"{len(CALIBRATION) // 100 / 10:g}k bytes); compile time in the column")
     else:
         int4_text = ("the `int4` recipe (GPTQ, 100 steps of scale tuning) calibrated on a short text (about "
                      f"{len(CALIBRATION) // 100 / 10:g}k bytes, a few windows of 256 tokens); compile time in the column")
@@ -667,17 +675,28 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown families: {', '.join(unknown)} (known: {', '.join(FAMILIES)})")
     start = time.perf_counter()
-
+    command = "python -m benchmarks.compat " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     earlier = {}
     if args.int4_from:
         earlier = {r["name"]: r for r in json.loads(args.int4_from.read_text())
                    if r.get("int4") and r["status"] in ("match", "silent-mismatch")}
 
+    lock, done = threading.Lock(), []
+
     def one(name: str) -> dict:
-        reuse = None if args.skip_int4 else (earlier.get(name) or {}).get("int4")
+        reuse = (earlier.get(name) or {}).get("int4")
         row = _run_subprocess(name, args.skip_int4 or reuse is not None, args.timeout)
         if reuse is not None and row["status"] in ("match", "silent-mismatch"):
             row["int4"] = {**reuse, "reused": True}
+        with lock:  # the rows so far, so that an interrupted matrix still leaves its results
+            done.append(row)
+            if args.json:
+                args.json.write_text(json.dumps(done, indent=1, default=str))
+            order = {n: i for i, n in enumerate(names)}
+            partial = sorted(done, key=lambda r: order[r["name"]])
+            args.out.write_text(render(partial, command + f" (partial: {len(done)} of {len(names)} families so far)",
+                                       time.perf_counter() - start, args.skip_int4))
         print(f"{name:22s} {row['status']:16s} {row.get('seconds', 0):6.1f} s  "
               f"{_parity_cell(row) if row['status'] in ('match', 'silent-mismatch') else (row.get('message') or '')[:110]}",
               flush=True)
@@ -686,8 +705,6 @@ def main(argv=None) -> int:
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         rows = list(pool.map(one, names))
     seconds = time.perf_counter() - start
-    command = "python -m benchmarks.compat " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(rows, command.strip(), seconds, args.skip_int4))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))

@@ -20,6 +20,11 @@ EXPECTED_REFUSALS: dict[str, str] = {}
 
 @pytest.mark.parametrize("name", compat.FAST)
 def test_fast_family(name, tmp_path):
+    import kiln
+
+    # A bare `pytest` puts tests/ first on sys.path, where tests/kiln makes `kiln` a namespace package
+    # without kiln's attributes (kiln.compile, kiln.__version__); `python -m pytest` (make test) does not.
+    assert getattr(kiln, "__file__", None), "`kiln` is tests/kiln here: run `python -m pytest`, as make test does"
     row = compat.run_family(name, tmp_path, skip_int4=True)
     status, message = row["status"], row.get("message")
     assert status != "internal", f"{name}: internal error: {message}"
