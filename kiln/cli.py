@@ -49,7 +49,7 @@ def _main(
 
 @app.command("models")
 def models_cmd():
-    """List the named model sources."""
+    """List the named model sources (any model folder, .gguf or .onnx file compiles by path too)."""
     from kiln.models import SOURCES
 
     table = Table("name", "task", "weights from", "description")
@@ -119,7 +119,8 @@ def compile_cmd(
         None, "--target-size", help="Weights of at most this size, e.g. 60MB, counted at the model's bytes per "
                                     "parameter where the structural pass runs (fp32: 4)."),
 ):
-    """Export MODEL, run the recipe's verified passes, and write the artifact directory."""
+    """Export MODEL (a name, or the path of your model folder, .gguf or .onnx file), run the recipe's
+    verified passes, check the result against the PyTorch model, and write the artifact directory."""
     import kiln
 
     _state["verbose"] |= verbose
