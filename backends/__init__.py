@@ -10,6 +10,7 @@ has `static_cache_length` (the compiler makes the recipe's KV cache static with 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 from kiln.errors import KilnError
 
@@ -34,7 +35,21 @@ def get_backend(name: str, **options):
     raise BackendError(f"unknown backend '{name}' (available: {', '.join(BACKENDS)})")
 
 
-def create_session(directory: Path, backend_manifest: dict, threads: int | None = None):
+class Session(Protocol):
+    """What `create_session` returns and the runtime drives, for every backend: ORT's
+    InferenceSession, `ort.session.PaddedSession`, `tvm.session.TvmSession`. Names in, in the
+    graph's order; numpy in, numpy out. A session that serves a KV cache also has
+    `run_with_ort_values(names, feeds)`, whose values (with `.numpy()`) go back in as feeds
+    without a copy. Static shapes are served by `kiln.backends.static`."""
+
+    def get_inputs(self) -> list: ...  # objects with `.name`
+
+    def get_outputs(self) -> list: ...
+
+    def run(self, names: list[str] | None, feeds: dict) -> list: ...
+
+
+def create_session(directory: Path, backend_manifest: dict, threads: int | None = None) -> Session:
     """A session for the artifact, by the backend named in its manifest."""
     name = backend_manifest.get("name", "ort")
     if name == "ort":

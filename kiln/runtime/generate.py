@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import onnxruntime as ort
 
-from kiln.backends.static import check_chunk_room, chunk_spans
+from kiln.backends.static import check_chunk_room, chunk_spans, pad_chunk
 from kiln.errors import KilnError
 from kiln.manifest import KVLayout, SessionSettings
 
@@ -246,13 +246,14 @@ class Model:
             raise GenerationError(str(exc)) from None
         logits = []
         for begin, real in chunk_spans(seq, chunk):
-            ids = np.full((batch, chunk), self.pad, dtype=np.int64)
-            ids[:, :real] = input_ids[:, begin:begin + real]
-            positions = np.repeat(position_ids[:, begin + real - 1:begin + real], chunk, axis=1)
-            positions[:, :real] = position_ids[:, begin:begin + real]
+            # the padding repeats the last token and position (kiln.backends.static.pad_chunk); the
+            # mask's zeros after the real slots hide it, and static `cache_position` puts it there
+            step = pad_chunk({"input_ids": input_ids[:, begin:begin + real],
+                              "position_ids": position_ids[:, begin:begin + real]},
+                             {"input_ids": 1, "position_ids": 1}, chunk, start + begin + real)
             mask = attention_mask[:, :start + begin + real]
             padded = np.concatenate([mask, np.zeros((batch, chunk - real), dtype=np.int64)], axis=1)
-            out, cache = self._run(ids, padded, positions, cache)
+            out, cache = self._run(step["input_ids"], padded, step["position_ids"], cache)
             logits.append(out[:, :real])
         return np.concatenate(logits, axis=1), cache
 
