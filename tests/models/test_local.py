@@ -243,3 +243,12 @@ def test_a_plain_module_declared_a_causal_lm_generates(tmp_path):
     want = inner.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                           pad_token_id=tiny.EOS)[0, len(prompt):].tolist()
     assert kiln.load(tmp_path / "out").generate(prompt, max_new_tokens=8, stop_token_ids=()).token_ids == want
+
+
+def test_a_sharded_checkpoint(tmp_path):
+    folder = tmp_path / "sharded"
+    build("LlamaForCausalLM", "LlamaConfig", **LLAMA).save_pretrained(folder, max_shard_size="150KB")
+    tiny.byte_tokenizer(bert_style=False).save(str(folder / "tokenizer.json"))
+    assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*.safetensors"))) > 1
+    m = kiln.compile(str(folder), tmp_path / "out", recipe="fp32", progress=False).manifest
+    assert m["compile"]["parity"]["max_rel"] < 1e-3
