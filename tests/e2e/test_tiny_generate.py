@@ -16,7 +16,10 @@ PROMPTS = ["Hello, world", "The quick brown fox jumps", "1 2 3 4", "a", "Once up
            "zz", "What is 2+2?", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2", "tiny-qwen2", "tiny-opt", "tiny-phi3", "tiny-gemma", "tiny-neox"])
+# tiny-llama in the fast tier; the other families in `make test` (slow)
+@pytest.fixture(scope="module", params=["tiny-llama", *[pytest.param(n, marks=pytest.mark.slow) for n in
+                                                        ["tiny-gpt2", "tiny-qwen2", "tiny-opt", "tiny-phi3", "tiny-gemma",
+                                                         "tiny-neox"]]])
 def artifact(request, tmp_path_factory, prepared):
     prepared(request.param)
     path = tmp_path_factory.mktemp(request.param) / "a"

@@ -142,7 +142,9 @@ def greedy_transformers(hf, prompts: list[list[int]], new_tokens: int) -> list[l
     return out[:, width:].tolist()
 
 
-@pytest.fixture(params=[n for n in FAMILIES if n != "mistral-sw100"])
+# one family (a sliding window) in the fast tier, the others in `make test` (slow)
+@pytest.fixture(params=[n if n == "mistral-sw16" else pytest.param(n, marks=pytest.mark.slow)
+                        for n in FAMILIES if n != "mistral-sw100"])
 def family(request):
     return request.param
 
