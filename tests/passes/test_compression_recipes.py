@@ -8,6 +8,8 @@ import kiln
 from kiln.errors import KilnError
 from kiln.recipes import load_recipe
 
+pytestmark = pytest.mark.slow  # compiles the compression presets end to end
+
 
 def test_pruned_int4_compiles_with_the_kv_cache_and_fused_gqa(tmp_path):
     result = kiln.compile("tiny-llama", tmp_path / "a", recipe="pruned-int4", progress=False)

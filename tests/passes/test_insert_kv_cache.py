@@ -16,7 +16,9 @@ from kiln.passes.numerics import compare, run_ort
 CLEANUP = ["fold-constants", "simplify", "eliminate-common-subexpressions", "fold-constants"]
 
 
-@pytest.fixture(params=["tiny-llama", "tiny-gpt2", "tiny-qwen2", "tiny-opt", "tiny-phi3", "tiny-gemma", "tiny-neox"])
+# tiny-llama in the fast tier, the other families in `make test` (slow)
+@pytest.fixture(params=[n if n == "tiny-llama" else pytest.param(n, marks=pytest.mark.slow) for n in
+                        ["tiny-llama", "tiny-gpt2", "tiny-qwen2", "tiny-opt", "tiny-phi3", "tiny-gemma", "tiny-neox"]])
 def decoder(request, prepared):
     p = prepared(request.param)
     model = load_model(p.path)

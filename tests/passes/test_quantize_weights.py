@@ -169,6 +169,7 @@ def _calibration(model, feeds, n=2):
     return [{**feeds, "input_ids": rng.integers(0, 200, size=feeds["input_ids"].shape)} for _ in range(n)]
 
 
+@pytest.mark.slow  # calibrated training / GPTQ over a model
 def test_gptq_and_mixed_precision_in_the_pipeline(prepared):
     model, feeds = _llama(prepared)
     fp = run_ort(model, feeds)
@@ -254,6 +255,7 @@ def _wide_calibration(feeds, n, batch=8, length=48, seed=5):
              "position_ids": np.tile(np.arange(length), (batch, 1))} for _ in range(n)]
 
 
+@pytest.mark.slow  # calibrated training / GPTQ over a model
 def test_scale_tuning_lowers_held_out_divergence_and_keeps_the_integers(prepared):
     model, feeds = _llama(prepared)
     fp = run_ort(model, feeds)
@@ -280,6 +282,7 @@ def test_scale_tuning_lowers_held_out_divergence_and_keeps_the_integers(prepared
     assert compare(fp, run_ort(model, feeds))["kl"] < compare(fp, run_ort(plain, feeds))["kl"]
 
 
+@pytest.mark.slow  # calibrated training / GPTQ over a model
 def test_scale_tuning_with_compact_scales_trains_only_the_channel_steps(prepared):
     model, feeds = _llama(prepared)
     calibration = _wide_calibration(feeds, 16)
@@ -323,6 +326,7 @@ def test_an_op_torch_cannot_run_skips_tuning_with_a_warning(prepared):
     assert result.warnings == ["scales not tuned: no torch evaluation for ai.onnx::Hardmax"]
 
 
+@pytest.mark.slow  # calibrated training / GPTQ over a model
 def test_hessians_summed_from_disk_give_the_same_weights(prepared, monkeypatch):
     """Above GRAM_MEMORY the captured activations go to disk and each Σxᵀx is summed when needed
     (released and summed again for mixed precision): the same bits as holding them all."""

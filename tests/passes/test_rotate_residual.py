@@ -42,7 +42,8 @@ def test_orthogonal_falls_back_to_random_where_no_hadamard_is_known(n, kind, bui
     assert not np.array_equal(q, orthogonal(n, kind, seed=4)[0])
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma", "tiny-phi3"])
+@pytest.mark.parametrize("name", ["tiny-llama", *[pytest.param(n, marks=pytest.mark.slow)
+                                                  for n in ["tiny-qwen2", "tiny-gemma", "tiny-phi3"]]])
 def test_rotation_is_exact_on_rmsnorm_decoders(prepared, name):
     model, feeds = _model(prepared, name)
     before = run_ort(model, feeds)
@@ -116,7 +117,8 @@ def test_tied_head_keeps_one_table(prepared):
     assert graph.initializers["rotate_residual.head"].metadata_props[BITS_HINT] == "8"
 
 
-@pytest.mark.parametrize("name, op", [("tiny-bert", "LayerNormalization"), ("tiny-gpt2", "LayerNormalization")])
+@pytest.mark.parametrize("name, op", [("tiny-bert", "LayerNormalization"),
+                                      pytest.param("tiny-gpt2", "LayerNormalization", marks=pytest.mark.slow)])
 def test_layernorm_models_are_left_unchanged(prepared, name, op):
     model, feeds = _model(prepared, name)
     before = run_ort(model, feeds)
@@ -161,6 +163,7 @@ def test_rotation_makes_int4_error_independent_of_channel_scaling(prepared):
     assert rotated[40.0] < 0.75 * plain[40.0], (plain, rotated)
 
 
+@pytest.mark.slow  # a preset with calibration (the gensim wheel), compiled and run
 def test_int4_quality_preset_rotates_then_quantizes_and_runs(tmp_path):
     """The preset end to end on tiny-llama: rotation (exact), GPTQ, ORT lowering, generation."""
     import kiln

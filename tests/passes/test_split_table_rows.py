@@ -125,6 +125,7 @@ def test_lm_head_choice_still_applies_to_a_split_head(prepared):
     assert len(halves) == 2 and all(t.inputs[0].const_value is not None for t in halves)
 
 
+@pytest.mark.slow  # a full compile with calibration
 def test_split_table_compiles_lowers_and_generates(tmp_path):
     """tiny-llama with 64 hot rows through rotation, GPTQ and ORT lowering: both halves run as
     MatMulNBits (8 and 4 bits) and GatherBlockQuantized, and the artifact generates."""
