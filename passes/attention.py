@@ -28,6 +28,7 @@ find windows longer than the first probe. Anything else is refused with a reason
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import onnx_ir as ir
@@ -214,6 +215,17 @@ def score_path(softmax: ir.Node, content: set[ir.Value]) -> tuple[ir.Node, list[
     return "the scores path is too long"
 
 
+def is_seq(dim, seq: str) -> bool:
+    """The sequence dim, also as the exporter sometimes writes it below a position table
+    of N rows: `Min(N, sequence)` (equal to the sequence for every length the model takes)."""
+    if dim == seq:
+        return True
+    if not isinstance(dim, str):
+        return False
+    match = re.fullmatch(r"Min\((\w+),(\w+)\)", dim.replace(" ", ""))
+    return match is not None and seq in match.groups() and any(g.isdigit() for g in match.groups())
+
+
 def operand(matmul: ir.Node, index: int, seq: str) -> Operand | str:
     """Walk up from matmul.inputs[index] through layout ops; cut at the top [B, Hkv, S, Dh]
     tensor, or else at the top [B, S, Hkv, Dh] one."""
@@ -234,7 +246,7 @@ def operand(matmul: ir.Node, index: int, seq: str) -> Operand | str:
         for pos in range(len(chain) - 1, -1, -1):
             value, consumer, idx = chain[pos]
             dims = _dims(value)
-            if dims and len(dims) == 4 and dims[seq_axis] == seq and isinstance(dims[head_axis], int) \
+            if dims and len(dims) == 4 and is_seq(dims[seq_axis], seq) and isinstance(dims[head_axis], int) \
                     and isinstance(dims[3], int):
                 below = [c for _, c, _ in chain[: pos + 1]]
                 return Operand(value, consumer, idx, below, layout)
@@ -388,9 +400,8 @@ def _long_windows(model: ir.Model, atts: list[Attention], forms: list, ids: ir.V
         rows[i] = rows[i] & row if i in rows else row
     for i, row in rows.items():
         seen = int(row.sum())
-        window = seen if seen < length else None
-        if window != forms[i].window and not (forms[i].window is None and window is None):
-            if forms[i].window is None:
-                forms[i] = MaskForm(window, forms[i].slopes)
-            else:
-                forms[i] = f"the window differs between the probes ({forms[i].window} vs {window} on {length} tokens)"
+        # Only a window the short probes could not see is taken from here: a long probe may
+        # be past the model's own position tables (GPT-Neo's mask buffer), where its mask
+        # means nothing. The pass's full check then runs past the window found.
+        if forms[i].window is None and seen < length:
+            forms[i] = MaskForm(seen, forms[i].slopes)

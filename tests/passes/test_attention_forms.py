@@ -49,6 +49,12 @@ FAMILIES = {
     # ALiBi in [batch, heads, query, key] layout
     "mpt": ("MptConfig", "MptForCausalLM", dict(vocab_size=V, d_model=64, n_layers=2, n_heads=4, max_seq_len=512,
                                                 initializer_range=0.2, **IDS)),
+    # local attention (window 16) on every other layer, unscaled scores; dims below the position
+    # table annotated Min(512, sequence)
+    "gpt-neo": ("GPTNeoConfig", "GPTNeoForCausalLM", dict(vocab_size=V, hidden_size=64, num_layers=2, num_heads=4,
+                                                          max_position_embeddings=512, window_size=16,
+                                                          attention_types=[[["global", "local"], 1]],
+                                                          initializer_range=0.2, **IDS)),
     # logit softcapping on every layer, a window of 16 on every other layer
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(vocab_size=V, num_key_value_heads=2, head_dim=16,
                                                          sliding_window=16, attn_logit_softcapping=50.0,
@@ -70,6 +76,7 @@ EXPECTED = {
     "qwen2-sw16": {"sliding_window_layers": 1},
     "phi3-sw16": {"sliding_window_layers": 2},
     "mpt": {"alibi_layers": 2},
+    "gpt-neo": {"sliding_window_layers": 1},
     "gemma2": {"sliding_window_layers": 1, "softcap_layers": 2},
     "falcon-mq": {},
 }
