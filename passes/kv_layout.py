@@ -1,5 +1,7 @@
 """Helpers shared by passes that produce or rewrite a KV-cache graph: feeds in the cache
-layout recorded under `kiln.kv_cache`, and the decode-consistency check."""
+layout recorded under `kiln.kv_cache`, the decode-consistency check (batch 2, optionally a
+left-padded row and a prefill past every sliding window), and ORT sessions that log nothing
+(a failed check reaches the user as the pass's own one-line error)."""
 
 from __future__ import annotations
 
