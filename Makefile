@@ -20,7 +20,7 @@ test: install
 	$(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n auto
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -2,12 +2,14 @@ import json
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 import kiln
 from kiln.manifest import SCHEMA_VERSION
 
 
+@pytest.mark.slow  # the default int4 recipe tunes its scales: about a minute of CPU for tiny-llama
 def test_artifact_layout_and_manifest(tmp_path, prepared):
     prepared("tiny-llama")
     result = kiln.compile("tiny-llama", tmp_path / "a", progress=False)
