@@ -466,11 +466,11 @@ def _run_subprocess(name: str, skip_int4: bool, timeout: float) -> dict:
 
 
 def _versions() -> dict:
+    from importlib.metadata import version
+
     import onnxruntime
     import torch
     import transformers
-
-    from importlib.metadata import version
 
     return {"kiln": version("kiln"), "torch": torch.__version__,
             "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
@@ -492,7 +492,11 @@ def _machine() -> str:
         mem_text = f", {mem:.0f} GiB RAM"
     except (OSError, StopIteration, ValueError):
         mem_text = ""
-    return f"{cpu}, {os.cpu_count()} cores{mem_text}, {platform.system()} {platform.release()}"
+    try:
+        load = f"; load average {os.getloadavg()[0]:.1f} when this was written (the machine is shared)"
+    except OSError:
+        load = ""
+    return f"{cpu}, {os.cpu_count()} cores{mem_text}, {platform.system()} {platform.release()}{load}"
 
 
 def _commit() -> str:

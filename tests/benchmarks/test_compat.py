@@ -18,7 +18,13 @@ from kiln.errors import KilnError
 EXPECTED_REFUSALS: dict[str, str] = {}
 
 
-@pytest.mark.parametrize("name", compat.FAST)
+# As the other family tests are tiered: llama and one attention form (a sliding window) in the fast
+# tier, the rest of the subset in `make test` (slow).
+FAST_TIER = ("llama", "mistral-swa16")
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_TIER else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in compat.FAST])
 def test_fast_family(name, tmp_path):
     import kiln
 
