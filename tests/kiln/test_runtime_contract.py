@@ -59,6 +59,8 @@ try:
 except SystemExit as exc:
     assert not exc.code, exc.code
 stages["kiln run"] = loaded()
+import kiln.bench, kiln.evaluate, kiln.corpus  # what `kiln bench` and `kiln eval --text FILE` import
+stages["kiln bench, kiln eval"] = loaded()
 print()
 print(json.dumps(stages))
 """
@@ -71,7 +73,7 @@ def test_the_runtime_imports_nothing_of_the_compiler(tiny):
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     stages = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert list(stages) == ["import kiln.runtime", "load and generate", "kiln run"]
+    assert list(stages) == ["import kiln.runtime", "load and generate", "kiln run", "kiln bench, kiln eval"]
     for stage, modules in stages.items():
         assert modules == [], f"{stage} imported {modules[:8]}"
 
