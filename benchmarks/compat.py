@@ -569,7 +569,7 @@ def int4_counts(rows: list[dict]) -> dict[str, int]:
     return c
 
 
-def render(rows: list[dict], args_text: str, seconds: float, skip_int4: bool) -> str:
+def render(rows: list[dict], args_text: str, seconds: float, skip_int4: bool, tree: str | None = None) -> str:
     v = _versions()
     c = counts(rows)
     c4 = int4_counts(rows)
@@ -603,7 +603,7 @@ def render(rows: list[dict], args_text: str, seconds: float, skip_int4: bool) ->
         "kiln refusal (or a kiln error that only wraps one) is an **INTERNAL ERROR**."),
         "",
         f"- Command: `{args_text}` ({seconds / 60:.1f} min)",
-        f"- Date: {now}; tree: {_commit()}",
+        f"- Date: {now}; tree: {tree or _commit()}",
         (f"- Versions: kiln {v['kiln']}, torch {v['torch']}, transformers {v['transformers']}, "
          f"onnxruntime {v['onnxruntime']}, Python {v['python']}"),
         f"- Machine: {_machine()}",
@@ -680,6 +680,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown families: {', '.join(unknown)} (known: {', '.join(FAMILIES)})")
     start = time.perf_counter()
     command = "python -m benchmarks.compat " + " ".join(argv if argv is not None else sys.argv[1:])
+    tree = f"at the start: {_commit()}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     earlier = {}
     if args.int4_from:
@@ -700,7 +701,7 @@ def main(argv=None) -> int:
             order = {n: i for i, n in enumerate(names)}
             partial = sorted(done, key=lambda r: order[r["name"]])
             args.out.write_text(render(partial, command + f" (partial: {len(done)} of {len(names)} families so far)",
-                                       time.perf_counter() - start, args.skip_int4))
+                                       time.perf_counter() - start, args.skip_int4, tree))
         print(f"{name:22s} {row['status']:16s} {row.get('seconds', 0):6.1f} s  "
               f"{_parity_cell(row) if row['status'] in ('match', 'silent-mismatch') else (row.get('message') or '')[:110]}",
               flush=True)
@@ -709,7 +710,9 @@ def main(argv=None) -> int:
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         rows = list(pool.map(one, names))
     seconds = time.perf_counter() - start
-    args.out.write_text(render(rows, command.strip(), seconds, args.skip_int4))
+    if f"at the start: {_commit()}" != tree:
+        tree += f"; at the end: {_commit()}"
+    args.out.write_text(render(rows, command.strip(), seconds, args.skip_int4, tree))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))
     c, c4 = counts(rows), int4_counts(rows)
