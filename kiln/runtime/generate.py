@@ -119,12 +119,15 @@ class Model:
                                   f"(kv_cache.max_positions), prompt and new tokens together")
 
     def room(self, length: int) -> bool:
-        """Whether a sequence of `length` tokens may grow by one: within max_positions, and for a
-        static cache, whether feeding its last token (a whole chunk of slots if chunked) fits."""
+        """Whether a sequence of `length` tokens may grow by one: the sequence stays within
+        max_positions and, for a static cache, within its slots (feeding the last token takes a
+        whole chunk of slots if chunked)."""
         limit = self.max_positions
         if limit is not None and length >= limit:
             return False
-        return not self.static or length - 1 + (self.chunk or 1) <= self.layout.max_length
+        # a static cache holds the whole sequence, and a chunked one needs a chunk of slots for the last token
+        return not self.static or (length < self.layout.max_length
+                                   and length - 1 + (self.chunk or 1) <= self.layout.max_length)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         kv = self.layout

@@ -162,8 +162,11 @@ def test_static_cache_variant_generates_the_same(tmp_path, prepared, artifact):
     for prompt in PROMPTS[:3]:
         assert static.generate(prompt, 16).token_ids == dynamic.generate(prompt, 16).token_ids
     assert [g.token_ids for g in static.generate_batch(PROMPTS[:3], 8)] == [dynamic.generate(p, 8).token_ids for p in PROMPTS[:3]]
+    # a static cache ends generation where its slots do (stop reason "length"); a longer prompt is refused
+    gen = static.generate("x" * 40, 16)
+    assert len(gen.token_ids) == 8 and gen.stop_reason == "length"
     with pytest.raises(ValueError, match="exceeds the static cache length 48"):
-        static.generate("x" * 40, 16)
+        static.generate("x" * 50, 4)
 
 
 def test_generator_requests_join_and_leave(artifact):
@@ -191,18 +194,16 @@ def test_generator_requests_join_and_leave(artifact):
     assert out[c] == art.generate(PROMPTS[2], 1).token_ids
 
 
-def test_generation_stops_at_the_rotary_cache(tmp_path, prepared):
+def test_generation_stops_at_the_models_positions(tmp_path, prepared):
+    """kv_cache.max_positions comes from the config (tiny-llama: 512 positions, the fused rotary
+    cache as long): generation ends there (stop reason "length"), a longer prompt is refused."""
     from kiln.errors import KilnError
 
     prepared("tiny-llama")
-    recipe = tmp_path / "short.toml"
-    recipe.write_text("\n".join(f'[[passes]]\nname = "{n}"' for n in ["fold-constants", "simplify", "eliminate-common-subexpressions",
-                                                                   "insert-kv-cache"])
-                      + '\n[[passes]]\nname = "fuse-attention"\nmax_positions = 24\n')
-    art = kiln.load(kiln.compile("tiny-llama", tmp_path / "a", recipe=recipe, progress=False).path)
-    assert art.manifest["kv_cache"]["max_positions"] == 24
-    assert len(art.generate("Hello", 10).token_ids) == 10
-    gen = art.generate("Hello, world and more", 20)  # 21 prompt tokens: 3 positions left
-    assert len(gen.token_ids) == 3 and gen.stop_reason == "length"
-    with pytest.raises(KilnError, match="the model takes at most 24 positions"):
-        art.generate("Hello, world and more, and more", 4)
+    art = kiln.load(kiln.compile("tiny-llama", tmp_path / "a", recipe="fp32", progress=False).path)
+    assert art.manifest["kv_cache"]["max_positions"] == 512
+    prompt = "Hello, world and more. " * 22  # 506 byte tokens: 6 positions left
+    gen = art.generate(prompt, 20)
+    assert len(gen.prompt_ids) == 506 and len(gen.token_ids) == 6 and gen.stop_reason == "length"
+    with pytest.raises(KilnError, match="the model takes at most 512 positions"):
+        art.generate(prompt * 2, 4)
