@@ -139,6 +139,7 @@ def test_gpu_artifact_structure_and_fp16_on_the_cpu_ep(artifacts, model, capfd):
         assert 0.999 < report.cosine_mean <= 1.0
 
 
+@pytest.mark.slow  # the int4 recipe tunes its scales: about a minute of CPU
 def test_gpu_int4_lowers_to_fp16_matmulnbits(artifacts):
     m = _manifest(artifacts("tiny-llama", "gpu", "int4"))
     assert "com.microsoft::MatMulNBits" in _ops(m)
