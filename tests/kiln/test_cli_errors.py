@@ -78,6 +78,7 @@ def test_unknown_manifest_major_version_is_refused(tmp_path):
     assert_one_line_error(run_kiln("run", str(tmp_path), "--prompt", "x"), "schema version 2.0 is not supported")
 
 
+@pytest.mark.slow  # compiles the default int4 recipe (scale tuning) through the CLI
 def test_wrong_task_arguments(tmp_path, prepared):
     out = tmp_path / "llm"
     assert run_kiln("compile", "tiny-llama", "-o", str(out), "-q").returncode == 0

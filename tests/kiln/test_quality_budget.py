@@ -34,6 +34,7 @@ def test_exceeded_budget_names_the_pass_and_writes_nothing(tmp_path, plugin_path
     assert_nothing_left(tmp_path, "a")
 
 
+@pytest.mark.slow  # calibrated int8 with the budget measured per pass: about 100 s of CPU
 def test_encoder_cosine_budget(tmp_path):
     result = kiln.compile("tiny-bert", tmp_path / "ok", recipe="int4", min_cosine=0.5, progress=False)
     assert 0.5 < result.manifest["compile"]["quality_budget"]["final"]["cosine"] < 1.0
