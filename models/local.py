@@ -266,6 +266,17 @@ def build_loaded(model, task: str, tokenizer_json: str | None, tok, extra: dict,
     return classifier_loaded(model, tokenizer_json, meta)
 
 
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _moe_kwargs(config: dict) -> dict:
+    """Mixture-of-experts layers run each token's chosen experts as batched matmuls: that form
+    exports (transformers' default grouped_mm is a custom op, its eager loop data-dependent)."""
+    if any(isinstance(config.get(k), int) and config[k] > 1 for k in MOE_KEYS):
+        return {"experts_implementation": "batched_mm"}
+    return {}
+
+
 def _auto_class(task: str):
     import transformers
 
@@ -321,7 +332,7 @@ def folder_source(folder: Path, *, task: str | None = None, allow_pickle: bool =
         tokenizer_json, chat_template, tok = folder_tokenizer(folder)
         try:
             model = _auto_class(task).from_pretrained(folder, dtype=torch.float32, trust_remote_code=False,
-                                                      use_safetensors=safe).eval()
+                                                      use_safetensors=safe, **_moe_kwargs(config)).eval()
         except Exception as exc:  # noqa: BLE001
             raise ModelFolderError(f"{folder}: transformers cannot load it as a {task} model: {_first_line(exc)}") from exc
         extra = {"weights": "safetensors" if safe else "pickle (--allow-pickle)"}

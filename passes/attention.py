@@ -265,11 +265,34 @@ def _scaled_input(node: ir.Node) -> ir.Value | None:
     return None
 
 
+def _is_gate(softmax: ir.Node, content: set[ir.Value]) -> bool:
+    """A Softmax over a linear layer's outputs (a mixture-of-experts router): it mixes no
+    positions, so it is not an attention (a cache over it is still proven by the KV pass's
+    checks). Walked through ops with one content input down to a MatMul/Gemm whose other
+    input is constant."""
+    value = softmax.inputs[0]
+    for _ in range(16):
+        node = value.producer()
+        if node is None:
+            return False
+        data = [x for x in node.inputs if x is not None and x in content]
+        if len(data) != 1:
+            return False
+        if node.op_type in ("MatMul", "Gemm"):
+            return all(is_const(x) or x.producer() is not None and x.producer().op_type == "Transpose"
+                       and is_const(x.producer().inputs[0]) for x in node.inputs if x is not None and x is not data[0])
+        value = data[0]
+    return False
+
+
 def find_attentions(model: ir.Model) -> list[tuple[ir.Node, Attention | str]]:
-    """Every Softmax of the graph with its attention, or the reason it is not one."""
+    """Every Softmax of the graph with its attention, or the reason it is not one; router
+    Softmaxes over a linear layer (`_is_gate`) are not attentions and are left out."""
     content = content_values(model.graph)
     found = []
     for softmax in [n for n in model.graph if n.op_type == "Softmax"]:
+        if _is_gate(softmax, content):
+            continue
         path = score_path(softmax, content)
         if isinstance(path, str):
             found.append((softmax, path))

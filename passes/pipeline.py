@@ -89,7 +89,11 @@ def run_pipeline(
     if quality is not None:
         measured = quality.measure(model)
         quality_summary = {"metric": quality.metric, "limit": quality.limit, "source": measured, "final": measured}
-    source_outputs = run_ort(model, sample_inputs) if sample_inputs is not None else None
+    try:
+        source_outputs = run_ort(model, sample_inputs) if sample_inputs is not None else None
+    except Exception as exc:  # e.g. an op or dtype ORT has no CPU kernel for (bfloat16 arithmetic)
+        raise PipelineError(f"the source graph does not run in ONNX Runtime, so no pass can be checked: "
+                            f"{_first_line(exc)}") from exc
     trace_rss("source outputs")
     previous_outputs = source_outputs
     done: list[str] = []

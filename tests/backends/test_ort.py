@@ -49,9 +49,10 @@ def test_artifact_layout_and_manifest(tmp_path, prepared):
 
 
 def test_compile_an_onnx_file(tmp_path, prepared):
-    result = kiln.compile(str(prepared("tiny-gpt2").path), tmp_path / "b", progress=False)
-    assert result.manifest["task"] == "custom"
-    assert result.manifest["recipe"]["name"] == "fp32"  # only causal LMs default to int4
+    result = kiln.compile(str(prepared("tiny-gpt2").path), tmp_path / "b", recipe="fp32", progress=False)
+    assert result.manifest["task"] == "causal-lm"  # read from the graph: input_ids -> logits [B, S, V]
+    assert result.manifest["kv_cache"]["num_layers"] == 2
+    assert result.manifest["tokenizer"] == "tokenizer.json"  # the one beside the file
     assert result.manifest["source"]["source"] == "model.onnx"
     assert all(r["delta"] is not None for r in result.manifest["passes"])
 

@@ -12,7 +12,7 @@ import transformers
 import kiln
 from conftest import assert_nothing_left, assert_one_line_error, run_kiln
 from kiln.models import tiny
-from kiln.models.local import ModelFolderError, folder_source, infer_task, max_positions
+from kiln.models.local import ModelFolderError, folder_source, infer_task, max_positions, path_source
 from kiln.parity import ParityError
 
 LLAMA = dict(vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -54,6 +54,7 @@ def test_a_causal_lm_folder_compiles_by_path_and_matches_transformers(llama_dir,
     assert got == want
 
 
+@pytest.mark.slow
 def test_a_transformers_object_with_its_tokenizer(tmp_path):
     model = build("LlamaForCausalLM", "LlamaConfig", **LLAMA)
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tiny.byte_tokenizer(bert_style=False),
@@ -64,6 +65,7 @@ def test_a_transformers_object_with_its_tokenizer(tmp_path):
     assert kiln.load(tmp_path / "out").generate("ab", max_new_tokens=4).token_ids
 
 
+@pytest.mark.slow
 def test_a_sentence_transformers_folder_takes_its_pooling(tmp_path):
     folder = save(tmp_path / "st", build("BertModel", "BertConfig", **BERT), bert_style=True)
     (folder / "modules.json").write_text(json.dumps([
@@ -86,6 +88,7 @@ def test_a_sentence_transformers_folder_takes_its_pooling(tmp_path):
     assert cos.min() > 0.99999
 
 
+@pytest.mark.slow
 def test_a_reranker_folder_scores_pairs_as_pytorch_does(tmp_path):
     model = build("BertForSequenceClassification", "BertConfig", num_labels=1,
                   **{**BERT, "initializer_range": 0.2})
@@ -132,9 +135,17 @@ def bad(llama_dir, tmp_path):
 
 
 def _compile_fails(folder, tmp_path, *fragments, extra=()):
+    """Through the CLI: one error line, a non-zero exit, nothing written."""
     proc = run_kiln("compile", str(folder), "-o", str(tmp_path / "out"), *extra)
     assert_one_line_error(proc, *fragments)
     assert_nothing_left(tmp_path, "out")
+
+
+def _refused(folder, fragment, **kwargs):
+    """The same check without a subprocess: the source refuses before anything is loaded or written."""
+    with pytest.raises(ModelFolderError, match=fragment) as err:
+        path_source(folder, **kwargs)
+    assert "\n" not in str(err.value)
 
 
 def test_auto_map_is_refused(bad, tmp_path):
@@ -145,6 +156,7 @@ def test_auto_map_is_refused(bad, tmp_path):
     _compile_fails(bad, tmp_path, "auto_map", "custom model code")
 
 
+@pytest.mark.slow
 def test_pickle_weights_need_allow_pickle(tmp_path):
     folder = save(tmp_path / "pickled", build("LlamaForCausalLM", "LlamaConfig", **LLAMA))
     weights = folder / "model.safetensors"
@@ -152,19 +164,19 @@ def test_pickle_weights_need_allow_pickle(tmp_path):
 
     torch.save(load_file(weights), folder / "pytorch_model.bin")
     weights.unlink()
-    _compile_fails(folder, tmp_path, "pickle", "--allow-pickle")
+    _refused(folder, "--allow-pickle")
     loaded = folder_source(folder, allow_pickle=True).load()
     assert loaded.meta["weights"].startswith("pickle") and loaded.meta["task"] == "causal-lm"
 
 
 def test_missing_config(bad, tmp_path):
     (bad / "config.json").unlink()
-    _compile_fails(bad, tmp_path, "no config.json")
+    _refused(bad, "no config.json")
 
 
 def test_malformed_config(bad, tmp_path):
     (bad / "config.json").write_text('{"model_type": "llama",')
-    _compile_fails(bad, tmp_path, "config.json is not valid JSON")
+    _refused(bad, "config.json is not valid JSON")
 
 
 def test_truncated_safetensors(bad, tmp_path):
@@ -175,19 +187,19 @@ def test_truncated_safetensors(bad, tmp_path):
 
 def test_missing_weights(bad, tmp_path):
     (bad / "model.safetensors").unlink()
-    _compile_fails(bad, tmp_path, "no weights")
+    _refused(bad, "no weights")
 
 
 def test_a_shard_index_naming_a_missing_or_outside_file(bad, tmp_path):
     (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../elsewhere.safetensors"}}))
-    _compile_fails(bad, tmp_path, "outside the folder")
+    _refused(bad, "outside the folder")
 
 
 def test_unknown_task_and_not_a_gguf(bad, tmp_path):
-    _compile_fails(bad, tmp_path, "unknown task 'translation'", extra=("--task", "translation"))
+    _refused(bad, "unknown task 'translation'", task="translation")
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"NOPE" + bytes(100))
-    _compile_fails(fake, tmp_path, "not a GGUF file")
+    _refused(fake, "not a GGUF file")
 
 
 def test_an_unloadable_tokenizer(bad, tmp_path):
@@ -221,6 +233,7 @@ def _constant_classifier(value):
     return ir.Model(graph, ir_version=10)
 
 
+@pytest.mark.slow
 def test_a_plain_module_declared_a_causal_lm_generates(tmp_path):
     """No transformers class: the user says what it is (task and tokenizer), and kiln caches it."""
     inner = build("LlamaForCausalLM", "LlamaConfig", **LLAMA)
@@ -245,6 +258,7 @@ def test_a_plain_module_declared_a_causal_lm_generates(tmp_path):
     assert kiln.load(tmp_path / "out").generate(prompt, max_new_tokens=8, stop_token_ids=()).token_ids == want
 
 
+@pytest.mark.slow
 def test_a_sharded_checkpoint(tmp_path):
     folder = tmp_path / "sharded"
     build("LlamaForCausalLM", "LlamaConfig", **LLAMA).save_pretrained(folder, max_shard_size="150KB")
@@ -252,3 +266,13 @@ def test_a_sharded_checkpoint(tmp_path):
     assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*.safetensors"))) > 1
     m = kiln.compile(str(folder), tmp_path / "out", recipe="fp32", progress=False).manifest
     assert m["compile"]["parity"]["max_rel"] < 1e-3
+
+
+@pytest.mark.slow
+def test_a_mixture_of_experts_folder(tmp_path):
+    """Mixtral: the experts exported as batched matmuls, the router Softmax not taken for an attention."""
+    model = build("MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2,
+                  **{k: v for k, v in LLAMA.items() if k != "tie_word_embeddings"})
+    folder = save(tmp_path / "moe", model)
+    m = kiln.compile(str(folder), tmp_path / "out", recipe="fp32", progress=False).manifest
+    assert m["kv_cache"]["num_layers"] == 2 and m["compile"]["parity"]["argmax_agreement"] == 1.0

@@ -55,6 +55,7 @@ def llama():
     return transformers.LlamaForCausalLM(config).eval()
 
 
+@pytest.mark.slow
 def test_an_optimum_style_causal_lm_gets_kilns_cache(llama, tmp_path):
     folder = tmp_path / "exported"
     folder.mkdir()
@@ -73,6 +74,7 @@ def test_an_optimum_style_causal_lm_gets_kilns_cache(llama, tmp_path):
     assert kiln.load(tmp_path / "out").generate(prompt, max_new_tokens=16, stop_token_ids=()).token_ids == want
 
 
+@pytest.mark.slow
 def test_an_encoders_hidden_states_are_pooled(tmp_path):
     torch.manual_seed(0)
     bert = transformers.BertModel(transformers.BertConfig(

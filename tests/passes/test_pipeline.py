@@ -178,3 +178,26 @@ def test_large_weights_reach_ort_in_memory_and_the_model_is_untouched():
     feed = rng.standard_normal((2, 512)).astype(np.float32)
     np.testing.assert_allclose(run_ort(model, {"x": feed})["y"], feed @ big, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(model.graph.initializers["W"].const_value.numpy(), big)
+
+
+def test_a_source_graph_ort_cannot_run_is_one_error():
+    """bfloat16 arithmetic (Falcon's ALiBi export) has no ORT CPU kernel: one line, before any pass."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 4]))
+    cast = ir.node("Cast", [x], attributes={"to": ir.DataType.BFLOAT16}, num_outputs=1)
+    mul = ir.node("Mul", [cast.outputs[0], cast.outputs[0]], num_outputs=1)
+    back = ir.node("Cast", [mul.outputs[0]], attributes={"to": ir.DataType.FLOAT}, num_outputs=1)
+    back.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([x], [back.outputs[0]], nodes=[cast, mul, back], opset_imports={"": 21}), ir_version=10)
+    with pytest.raises(PipelineError, match="the source graph does not run in ONNX Runtime") as err:
+        run_pipeline(model, [FoldConstantsPass()], FEEDS, progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_the_checkpoint_runs_before_the_first_lossy_pass():
+    seen = []
+    run = run_pipeline(tiny_graph(), [EliminateDeadCodePass(), ScaleWeights(1.001, exact=False, budget=0.1)], FEEDS,
+                       progress=False, checkpoint=lambda model, done: seen.append(list(done)) or "checked")
+    assert seen == [["eliminate-dead-code"]] and run.checkpoint == "checked"
+    run = run_pipeline(tiny_graph(), [EliminateDeadCodePass()], FEEDS, progress=False,
+                       checkpoint=lambda model, done: seen.append(list(done)))
+    assert seen[-1] == ["eliminate-dead-code"]  # all exact: after the last pass
