@@ -97,6 +97,13 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         return out, key_all, value_all
 
     def check(self, context, query, key, value, past_key, past_value, mask, attention, **_):
+        result = self._check_cache(context, query, past_key, past_value, mask)
+        if result:
+            self._scale = attention.producer().attributes.get_float("scale", None)
+        return result
+
+    def _check_cache(self, context, query, past_key, past_value, mask) -> pattern.MatchResult:
+        """K/V concatenated with the cache inputs, static head counts that group, kiln's mask."""
         result = pattern.MatchResult()
         graph_inputs = set(context.graph_or_function.inputs) if hasattr(context.graph_or_function, "inputs") else set()
         if past_key not in graph_inputs or past_value not in graph_inputs:
@@ -112,7 +119,6 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         if mask is None or mask.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
             return result.fail("attention needs kiln's additive mask (run insert-kv-cache first)")
         self._heads, self._kv_heads, self._head_dim = heads, kv_heads, head_dim
-        self._scale = attention.producer().attributes.get_float("scale", None)
         return result
 
     def rewrite(self, op, query, key, value, past_key, past_value, mask, **_):
@@ -178,24 +184,7 @@ class SoftcapGroupQueryAttentionRule(GroupQueryAttentionRule):
         if None in consts or consts[1] != consts[2] or consts[1] <= 0:
             return result.fail("scale and softcap are not positive constant scalars (cap the same in Div and Mul)")
         self._scale, self._softcap = consts[0], consts[1]
-        graph_inputs = set(context.graph_or_function.inputs) if hasattr(context.graph_or_function, "inputs") else set()
-        if past_key not in graph_inputs or past_value not in graph_inputs:
-            return result.fail("K/V are not concatenated with a past-cache graph input")
-        heads, kv_heads = _dim(query, 1), _dim(past_key, 1)
-        head_dim, v_dim = _dim(past_key, 3), _dim(past_value, 3)
-        if None in (heads, kv_heads, head_dim, v_dim):
-            return result.fail("head counts or head size are not static")
-        if heads % kv_heads or (heads != kv_heads) != self._repeated:
-            return result.fail(f"{heads} query heads do not group over {kv_heads} kv heads")
-        if head_dim != v_dim:
-            return result.fail("GroupQueryAttention needs equal K and V head sizes")
-        if mask is None or mask.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
-            return result.fail("attention needs kiln's additive mask (run insert-kv-cache first)")
-        self._heads, self._kv_heads, self._head_dim = heads, kv_heads, head_dim
-        return result
-
-    def rewrite(self, op, query, key, value, past_key, past_value, mask, **_):
-        return self._gqa(op, query, key, value, past_key, past_value, mask, rotary=None)
+        return self._check_cache(context, query, past_key, past_value, mask)
 
 
 class RotaryGroupQueryAttentionRule(GroupQueryAttentionRule):
