@@ -98,7 +98,7 @@ def export(name: str):
     from kiln.models.cache import atomic_dir, cache_dir
     from kiln.models.export import _versions, export_loaded
 
-    wrap = getattr(sources, "causal_lm_loaded", None) or sources._causal_lm
+    wrap = sources.causal_lm_loaded
     key = hashlib.sha256(json.dumps([FAMILIES[name], _versions()], sort_keys=True, default=str).encode()).hexdigest()[:12]
     final = cache_dir("exports") / f"attn-{name}-{key}"
     if not (final / "model.onnx").is_file():
