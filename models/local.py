@@ -37,7 +37,7 @@ POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "
                  "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "last"}
 ST_SUPPORTED = ("Transformer", "Pooling", "Normalize")
 # Config keys that name the longest sequence a model supports, in the order transformers' families use them.
-POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length", "seq_length")
 
 
 class ModelFolderError(KilnError):

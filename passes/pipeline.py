@@ -174,6 +174,10 @@ def run_pipeline(
                 except Exception as exc:
                     raise PipelineError(f"{where} produced a model ORT cannot run: {_first_line(exc)}") from exc
                 record["delta"], record["delta_total"] = _round(delta), _round(total)
+                if p.metric not in delta:  # e.g. KL over a one-column regression output
+                    raise PipelineError(f"{where}: its metric '{p.metric}' is not defined for this model's outputs "
+                                        f"({', '.join(f'{k} {list(v.shape)}' for k, v in outputs.items())}); "
+                                        f"it measures {', '.join(sorted(delta))}")
                 value = delta[p.metric]
                 if not within_budget(p.metric, value, p.budget) and p.exact:
                     # Rounding-level on a model that amplifies rounding: the budget is a multiple of

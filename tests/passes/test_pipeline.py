@@ -201,3 +201,15 @@ def test_the_checkpoint_runs_before_the_first_lossy_pass():
     run = run_pipeline(tiny_graph(), [EliminateDeadCodePass()], FEEDS, progress=False,
                        checkpoint=lambda model, done: seen.append(list(done)))
     assert seen[-1] == ["eliminate-dead-code"]  # all exact: after the last pass
+
+
+def test_a_metric_the_outputs_do_not_have_is_one_error():
+    """KL needs a distribution: a one-column (regression) output has none."""
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["N", 1]))
+    w = ir.val("W", const_value=ir.tensor(np.ones((1, 1), np.float32)))
+    mm = ir.node("MatMul", [x, w], num_outputs=1)
+    mm.outputs[0].name, mm.outputs[0].dtype, mm.outputs[0].shape = "y", ir.DataType.FLOAT, ir.Shape(["N", 1])
+    graph = ir.Graph([x], [mm.outputs[0]], nodes=[mm], initializers=[w], opset_imports={"": 21}, name="g")
+    with pytest.raises(PipelineError, match="metric 'kl' is not defined for this model's outputs"):
+        run_pipeline(ir.Model(graph, ir_version=10), [ScaleWeights(1.5, exact=False, metric="kl", budget=1.0)],
+                     {"x": np.ones((2, 1), np.float32)}, progress=False)
