@@ -27,7 +27,7 @@ from kiln.ir import KV_CACHE_METADATA, VerificationError, load_model, summary, v
 from kiln.manifest import SCHEMA_VERSION, write_manifest
 from kiln.models import Loaded, Prepared, export_loaded, get_source, prepare, sample_inputs
 from kiln.models.export import read_export, write_export
-from kiln.models.local import module_fingerprint
+from kiln.models.local import module_fingerprint, tokenizer_text
 from kiln.models.onnx_file import onnx_prepared
 from kiln.models.cache import atomic_dir
 from kiln.models.sources import SOURCES
@@ -64,7 +64,7 @@ def _from_module(module, example_inputs, dynamic_shapes, workdir: Path, task: st
         raise CompileError("a torch.nn.Module needs example_inputs: a tuple of tensors or a dict name -> tensor")
     if task not in (None, "causal-lm"):
         raise CompileError(f"a plain torch.nn.Module compiles as task causal-lm or as a custom graph, not {task}")
-    meta: dict[str, Any] = {"task": task or "custom"}
+    meta: dict[str, Any] = {"task": task or "custom", "source": type(module).__name__}
     if task == "causal-lm":
         if list(example_inputs) != ["input_ids"]:
             raise CompileError(f"a causal-lm module takes input_ids alone, not {list(example_inputs)}")
@@ -84,16 +84,13 @@ def _from_module(module, example_inputs, dynamic_shapes, workdir: Path, task: st
         module = LogitsOf(module)
     loaded = Loaded(module, example_inputs, dynamic_shapes, meta)
     seconds = export_loaded(loaded, workdir)
-    meta.update({"source": type(module).__name__, "export_seconds": round(seconds, 1),
+    meta.update({"export_seconds": round(seconds, 1),
                  "sha256": hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in module.state_dict().values()
                                                    if isinstance(t, torch.Tensor))).hexdigest()})
     tok_path = None
     if tokenizer is not None:
-        backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-        if not hasattr(backend, "to_str"):
-            raise CompileError("the tokenizer has no fast (tokenizers) form that a runtime can read")
         tok_path = workdir / "tokenizer.json"
-        tok_path.write_text(backend.to_str())
+        tok_path.write_text(tokenizer_text(tokenizer))
     feeds = {k: v.detach().numpy() for k, v in example_inputs.items()}
     if task == "causal-lm":
         feeds = None  # sample inputs of the causal-LM signature (batch 2, real text) are made later

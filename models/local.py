@@ -393,18 +393,23 @@ def _gguf_architecture(path: Path) -> str:
         raise ModelFolderError(f"{path}: corrupt GGUF file: {_first_line(exc)}") from exc
 
 
+def tokenizer_text(tokenizer) -> str | None:
+    """tokenizer.json text of a transformers fast tokenizer or a `tokenizers.Tokenizer` (None for None)."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if not hasattr(backend, "to_str"):
+        raise ModelFolderError("the tokenizer has no fast (tokenizers) form that a runtime can read")
+    return backend.to_str()
+
+
 def module_loaded(model, tokenizer=None, task: str | None = None) -> Loaded:
     """A Loaded for a transformers model object (and optionally its transformers tokenizer)."""
     _check_task(task)
     task = task or infer_task([type(model).__name__], False)
     if task is None:
         raise ModelFolderError(f"cannot tell the task of a {type(model).__name__} (give task=: {', '.join(TASKS)})")
-    tokenizer_json = None
-    if tokenizer is not None:
-        backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-        if not hasattr(backend, "to_str"):
-            raise ModelFolderError("the tokenizer has no fast (tokenizers) form that a runtime can read")
-        tokenizer_json = backend.to_str()
+    tokenizer_json = tokenizer_text(tokenizer)
     tok = tokenizer if hasattr(tokenizer, "eos_token_id") else None  # a transformers tokenizer, not a bare one
     return build_loaded(model.float().eval(), task, tokenizer_json, tok, {"weights": "in memory"},
                         chat_template=getattr(tok, "chat_template", None))
