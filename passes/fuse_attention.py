@@ -85,13 +85,18 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         super().__init__("GQA" if repeated else "GQA-equal-heads", remove_nodes=True)
         self._repeated = repeated
 
-    def pattern(self, op, query, key, value, past_key, past_value, mask):
+    def _cached_kv(self, op, key, value, past_key, past_value):
+        """K and V concatenated with the cache, and repeated to the query heads when GQA repeats them."""
         key_all = op.Concat(past_key, key, axis=2, _outputs=["key_all"])
         value_all = op.Concat(past_value, value, axis=2, _outputs=["value_all"])
         key_rep, value_rep = key_all, value_all
         if self._repeated:
             key_rep = op.Reshape(op.Expand(op.Unsqueeze(key_all, pattern.ANY_VALUE), pattern.ANY_VALUE), pattern.ANY_VALUE)
             value_rep = op.Reshape(op.Expand(op.Unsqueeze(value_all, pattern.ANY_VALUE), pattern.ANY_VALUE), pattern.ANY_VALUE)
+        return key_all, value_all, key_rep, value_rep
+
+    def pattern(self, op, query, key, value, past_key, past_value, mask):
+        key_all, value_all, key_rep, value_rep = self._cached_kv(op, key, value, past_key, past_value)
         out = op.SDPA(query, key_rep, value_rep, mask, key_format="BHSd", _domain="ai.onnxruntime._fusion",
                       _allow_other_attributes=True, _outputs=["attention"])
         return out, key_all, value_all
@@ -166,12 +171,7 @@ class SoftcapGroupQueryAttentionRule(GroupQueryAttentionRule):
         self._repeated = repeated
 
     def pattern(self, op, query, key, value, past_key, past_value, mask, scale, cap_in, cap_out):
-        key_all = op.Concat(past_key, key, axis=2, _outputs=["key_all"])
-        value_all = op.Concat(past_value, value, axis=2, _outputs=["value_all"])
-        key_rep, value_rep = key_all, value_all
-        if self._repeated:
-            key_rep = op.Reshape(op.Expand(op.Unsqueeze(key_all, pattern.ANY_VALUE), pattern.ANY_VALUE), pattern.ANY_VALUE)
-            value_rep = op.Reshape(op.Expand(op.Unsqueeze(value_all, pattern.ANY_VALUE), pattern.ANY_VALUE), pattern.ANY_VALUE)
+        key_all, value_all, key_rep, value_rep = self._cached_kv(op, key, value, past_key, past_value)
         scores = op.Mul(op.MatMul(query, op.Transpose(key_rep, perm=[0, 1, 3, 2])), scale)
         capped = op.Mul(op.Tanh(op.Div(scores, cap_in)), cap_out)
         probs = op.Softmax(op.Add(capped, mask), axis=-1)
