@@ -23,11 +23,12 @@ import json
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA
-from kiln.passes.numerics import compare, ort_session
+from kiln.manifest import cache_names
+from kiln.passes.kv_layout import quiet_session
+from kiln.passes.numerics import compare
 
 TOLERANCE = 1e-3
 DECODE_STEPS = 4
@@ -37,24 +38,15 @@ class ParityError(KilnError):
     pass
 
 
-def _cache_names(layout: dict, template: str, layer: int, kind: str) -> str:
-    return template.split(":")[0].strip().replace("{layer}", str(layer)).replace("{key|value}", kind)
-
-
 def _empty_past(layout: dict, batch: int) -> dict[str, np.ndarray]:
     dtype = np.float16 if layout["dtype"] == "float16" else np.float32
-    feeds = {}
-    for i in range(layout["num_layers"]):
-        for kind, dim in (("key", layout["head_dim"]), ("value", layout["value_head_dim"])):
-            feeds[_cache_names(layout, layout["past"], i, kind)] = np.zeros((batch, layout["kv_heads"], 0, dim), dtype)
-    return feeds
+    shapes = ((batch, layout["kv_heads"], 0, layout["head_dim"]), (batch, layout["kv_heads"], 0, layout["value_head_dim"]))
+    return {name: np.zeros(shape, dtype) for pair in cache_names(layout["past"], layout["num_layers"])
+            for name, shape in zip(pair, shapes)}
 
 
 def _session(model: ir.Model):
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # as the pass checks run it
-    opts.log_severity_level = 3
-    session = ort_session(model, opts)
+    session = quiet_session(model)  # basic optimizations, as the pass checks run it; errors as our own line
     names = [o.name for o in session.get_outputs()]
     return lambda feeds: dict(zip(names, session.run(names, feeds)))
 
@@ -77,9 +69,9 @@ def _decode(run, model: ir.Model, layout: dict | None, ids: np.ndarray, mask: np
             break
         feeds = {"input_ids": ids[:, end:end + 1], "attention_mask": mask[:, :end + 1],
                  "position_ids": positions[:, end:end + 1]}
-        for i in range(layout["num_layers"]):
-            for kind in ("key", "value"):
-                feeds[_cache_names(layout, layout["past"], i, kind)] = out[_cache_names(layout, layout["present"], i, kind)]
+        for past, present in zip(cache_names(layout["past"], layout["num_layers"]),
+                                 cache_names(layout["present"], layout["num_layers"])):
+            feeds.update({p: out[q] for p, q in zip(past, present)})
     return np.concatenate(pieces, axis=1)
 
 
