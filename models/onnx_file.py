@@ -124,9 +124,8 @@ def _pool(model: ir.Model, pooling: str, normalize: bool) -> None:
     graph.outputs.append(pooled)
 
 
-def _meta_from_folder(folder: Path, task: str, model: ir.Model) -> dict:
+def _meta_from_config(folder: Path, config: dict, task: str, model: ir.Model) -> dict:
     meta: dict = {"task": task}
-    config = read_json(folder / "config.json", "config.json") if (folder / "config.json").is_file() else {}
     if "auto_map" in config:
         raise OnnxFileError(f"{folder / 'config.json'}: auto_map asks for custom model code, which kiln never runs")
     logits = next((v for v in model.graph.outputs if v.name == "logits"), None)
@@ -156,7 +155,9 @@ def onnx_prepared(path: Path, task: str | None, workdir: Path) -> Prepared:
     model = load_model(path)
     task = task or infer_onnx_task(model)
     folder = path.parent
-    meta = {"source": path.name, "sha256": file_sha256(path), **_meta_from_folder(folder, task, model)}
+    config_file = folder / "config.json"
+    config = read_json(config_file, "config.json") if config_file.is_file() else {}
+    meta = {"source": path.name, "sha256": file_sha256(path), **_meta_from_config(folder, config, task, model)}
     tokenizer_json, template, special = folder_tokenizer(folder) if task != "custom" else (None, None, None)
     changed = False
     if task == "causal-lm":
@@ -165,8 +166,6 @@ def onnx_prepared(path: Path, task: str | None, workdir: Path) -> Prepared:
             changed = True
         gen_file = folder / "generation_config.json"
         gen = read_json(gen_file, "generation_config.json") if gen_file.is_file() else {}
-        config_file = folder / "config.json"
-        config = read_json(config_file, "config.json") if config_file.is_file() else {}
         eos = gen.get("eos_token_id", config.get("eos_token_id", getattr(special, "eos_token_id", None)))
         eos_ids = sorted({e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)})
         pad = gen.get("pad_token_id", config.get("pad_token_id", getattr(special, "pad_token_id", None)))
