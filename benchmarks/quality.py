@@ -169,7 +169,7 @@ class LlamaCppLM:
 
 def _peers(threads: int) -> dict:
     """name -> (runtime, files) for the peers that are installed; the others are skipped with a note."""
-    from benchmarks.run import Skip, genai_build, gguf_requantized, source_gguf
+    from benchmarks.artifacts import Skip, genai_build, gguf_requantized, source_gguf
 
     bench = cache_dir("bench")
     builders = {"onnxruntime-genai int4 (model builder)": lambda: (GenaiLM, genai_build(bench, "int4")),

@@ -1,4 +1,4 @@
-"""benchmarks/run.py and benchmarks/plots.py without real models: interleaving, ratios, sections, plots."""
+"""The speed benchmark (benchmarks/timing.py, roofline.py, render.py) and benchmarks/plots.py without real models: interleaving, ratios, sections, plots."""
 
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/ lives in the checkout, not the wheel
 
-from benchmarks import plots, run
+from benchmarks import plots, render, roofline, timing
 from kiln.bench import LMRunner
 from kiln.roofline import Ceiling, Layout
 
@@ -26,7 +26,7 @@ class Fake(LMRunner):
         return (self.cont[1:] * steps)[:steps]
 
 
-PLAN = run.Plan(prompts=[4, 8], depths=[0, 8], decode_tokens=3, raw_decode_tokens=2, repeats=2)
+PLAN = timing.Plan(prompts=[4, 8], depths=[0, 8], decode_tokens=3, raw_decode_tokens=2, repeats=2)
 
 
 def _results(static=False):
@@ -36,7 +36,7 @@ def _results(static=False):
         tvm = Fake("kiln-tvm-fp32", log)
         tvm.max_tokens = 6  # a static cache: prompt 4 fits, prompt 8 and depth 8 do not
         systems.append(tvm)
-    return run.run_llm(systems, list(range(100, 120)), PLAN), log
+    return timing.run_llm(systems, list(range(100, 120)), PLAN), log
 
 
 def test_rounds_are_interleaved_with_a_warm_up():
@@ -66,7 +66,7 @@ def _data(static=False):
     from kiln.roofline import Arithmetic
 
     a = Arithmetic(Layout(2, 4, 2, 16, 16, 4, True), matmul_params=1000, matmul_bytes=4000, gather_row_bytes=64)
-    rows = run.roofline_rows(results, {n: a for n in results}, Ceiling(10, 100, 2), PLAN)
+    rows = roofline.roofline_rows(results, {n: a for n in results}, Ceiling(10, 100, 2), PLAN)
     return {"date": "today", "plan": {"prompts": PLAN.prompts, "depths": PLAN.depths, "decode_tokens": 3,
                                       "raw_decode_tokens": 2, "repeats": 2},
             "machine_line": "Machine: test.", "versions": {"kiln": "0"}, "llm": {"2": results},
@@ -82,13 +82,13 @@ def _data(static=False):
 
 def test_sections_have_ratios_against_every_peer():
     data = _data(static=True)
-    text = run.llm_section(data, "python -m benchmarks.run")
+    text = render.llm_section(data, "python -m benchmarks.run")
     assert "Skipped: kiln-tvm (not yet)" in text
     assert "| pytorch-eager |" in text and "| llama.cpp-q4_1 |" in text
     assert "| peer | fp32 decode @0 | fp32 decode @8 | fp32 prefill @8 |" in text
-    enc = run.encoder_section(data)
+    enc = render.encoder_section(data)
     assert "| pytorch-eager |" in enc and "| 2.00× | 2.00× |" in enc and "fp32 ratio: throughput" in enc
-    roof = run.roofline_section(data)
+    roof = render.roofline_section(data)
     assert "10 GB/s read" in roof and "memory" in roof
     assert "| kiln-tvm-fp32 |" in text and "| - |" in text and "| kiln-tvm-fp32 |" in roof
 
@@ -96,7 +96,7 @@ def test_sections_have_ratios_against_every_peer():
 def test_unsectioned_text_is_replaced(tmp_path):
     path = tmp_path / "RESULTS.md"
     path.write_text("# Benchmark results\n\nold table\n| system | a |\n\n<!-- quality-llm:begin -->\nQ\n<!-- quality-llm:end -->\n")
-    run._remove_unsectioned(path)
+    render.remove_unsectioned(path)
     assert "old table" not in path.read_text() and "<!-- quality-llm:begin -->\nQ" in path.read_text()
 
 
