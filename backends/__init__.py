@@ -49,8 +49,10 @@ class Session(Protocol):
     def run(self, names: list[str] | None, feeds: dict) -> list: ...
 
 
-def create_session(directory: Path, backend_manifest: dict, threads: int | None = None) -> Session:
-    """A session for the artifact, by the backend named in its manifest."""
+def create_session(directory: Path, backend_manifest: dict, threads: int | None = None,
+                   files: dict | None = None) -> Session:
+    """A session for the artifact, by the backend named in its manifest. `files` is the
+    manifest's `files` record (sizes and sha256): a TVM library loads only if it matches."""
     name = backend_manifest.get("name", "ort")
     if name == "ort":
         from kiln.backends.ort import create_session as create
@@ -58,4 +60,6 @@ def create_session(directory: Path, backend_manifest: dict, threads: int | None 
         from kiln.backends.tvm import create_session as create
     else:
         raise BackendError(f"unknown backend '{name}' in the manifest (available: {', '.join(BACKENDS)})")
+    if name == "tvm":
+        return create(Path(directory), backend_manifest, threads=threads, files=files)
     return create(Path(directory), backend_manifest, threads=threads)

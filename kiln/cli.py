@@ -254,13 +254,18 @@ def run_cmd(
         None, "--check/--no-check",
         help="Compare with the PyTorch source model: greedy tokens (LLM) or cosine (encoder). "
              "Default: on for encoders, off for LLMs (loading an LLM takes a while)."),
+    verify: bool = typer.Option(False, "--verify", help="Check every file's sha256 against the manifest before loading "
+                                                        "(sizes are always checked)."),
 ):
     """Generate a continuation (LLM: streamed, greedy unless --temperature), print embeddings (encoder)
     or a classifier's scores per label."""
-    from kiln.runtime import load
+    from kiln.runtime import check_text, load
 
     _runtime_only_tvm()
-    art = load(artifact, threads=threads)
+    art = load(artifact, threads=threads, verify=verify)
+    for value, what in ((prompt, "the prompt"), *((t, "a --text") for t in text or ()), *((t, "a --pair") for t in pair or ())):
+        if value is not None:
+            check_text(value, what)  # before anything is printed
     if pair and art.task != "sequence-classification":
         raise KilnError(f"--pair is for a sequence-classification artifact; this one is {art.task}")
     if art.task == "causal-lm":
@@ -396,6 +401,8 @@ def bench_cmd(
     compare: bool = typer.Option(
         False, "--compare", help="Run the side-by-side benchmark against the peers (python -m benchmarks.run, "
                                  "from a source checkout); the other arguments go to that script, e.g. --quick."),
+    verify: bool = typer.Option(False, "--verify", help="Check every file's sha256 against the manifest before loading "
+                                                        "(sizes are always checked)."),
 ):
     """Prefill tok/s, time to first token, decode tok/s and peak RSS (LLM); latency and throughput (encoder)."""
     if compare:
@@ -412,7 +419,7 @@ def bench_cmd(
     from kiln.runtime import load
 
     _runtime_only_tvm()
-    art = load(artifact, threads=threads)
+    art = load(artifact, threads=threads, verify=verify)
     result = bench_llm(art, prompt_tokens, new_tokens, repeats) if art.task == "causal-lm" else bench_encoder(art, repeats)
     result["threads"] = threads or art.manifest["backend"]["session"].get("intra_op_num_threads")
     if as_json:
@@ -451,6 +458,8 @@ def eval_cmd(
     windows: int = typer.Option(10, "--windows", min=1, help="LLM: number of windows."),
     sentences: int = typer.Option(200, "--sentences", min=2, help="Encoder: number of sentences."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    verify: bool = typer.Option(False, "--verify", help="Check every file's sha256 against the manifest before loading "
+                                                        "(sizes are always checked)."),
 ):
     """Perplexity, KL and top-1 agreement (LLM) or cosine and nearest-neighbour agreement (encoder)."""
     import dataclasses
@@ -465,13 +474,13 @@ def eval_cmd(
         if corpus not in EVAL_CORPORA:
             raise KilnError(f"unknown corpus '{corpus}': choose one of {', '.join(EVAL_CORPORA)}")
     _runtime_only_tvm()
-    art = load(artifact)
+    art = load(artifact, verify=verify)
     if art.task not in ("causal-lm", "embedding"):
         raise KilnError(f"`kiln eval` measures LLMs (perplexity) and encoders (cosine); a '{art.task}' artifact has "
                         f"no evaluation here (try `kiln run {artifact} --text ...` or `kiln bench {artifact}`)")
     if corpus is not None:
         text = EVAL_CORPORA[corpus]()
-    ref = load(reference) if reference else None
+    ref = load(reference, verify=verify) if reference else None
     if art.task == "causal-lm":
         report = evaluate_lm(art, text, context, stride, windows, ref)
         result = dataclasses.asdict(report) | {"ppl_increase": report.ppl_increase}

@@ -24,7 +24,7 @@ import kiln
 from kiln.backends import create_session, get_backend
 from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA, VerificationError, load_model, summary, verify
-from kiln.manifest import SCHEMA_VERSION, write_manifest
+from kiln.manifest import SCHEMA_VERSION, describe_files, write_manifest
 from kiln.models import Loaded, Prepared, export_loaded, get_source, prepare, sample_inputs
 from kiln.models.export import read_export, write_export
 from kiln.models.local import module_fingerprint, tokenizer_text
@@ -218,6 +218,7 @@ def compile(  # noqa: A001
             manifest["compile"]["artifact_check"] = _check_artifact(tmp, backend_info, ir_model, check,
                                                                     profile.precision)
             manifest["compile"]["seconds"] = round(time.perf_counter() - start, 1)
+            manifest["files"] = describe_files(tmp)
             write_manifest(tmp, manifest)
     return CompileResult(output, manifest)
 

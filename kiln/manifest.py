@@ -210,3 +210,103 @@ class Classification:
     def as_dict(self) -> dict:
         return {"labels": list(self.labels), "problem_type": self.problem_type,
                 "max_sequence_length": self.max_sequence_length}
+
+
+# --- the artifact's files: containment and integrity ------------------------------------------
+
+def artifact_path(directory: str | Path, relpath, field: str) -> Path:
+    """`directory / relpath` for a file the manifest names in `field`, refused (one line naming
+    the field) unless `relpath` is relative and normalised (no `..`, `.` or empty parts, no
+    backslash, not absolute) and resolves, symlinks included, inside the artifact directory.
+    Every runtime path to a file of an artifact goes through here."""
+    where = f"{Path(directory) / MANIFEST}"
+    if not isinstance(relpath, str) or not relpath:
+        raise ManifestError(f"{where}: {field} is not a file name")
+    shown = relpath.encode("unicode_escape").decode("ascii")
+    parts = relpath.split("/")
+    if (relpath.startswith(("/", "\\")) or "\\" in relpath or "\0" in relpath or (len(relpath) > 1 and relpath[1] == ":")
+            or any(p in ("", ".", "..") for p in parts)):
+        raise ManifestError(f"{where}: {field} '{shown}' is not a plain relative path inside the artifact "
+                            f"(absolute, '..', '.', or not normalised): refused")
+    root = Path(directory).resolve()
+    path = Path(directory) / relpath
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise ManifestError(f"{where}: {field} '{shown}' cannot be resolved ({exc.__class__.__name__}): refused") from exc
+    if resolved != root and root not in resolved.parents:
+        raise ManifestError(f"{where}: {field} '{shown}' resolves outside the artifact directory (a symlink?): refused")
+    return path
+
+
+def file_fields(manifest: dict) -> list[tuple[str, str]]:
+    """(field, relative path) of every file the manifest names (the `files` record included)."""
+    backend = manifest.get("backend") if isinstance(manifest.get("backend"), dict) else {}
+    out = []
+    for key in ("model", "external_data", "params"):
+        if backend.get(key) is not None:
+            out.append((f"backend.{key}", backend[key]))
+    functions = backend.get("functions")
+    if isinstance(functions, dict):
+        for fn, spec in functions.items():
+            if isinstance(spec, dict) and "library" in spec:
+                out.append((f"backend.functions.{fn}.library", spec["library"]))
+    if manifest.get("tokenizer") is not None:
+        out.append(("tokenizer", manifest["tokenizer"]))
+    for rel in (manifest.get("files") or {}):
+        out.append((f"files[{rel!r}]", rel))
+    return out
+
+
+def check_paths(directory: str | Path, manifest: dict) -> None:
+    """Every file the manifest names must be inside the artifact (`artifact_path`)."""
+    for field, rel in file_fields(manifest):
+        artifact_path(directory, rel, field)
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_files(directory: str | Path) -> dict:
+    """{relative path: {"bytes": size, "sha256": hex}} of every file of the artifact but kiln.json,
+    sorted by path (the manifest's `files`)."""
+    directory = Path(directory)
+    out = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()):
+        rel = path.relative_to(directory).as_posix()
+        if rel != MANIFEST:
+            out[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return out
+
+
+def verify_files(directory: str | Path, manifest: dict, hashes: bool = False) -> None:
+    """Each file the manifest's `files` records must be there with its size (always) and its
+    sha256 (with `hashes`); a mismatch is one line naming the file. A manifest without `files`
+    (an artifact from an older kiln) has nothing to check sizes against; asking for `hashes`
+    on it is refused, since nothing can be verified."""
+    directory = Path(directory)
+    files = manifest.get("files")
+    where = directory / MANIFEST
+    if files is None:
+        if hashes:
+            raise ManifestError(f"{where}: cannot verify: the manifest records no file sizes and hashes "
+                                f"(`files`; compiled by an older kiln): recompile it, or load it without --verify")
+        return
+    for rel, record in files.items():
+        path = artifact_path(directory, rel, f"files[{rel!r}]")
+        if not path.is_file():
+            raise ManifestError(f"{directory}: file {rel} is missing (the manifest records it)")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise ManifestError(f"{directory}: file {rel} has {size} bytes, the manifest records {record['bytes']}: "
+                                f"the artifact is damaged or was changed")
+        if hashes and sha256_file(path) != record["sha256"]:
+            raise ManifestError(f"{directory}: file {rel} does not match its sha256 in the manifest: "
+                                f"the artifact is damaged or was changed")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from kiln.manifest import cache_names
+from kiln.manifest import cache_names, describe_files
 
 
 def copy_artifact(src: Path, dst: Path) -> Path:
@@ -34,6 +34,17 @@ def rename_values(artifact: Path, renames: dict[str, str]) -> None:
         for tensor in manifest["io"][side]:
             tensor["name"] = renames.get(tensor["name"], tensor["name"])
     (artifact / "kiln.json").write_text(json.dumps(manifest, indent=2))
+    refresh_files(artifact)
+
+
+def refresh_files(artifact: Path) -> dict:
+    """The manifest's `files` record (sizes and sha256) rewritten for the files as they are now,
+    as if the edited artifact had been compiled so. Returns the new manifest."""
+    manifest = json.loads((artifact / "kiln.json").read_text())
+    if "files" in manifest:
+        manifest["files"] = describe_files(artifact)
+        (artifact / "kiln.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
 
 
 PAST = "layer{layer}/cache_in_{key|value}: renamed by the test"

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kiln.backends.static import run_padded, run_rows
+from kiln.manifest import artifact_path
 
 MODEL_FILE = "model.onnx"
 
@@ -41,7 +42,10 @@ def create_session(directory: Path, backend_manifest: dict, threads: int | None 
     if missing:
         print(f"kiln: {', '.join(missing)} not available in this ONNX Runtime; running on "
               f"{', '.join(providers) or 'CPUExecutionProvider'}", file=sys.stderr)
-    session = ort.InferenceSession(str(Path(directory) / backend_manifest["model"]), opts,
+    model = artifact_path(directory, backend_manifest["model"], "backend.model")
+    if backend_manifest.get("external_data") is not None:
+        artifact_path(directory, backend_manifest["external_data"], "backend.external_data")
+    session = ort.InferenceSession(str(model), opts,
                                    providers=providers or ["CPUExecutionProvider"])
     return PaddedSession(session, settings["padding"]) if "padding" in settings else session
 

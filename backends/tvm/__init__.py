@@ -27,10 +27,10 @@ os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "1000")
 
 
-def create_session(directory: Path, backend_manifest: dict, threads: int | None = None):
+def create_session(directory: Path, backend_manifest: dict, threads: int | None = None, files: dict | None = None):
     from kiln.backends.tvm.session import TvmSession
 
-    return TvmSession(Path(directory), backend_manifest, threads)
+    return TvmSession(Path(directory), backend_manifest, threads, files=files)
 
 
 def __getattr__(name: str):

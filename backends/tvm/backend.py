@@ -59,7 +59,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA, dims
-from kiln.manifest import KVLayout
+from kiln.manifest import KVLayout, sha256_file
 from kiln.models.cache import cache_dir
 from kiln.passes.base import KilnPass
 from kiln.passes.expand_dequantize import ExpandDequantizePass
@@ -178,6 +178,8 @@ class TvmBackend:
         executables, tuning = build(modules, tvm_target, self.tune_minutes)
         for fn, executable in executables.items():
             executable.export_library(str(directory / functions[fn]["library"]))
+            # the runtime loads this compiled code only if the file still has this hash
+            functions[fn]["sha256"] = sha256_file(directory / functions[fn]["library"])
         np.savez(directory / PARAMS_FILE, **params)
         return {
             "name": self.name,

@@ -29,6 +29,7 @@ import numpy as np
 
 from kiln.backends.static import host, pad_chunk, run_padded, run_rows, sequence_length, shape, take
 from kiln.errors import KilnError
+from kiln.manifest import ManifestError, artifact_path, sha256_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +37,34 @@ class _Arg:
     name: str
 
 
+def checked_libraries(directory: Path, functions: dict, files: dict | None) -> dict[str, Path]:
+    """Each function's library, refused (one line naming it) unless it is inside the artifact
+    (`artifact_path`) and its sha256 is recorded (the manifest's `files`, or the function's
+    `sha256`) and matches. A TVM library is compiled code: nothing is loaded before every one
+    of them passes."""
+    paths = {}
+    for fn, spec in functions.items():
+        field = f"backend.functions.{fn}.library"
+        rel = spec["library"]
+        path = artifact_path(directory, rel, field)
+        recorded = [h for h in ((files or {}).get(rel, {}).get("sha256"), spec.get("sha256")) if h]
+        if not recorded:
+            raise ManifestError(f"{directory}: the TVM library {rel} ({field}) has no sha256 in the manifest: "
+                                f"compiled code is loaded only when its hash is recorded: refused")
+        if not path.is_file():
+            raise ManifestError(f"{directory}: the TVM library {rel} ({field}) is missing")
+        if any(sha256_file(path) != h for h in recorded):
+            raise ManifestError(f"{directory}: the TVM library {rel} ({field}) does not match its sha256 in the "
+                                f"manifest: refused (not loaded)")
+        paths[fn] = path
+    return paths
+
+
 class TvmSession:
-    def __init__(self, directory: Path, backend_manifest: dict, threads: int | None = None):
+    def __init__(self, directory: Path, backend_manifest: dict, threads: int | None = None,
+                 files: dict | None = None):
+        libraries = checked_libraries(directory, backend_manifest["functions"], files)
+        params = artifact_path(directory, backend_manifest["params"], "backend.params")
         import tvm
         from tvm.runtime.vm import VirtualMachine  # the Relax VM's runtime half (tvm.relax re-exports it)
 
@@ -49,12 +76,12 @@ class TvmSession:
             tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1: kBig, all cores alike
         self._tvm = tvm
         self.functions = backend_manifest["functions"]
-        self.vms = {fn: VirtualMachine(tvm.runtime.load_module(str(directory / spec["library"])), tvm.cpu())
-                    for fn, spec in self.functions.items()}
+        self.vms = {fn: VirtualMachine(tvm.runtime.load_module(str(libraries[fn])), tvm.cpu())
+                    for fn in self.functions}
         self.sequence_axes = backend_manifest["sequence_axes"]
         self.batch_axes = backend_manifest["batch_axes"]
         self.cache = backend_manifest.get("cache", {})  # past input -> present output
-        with np.load(directory / backend_manifest["params"]) as stored:
+        with np.load(params) as stored:
             tensors = {k: tvm.runtime.tensor(stored[k]) for k in stored.files}
         self.params = {fn: [tensors[k] for k in spec["params"]] for fn, spec in self.functions.items()}
         first = next(iter(self.functions.values()))

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from kiln.backends import create_session
 from kiln.errors import KilnError
-from kiln.manifest import Classification, read_manifest
+from kiln.manifest import Classification, check_paths, read_manifest, verify_files
 from kiln.runtime.generate import (
     Generator,
     Model,
@@ -69,21 +69,40 @@ class Scores:
 
 
 class Artifact:
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, verify: bool = False):
+        """Open the artifact at `path`. Every file its manifest names must be inside the directory,
+        and the files its manifest records (`files`) must have their recorded sizes; with `verify`,
+        their sha256 too (an artifact without `files` is then refused: it cannot be verified)."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.task = self.manifest["task"]
+        check_paths(self.path, self.manifest)
+        verify_files(self.path, self.manifest, hashes=verify)
         try:
-            self.session = create_session(self.path, self.manifest["backend"], threads=threads)
+            self.session = create_session(self.path, self.manifest["backend"], threads=threads,
+                                          files=self.manifest.get("files"))
+        except KilnError:
+            raise
         except Exception as exc:
-            raise ArtifactError(f"{self.path}: cannot open the model: {str(exc).strip().splitlines()[0]}") from exc
+            raise ArtifactError(f"{self.path}: cannot open the model: {_first_line(exc)}") from exc
         tok = self.manifest.get("tokenizer")
-        self.tokenizer = Tokenizer.from_file(str(self.path / tok)) if tok else None
+        self.tokenizer = self._load_tokenizer(tok) if tok else None
         # The tokenizer's own pad id (tokenizer.json `padding`), before padding is switched off.
         padding = self.tokenizer.padding if self.tokenizer is not None else None
         self.pad_id = int(padding["pad_id"]) if padding else 0
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._model: Model | None = None
+        if self.task == "causal-lm":
+            self._lm()  # the KV layout checked against the graph now, not mid-generation
+
+    def _load_tokenizer(self, name: str) -> Tokenizer:
+        file = self.path / name  # inside the artifact: check_paths
+        if not file.is_file():
+            raise ArtifactError(f"{self.path}: the tokenizer {name} (manifest `tokenizer`) is missing")
+        try:
+            return Tokenizer.from_file(str(file))
+        except Exception as exc:  # tokenizers raises its own Exception type for an empty or garbage file
+            raise ArtifactError(f"{self.path}: the tokenizer {name} cannot be read: {_first_line(exc)}") from exc
 
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -92,18 +111,15 @@ class Artifact:
 
     # --- causal LM ----------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self._need_tokenizer().encode(text).ids
+        return self._need_tokenizer().encode(check_text(text, "the prompt")).ids
 
     def chat_prompt(self, user_message: str) -> str:
         """The prompt text for one user turn, rendered with the model's chat template."""
         template = self.manifest.get("generation", {}).get("chat_template")
         if not template:
             raise ArtifactError(f"{self.path}: the model has no chat template")
-        import jinja2
-
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(template).render(messages=[{"role": "user", "content": user_message}],
-                                                add_generation_prompt=True)
+        return render_chat_template(template, [{"role": "user", "content": check_text(user_message, "the prompt")}],
+                                    where=f"{self.path}: the chat template (generation.chat_template)")
 
     def _lm(self) -> Model:
         if self.task != "causal-lm":
@@ -192,6 +208,8 @@ class Artifact:
         # Truncation in the tokenizer keeps the special tokens ([CLS] ... [SEP]) intact.
         tok.enable_truncation(max_len)
         tok.no_padding()  # some tokenizer.json files pad to a fixed length; pad to the batch instead
+        texts = [check_text(t, "a text") for t in texts]
+        pairs = [check_text(p, "a pair text") for p in pairs] if pairs is not None else None
         encodings = tok.encode_batch(list(zip(texts, pairs)) if pairs is not None else list(texts))
         length = max(len(e.ids) for e in encodings)
         feeds = {name: np.zeros((len(texts), length), dtype=np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
@@ -235,5 +253,57 @@ def class_scores(logits: np.ndarray, problem_type: str) -> np.ndarray:
     return e / e.sum()
 
 
-def load(path: str | Path, threads: int | None = None) -> Artifact:
-    return Artifact(path, threads=threads)
+def load(path: str | Path, threads: int | None = None, verify: bool = False) -> Artifact:
+    """Open an artifact; `verify` also checks every file's sha256 against the manifest."""
+    return Artifact(path, threads=threads, verify=verify)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_text(text, what: str) -> str:
+    """`text` if it is a str that encodes as UTF-8 (no lone surrogates), else one line."""
+    if not isinstance(text, str):
+        raise ArtifactError(f"{what} is not text ({type(text).__name__})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start:exc.end].encode("unicode_escape").decode("ascii")
+        raise ArtifactError(f"{what} is not valid UTF-8 text (character {bad} at {exc.start}: a lone surrogate, "
+                            f"from bytes that are not UTF-8?)") from exc
+    return text
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
+                         where: str = "the chat template", **extra) -> str:
+    """A chat template rendered as transformers renders it: in jinja2's immutable sandbox (a
+    template from an artifact runs no code), with trim_blocks and lstrip_blocks, the loopcontrols
+    extension, and the globals `raise_exception` and `strftime_now` and the filter `tojson`
+    (transformers' own). A template that tries to leave the sandbox, fails to parse or raises
+    is one line naming it."""
+    import json
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+    except jinja2.exceptions.SecurityError as exc:
+        raise ArtifactError(f"{where} tried to reach outside jinja2's sandbox ({_first_line(exc)}): refused") from exc
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise ArtifactError(f"{where} is not a valid Jinja template (line {exc.lineno}: {_first_line(exc)})") from exc
+    except Exception as exc:  # raise_exception, undefined names, type errors inside the template
+        raise ArtifactError(f"{where} cannot be rendered: {type(exc).__name__}: {_first_line(exc)}") from exc

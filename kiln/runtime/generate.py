@@ -101,6 +101,35 @@ class Model:
         if missing:
             raise GenerationError(f"kv_cache names '{missing}' (from its past/present templates) but the graph has no "
                                   f"such {'input' if missing in self.past_names else 'output'}")
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """The manifest's kv_cache (heads, head sizes, static slots, dtype) against the graph's
+        declared cache inputs, so a disagreement is one line at load, not an error mid-generation.
+        Symbolic or unknown sizes (and sessions that declare none, e.g. TVM's) are not checked."""
+        kv = self.layout
+        wanted_type = {"float": "tensor(float)", "float16": "tensor(float16)"}.get(kv.dtype)
+        declared = {i.name: i for i in self.session.get_inputs()}
+        for j, name in enumerate(self.past_names):
+            value = declared[name]
+            shape, kind = getattr(value, "shape", None), getattr(value, "type", None)
+            if wanted_type and isinstance(kind, str) and kind != wanted_type:
+                raise GenerationError(f"the manifest's kv_cache.dtype is {kv.dtype}, but the graph's cache input "
+                                      f"'{name}' is {kind}: the manifest does not describe this graph")
+            if not isinstance(shape, (list, tuple)):
+                continue
+            if len(shape) != 4:
+                raise GenerationError(f"the graph's cache input '{name}' has {len(shape)} axes; the manifest's kv_cache "
+                                      f"describes 4 (batch, kv_heads, sequence, head_dim)")
+            expected = {1: ("kv_heads", kv.kv_heads),
+                        3: ("value_head_dim", kv.value_head_dim) if j % 2 else ("head_dim", kv.head_dim)}
+            if self.static:
+                expected[2] = ("max_length", kv.max_length)
+            for axis, (field, size) in expected.items():
+                if isinstance(shape[axis], int) and shape[axis] != size:
+                    raise GenerationError(f"the manifest's kv_cache.{field} is {size}, but the graph's cache input "
+                                          f"'{name}' has {shape[axis]} on axis {axis}: the manifest does not describe "
+                                          f"this graph")
 
     @property
     def static(self) -> bool:
@@ -134,7 +163,13 @@ class Model:
         dtype = np.float16 if kv.dtype == "float16" else np.float32
         length = kv.max_length if self.static else 0
         shapes = [(batch, kv.kv_heads, length, kv.head_dim), (batch, kv.kv_heads, length, kv.value_head_dim)]
-        return [np.zeros(shapes[j % 2], dtype=dtype) for j in range(2 * kv.num_layers)]
+        try:
+            return [np.zeros(shapes[j % 2], dtype=dtype) for j in range(2 * kv.num_layers)]
+        except (MemoryError, ValueError) as exc:  # a declared size no machine holds (ValueError: too big for numpy)
+            need = 2 * kv.num_layers * batch * kv.kv_heads * length * (kv.head_dim + kv.value_head_dim) // 2
+            raise GenerationError(f"the cache the manifest declares (kv_cache: {kv.num_layers} layers x {kv.kv_heads} heads "
+                                  f"x {length} slots) needs {need * np.dtype(dtype).itemsize:,} bytes: more than can "
+                                  f"be allocated") from exc
 
     def forward(self, input_ids, attention_mask, position_ids, cache):
         """Returns (last-position logits [B, V], new cache).
