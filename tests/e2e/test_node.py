@@ -219,3 +219,41 @@ def test_wrong_task_and_usage_errors(node_pkg, minilm):
     assert_one_line_error(node(node_pkg, "generate.js", str(minilm), "Hi"), "does not generate text")
     assert_one_line_error(node(node_pkg, "generate.js", str(minilm)), "usage:")
     assert_one_line_error(node(node_pkg, "embed.js", "/no/such/dir", "Hi"), "no such artifact directory")
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("model", "/etc/passwd", "backend.model '/etc/passwd' is not a plain relative path"),
+    ("model", "../other/model.onnx", "backend.model '../other/model.onnx' is not a plain relative path"),
+    ("tokenizer", "../other/tokenizer.json", "tokenizer '../other/tokenizer.json' is not a plain relative path"),
+    ("symlink", "model.onnx", "backend.model 'model.onnx' resolves outside the artifact directory"),
+])
+def test_paths_outside_the_artifact_are_refused_by_both(node_pkg, tiny, tmp_path, field, value, fragment):
+    shutil.copytree(tiny, tmp_path / "other")
+    art = tmp_path / "a"
+    shutil.copytree(tiny, art)
+    manifest = json.loads((art / "kiln.json").read_text())
+    if field == "symlink":
+        (art / "model.onnx").unlink()
+        (art / "model.onnx").symlink_to(tmp_path / "other" / "model.onnx")
+    elif field == "model":
+        manifest["backend"]["model"] = value
+    else:
+        manifest["tokenizer"] = value
+    (art / "kiln.json").write_text(json.dumps(manifest))
+    assert_one_line_error(node(node_pkg, "generate.js", str(art), "Hi", "-n", "2"), fragment)
+    with pytest.raises(ManifestError, match=re.escape(fragment)):
+        kiln.load(art)
+
+
+def test_file_sizes_are_checked_by_both(node_pkg, tiny, tmp_path):
+    art = tmp_path / "a"
+    shutil.copytree(tiny, art)
+    data = art / "model.onnx.data"
+    size = data.stat().st_size
+    data.write_bytes(data.read_bytes()[:-100])
+    message = f"file model.onnx.data has {size - 100} bytes, the manifest records {size}"
+    assert_one_line_error(node(node_pkg, "generate.js", str(art), "Hi", "-n", "2"), message)
+    with pytest.raises(ManifestError, match=message):
+        kiln.load(art)
+    data.unlink()
+    assert_one_line_error(node(node_pkg, "generate.js", str(art), "Hi", "-n", "2"), "file model.onnx.data is missing")

@@ -100,6 +100,66 @@ export function readManifest(dir) {
   return manifest;
 }
 
+// --- the artifact's files: containment and sizes (kiln.manifest.artifact_path, verify_files) ------
+
+/** `dir/rel` for a file the manifest names in `field`, refused (one line naming the field) unless
+ *  `rel` is relative and normalised (no `..`, `.` or empty parts, no backslash, not absolute) and
+ *  resolves, symlinks included, inside the artifact directory. */
+export function artifactPath(dir, rel, field) {
+  const where = path.join(dir, MANIFEST);
+  if (typeof rel !== "string" || !rel) throw new KilnError(`${where}: ${field} is not a file name`);
+  const shown = JSON.stringify(rel).slice(1, -1);
+  const parts = rel.split("/");
+  if (rel.startsWith("/") || rel.includes("\\") || rel.includes("\0") || (rel.length > 1 && rel[1] === ":")
+      || parts.some((p) => p === "" || p === "." || p === "..")) {
+    throw new KilnError(`${where}: ${field} '${shown}' is not a plain relative path inside the artifact `
+      + "(absolute, '..', '.', or not normalised): refused");
+  }
+  const root = fs.realpathSync(dir);
+  const file = path.join(dir, rel);
+  let resolved;
+  try {
+    resolved = fs.realpathSync(file);
+  } catch (err) {
+    if (err.code !== "ENOENT") throw new KilnError(`${where}: ${field} '${shown}' cannot be resolved (${err.code}): refused`);
+    resolved = path.join(fs.realpathSync(path.dirname(file)), path.basename(file));  // missing: its folder decides
+  }
+  if (resolved !== root && !resolved.startsWith(root + path.sep)) {
+    throw new KilnError(`${where}: ${field} '${shown}' resolves outside the artifact directory (a symlink?): refused`);
+  }
+  return file;
+}
+
+/** [field, relative path] of every file the manifest names (the `files` record included). */
+export function fileFields(manifest) {
+  const backend = manifest.backend ?? {};
+  const out = [];
+  for (const key of ["model", "external_data", "params"]) {
+    if (backend[key] !== undefined && backend[key] !== null) out.push([`backend.${key}`, backend[key]]);
+  }
+  for (const [fn, spec] of Object.entries(backend.functions ?? {})) {
+    if (spec && "library" in spec) out.push([`backend.functions.${fn}.library`, spec.library]);
+  }
+  if (manifest.tokenizer !== undefined && manifest.tokenizer !== null) out.push(["tokenizer", manifest.tokenizer]);
+  for (const rel of Object.keys(manifest.files ?? {})) out.push([`files['${rel}']`, rel]);
+  return out;
+}
+
+/** Every file the manifest names inside the artifact, and every file its `files` records there
+ *  with its recorded size (an artifact without `files`, from an older kiln, has no sizes to check). */
+export function checkArtifactFiles(dir, manifest) {
+  for (const [field, rel] of fileFields(manifest)) artifactPath(dir, rel, field);
+  for (const [rel, record] of Object.entries(manifest.files ?? {})) {
+    const file = path.join(dir, rel);
+    if (!fs.existsSync(file) || !fs.statSync(file).isFile()) throw new KilnError(`${dir}: file ${rel} is missing (the manifest records it)`);
+    const size = fs.statSync(file).size;
+    if (size !== record.bytes) {
+      throw new KilnError(`${dir}: file ${rel} has ${size} bytes, the manifest records ${record.bytes}: `
+        + "the artifact is damaged or was changed");
+    }
+  }
+}
+
 // --- tensors ----------------------------------------------------------------------------
 
 // Manifest dtypes (onnx_ir names) -> onnxruntime-node tensor types.
@@ -189,7 +249,7 @@ export function loadTokenizer(dir, manifest) {
   if (!manifest.tokenizer) return null;
   let json;
   try {
-    json = JSON.parse(fs.readFileSync(path.join(dir, manifest.tokenizer), "utf8"));
+    json = JSON.parse(fs.readFileSync(artifactPath(dir, manifest.tokenizer, "tokenizer"), "utf8"));
   } catch (err) {
     throw new KilnError(`${dir}: cannot read the tokenizer ${manifest.tokenizer}: ${err.message}`);
   }
@@ -223,6 +283,7 @@ export class Artifact {
   static async load(dir, { threads } = {}) {
     const manifest = readManifest(dir);
     const where = path.join(dir, MANIFEST);
+    checkArtifactFiles(dir, manifest);
     const backend = manifest.backend;
     if (backend.name !== "ort") throw new KilnError(`${where}: backend '${backend.name}' is not supported (only ort)`);
     const settings = backend.session;
@@ -238,7 +299,7 @@ export class Artifact {
     };
     let session;
     try {
-      session = await ort.InferenceSession.create(path.join(dir, backend.model), options);
+      session = await ort.InferenceSession.create(artifactPath(dir, backend.model, "backend.model"), options);
     } catch (err) {
       throw new KilnError(`${dir}: cannot open the model: ${String(err.message ?? err).trim().split("\n")[0]}`);
     }
