@@ -253,7 +253,7 @@ def minilm(work: Path, log) -> dict:
     total = got["manifest"]["summary"]["artifact"]["parameters"]
     out = {"fp32_params": total}
     from kiln.ir import load_model
-    from kiln.passes.structure import linear_layers, weight_of
+    from kiln.passes.analysis.linear import linear_layers, weight_of
 
     linear = sum(weight_of(n).size for n in linear_layers(load_model(ref_dir / "model.onnx")))
     out["linear_params"] = linear

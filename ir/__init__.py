@@ -2,7 +2,8 @@
 
 onnx_ir is the IR. This package only adds what passes need and onnx_ir lacks:
 `verify` (structural checks after every pass), `summary` (ops, parameters, bytes),
-shape helpers, a networkx view for graph algorithms, and `torch_graph` (the graph run
+shape helpers, `values` (constants, new initializers, reachability), a networkx view for graph
+algorithms, and `torch_graph` (the graph run
 in torch for passes that train by gradient; imported on use, since it loads torch).
 """
 

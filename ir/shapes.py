@@ -6,9 +6,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 
-def dims(value: ir.Value) -> tuple[int | str | None, ...] | None:
-    """The value's shape as ints (static), strings (symbolic) or None (unknown)."""
-    if value.shape is None:
+def dims(value: ir.Value | None) -> tuple[int | str | None, ...] | None:
+    """The value's shape as ints (static), strings (symbolic) or None (unknown); None for no shape."""
+    if value is None or value.shape is None:
         return None
     out: list[int | str | None] = []
     for d in value.shape:

@@ -136,7 +136,7 @@ def compile_cmd(
 def _size_mb(text: str | None) -> float | None:
     if text is None:
         return None
-    from kiln.passes.structure import parse_size_mb
+    from kiln.passes.structural import parse_size_mb
 
     try:
         return parse_size_mb(text)

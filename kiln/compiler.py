@@ -139,7 +139,7 @@ def compile(  # noqa: A001
     source_task = source.task if source else loaded.meta["task"] if loaded else task
     plan = load_recipe(recipe or default_recipe(profile, backend, source_task))
     if target_params is not None or target_mb is not None:
-        from kiln.passes.structure import retarget_steps
+        from kiln.passes.structural import retarget_steps
 
         plan = dataclasses.replace(plan, steps=retarget_steps(plan.steps, target_params, target_mb))
     be = get_backend(backend, **({} if tune_minutes is None else {"tune_minutes": tune_minutes}))

@@ -7,7 +7,9 @@ the compiler, adapted through signature-changing passes exactly like the sample 
 `capture` runs those feeds through ONNX Runtime with chosen intermediate values exposed
 as extra graph outputs and yields them one feed at a time; `collect` folds them into
 per-channel running statistics (`Stats`) so memory stays at one batch, whatever the
-amount of calibration text. Values are flattened to rows over their last axis (rows =
+amount of calibration text; `grams` folds them into Gram matrices. `short_feed` and
+`refresh_shapes` re-read the annotated shapes after a pass changed an int dim (heads,
+channels) from one short ORT run (symbolic dims stay symbolic). Values are flattened to rows over their last axis (rows =
 tokens, columns = channels); calibration feeds carry no padding, so every row is real.
 """
 
@@ -16,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from kiln.errors import KilnError
+from kiln.ir.values import is_const
 from kiln.passes.numerics import ort_session
 
 
@@ -182,3 +186,96 @@ def _last_dim(value: ir.Value | None) -> int | None:
         return None
     last = value.shape[-1]
     return last if isinstance(last, int) else None
+
+
+@dataclasses.dataclass
+class Gram:
+    """Σ xᵀx over the rows of a captured value (last axis = channels), and the row count."""
+
+    gram: np.ndarray
+    rows: int
+    total: np.ndarray | None = None  # Σ x
+
+    @property
+    def sq_sum(self) -> np.ndarray:
+        return np.diag(self.gram).copy()
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.rows, 1)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        mu = self.mean
+        return self.gram / max(self.rows, 1) - np.outer(mu, mu)
+
+
+def grams(model: ir.Model, feeds, names: Sequence[str]) -> dict[str, Gram]:
+    """Gram matrices of the named values over the calibration feeds: float32 products per
+    feed (fast BLAS), accumulated in float64."""
+    out: dict[str, Gram] = {}
+    for arrays in capture(model, feeds, list(dict.fromkeys(names))):
+        for name, x in arrays.items():
+            x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+            g = (x.T @ x).astype(np.float64)
+            t = x.sum(0, dtype=np.float64)
+            if name in out:
+                out[name].gram += g
+                out[name].rows += x.shape[0]
+                out[name].total += t
+            else:
+                out[name] = Gram(g, x.shape[0], t)
+    return out
+
+
+def short_feed(calibration: Sequence[dict[str, np.ndarray]] | None, model: ir.Model, tokens: int = 8) -> dict:
+    """A small feed for shape probing: the first `tokens` of the first calibration feed (or ones)."""
+    if calibration:
+        return {k: (v[:, :tokens] if v.ndim == 2 else v) for k, v in calibration[0].items()}
+    feed = {}
+    for v in model.graph.inputs:
+        shape = [d if isinstance(d, int) else (1 if i == 0 else tokens) for i, d in enumerate(v.shape)]
+        feed[v.name] = np.ones(shape, dtype=v.dtype.numpy())
+    return feed
+
+
+def refresh_shapes(model: ir.Model, feed: dict[str, np.ndarray], values: Iterable[ir.Value] | None = None) -> int:
+    """Re-annotate int dims of intermediate values from one ORT run on `feed`; symbolic dims stay.
+
+    Returns the number of values whose annotation changed. Values of unknown rank stay as they are.
+    """
+    graph = model.graph
+    targets = list(values) if values is not None else [o for n in graph for o in n.outputs]
+    targets = [v for v in targets if v.shape is not None and v.dtype is not None and not v.is_graph_output()
+               and any(isinstance(d, int) for d in v.shape) and v.producer() is not None
+               and v.producer().op_type != "Constant" and not all(is_const(i) for i in v.producer().inputs if i is not None)]
+    if not targets:
+        return 0
+    saved = {v: v.shape for v in targets}
+    for v in targets:
+        v.shape = None
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    outputs = list(graph.outputs)
+    graph.outputs.extend(targets)
+    try:
+        session = ort_session(model, opts)
+    finally:
+        graph.outputs.clear()
+        graph.outputs.extend(outputs)
+        for v, s in saved.items():
+            v.shape = s
+    names = [v.name for v in targets]
+    inputs = {i.name for i in session.get_inputs()}
+    arrays = session.run(names, {k: v for k, v in feed.items() if k in inputs})
+    changed = 0
+    for v, a in zip(targets, arrays):
+        old = list(v.shape)
+        if len(old) != a.ndim:
+            continue
+        new = [a.shape[i] if isinstance(d, int) else d for i, d in enumerate(old)]
+        if new != old:
+            v.shape = ir.Shape(new)
+            changed += 1
+    return changed

@@ -32,9 +32,9 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.ir import KV_CACHE_METADATA
+from kiln.ir.values import unique_name
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import unique_name
 
 KEEP_FP32 = ("LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "LogSoftmax", "ReduceMean",
              "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceMax", "ReduceMin", "Pow",

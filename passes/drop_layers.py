@@ -2,7 +2,7 @@
 
     x_{i+1} = layer_i(x_i)   ->   x_{i+1} = x_i        for each dropped layer i
 
-Layers are found on the residual stream (`kiln.passes.structure.decoder_layers`): the residual
+Layers are found on the residual stream (`kiln.passes.analysis.layers.decoder_layers`): the residual
 Adds `skip + f(skip)` in graph order, a layer starting at each sublayer that contains a Softmax
 attention. A layer's input is the stream value entering its first sublayer, its output the
 value entering the next layer (pre-norm: the last residual Add; post-norm: the norm after it).
@@ -24,22 +24,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from kiln.ir import KV_CACHE_METADATA
-from kiln.passes.base import KilnPass
-from kiln.passes.calibration import capture, require
-from kiln.passes.registry import register_pass
-from kiln.passes.structure import (
-    Layer,
-    check_metric,
-    check_target,
-    decoder_layers,
-    exclusive_params,
-    param_count,
-    params_to_keep,
-    remove_unused_initializers,
-)
 
 from kiln.errors import KilnError
+from kiln.ir import KV_CACHE_METADATA
+from kiln.ir.values import param_count, remove_unused_initializers
+from kiln.passes.analysis.layers import Layer, decoder_layers, exclusive_params
+from kiln.passes.calibration import capture, require
+from kiln.passes.registry import register_pass
+from kiln.passes.structural import StructuralPass
 
 
 def block_influence(model: ir.Model, layers: list[Layer], feeds) -> list[float]:
@@ -60,22 +52,14 @@ def block_influence(model: ir.Model, layers: list[Layer], feeds) -> list[float]:
 
 
 @register_pass("drop-layers")
-class DropLayersPass(KilnPass):
-    exact = False
-    uses_calibration = True
-
+class DropLayersPass(StructuralPass):
     def __init__(self, target_params: float = 0.0, target_mb: float = 0.0, layers: int = 0, drop: list | None = None,
                  metric: str = "kl", budget: float = 1.0):
-        super().__init__()
-        check_target(target_params, target_mb)
         drop = list(drop or [])
+        super().__init__(target_params, target_mb, metric, budget, {"layers": layers, "drop": drop})
         if layers < 0 or any(not isinstance(i, int) or i < 0 for i in drop):
             raise ValueError("layers must be >= 0 and drop a list of layer indices >= 0")
-        if sum(bool(x) for x in (target_params or target_mb, layers, drop)) > 1:
-            raise ValueError("give one of target_params / target_mb, layers, drop")
-        check_metric(metric)
-        self.target_params, self.target_mb, self.layers, self.drop = target_params, target_mb, layers, drop
-        self.metric, self.budget = metric, budget
+        self.layers, self.drop = layers, drop
 
     def call(self, model: ir.Model):
         if KV_CACHE_METADATA in model.metadata_props:
@@ -96,7 +80,7 @@ class DropLayersPass(KilnPass):
                                 f"droppable: {candidates})")
             chosen, bi = list(self.drop), None
         else:
-            keep = params_to_keep(model, self.target_params, self.target_mb)
+            keep = self.keep(model)
             if not self.layers and keep is None:
                 return self.result(model, modified=False, stats=base, rejected=["nothing to drop (no target)"])
             feeds = require(self.calibration, "drop-layers")

@@ -59,10 +59,10 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.errors import KilnError
+from kiln.ir.values import new_initializer
 from kiln.passes.base import KilnPass
 from kiln.passes.quantization import compact_scale_parts
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import new_initializer
 
 _BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
 _SIGNED = (ir.DataType.INT4, ir.DataType.INT8)

@@ -45,22 +45,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from kiln.passes.base import KilnPass
-from kiln.passes.calibration import require
-from kiln.passes.registry import register_pass
-from kiln.passes.structure import (
-    check_metric,
-    check_target,
-    grams,
-    linear_layers,
-    new_initializer,
-    param_count,
-    params_to_keep,
-    remove_unused_initializers,
-    weight_of,
-)
 
 from kiln.errors import KilnError
+from kiln.ir.values import new_initializer, param_count, remove_unused_initializers
+from kiln.passes.analysis.linear import linear_layers, weight_of
+from kiln.passes.calibration import grams, require
+from kiln.passes.registry import register_pass
+from kiln.passes.structural import StructuralPass
 
 
 def embedding_tables(model: ir.Model) -> tuple[list[ir.Node], list[str]]:
@@ -142,34 +133,26 @@ class _Candidate:
 
 
 @register_pass("factorize-low-rank")
-class FactorizeLowRankPass(KilnPass):
-    exact = False
-    uses_calibration = True
+class FactorizeLowRankPass(StructuralPass):
 
     def __init__(self, target_params: float = 0.0, target_mb: float = 0.0, energy: float = 0.0, rank: int = 0,
                  activation_aware: bool = True, include_lm_head: bool = False, include_embeddings: bool = False,
                  min_elements: int = 4096, rank_multiple: int = 8, allocation: str = "energy",
                  center: bool = False, ridge: float = 0.1, metric: str = "kl", budget: float = 1.0):
-        super().__init__()
-        check_target(target_params, target_mb)
+        super().__init__(target_params, target_mb, metric, budget, {"energy": energy, "rank": rank}, required=True)
         if not 0 <= energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
         if rank < 0 or rank_multiple < 1:
             raise ValueError("rank must be >= 0 and rank_multiple >= 1")
-        chosen = sum(bool(x) for x in (target_params or target_mb, energy, rank))
-        if chosen != 1:
-            raise ValueError("give exactly one of target_params / target_mb, energy, rank")
         if allocation not in ("lagrange", "energy"):
             raise ValueError(f"allocation must be 'lagrange' or 'energy', got '{allocation}'")
-        check_metric(metric)
         if ridge < 0:
             raise ValueError("ridge must be >= 0")
         self.allocation, self.center, self.ridge = allocation, center, ridge
-        self.target_params, self.target_mb, self.energy, self.rank = target_params, target_mb, energy, rank
+        self.energy, self.rank = energy, rank
         self.activation_aware, self.include_lm_head = activation_aware, include_lm_head
         self.include_embeddings = include_embeddings
         self.min_elements, self.rank_multiple = min_elements, rank_multiple
-        self.metric, self.budget = metric, budget
 
     def call(self, model: ir.Model):
         graph = model.graph
@@ -206,7 +189,7 @@ class FactorizeLowRankPass(KilnPass):
         elif self.energy:
             ranks = [c.rank_for_energy(self.energy, self.rank_multiple) for c in cands]
         else:
-            keep = params_to_keep(model, self.target_params, self.target_mb)
+            keep = self.keep(model)
             ranks = self._ranks_for_target(cands, rest, keep)
         stats = self._apply(graph, cands, ranks)
         if stats["layers_factored"]:

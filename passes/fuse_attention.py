@@ -36,7 +36,7 @@ Step 3, onnxscript's SDPA→MHA rule for the remaining SDPA nodes (K/V already r
 Step 1b (with a cache), softcap attention, which the SDPA rule does not take:
     Softmax(Mul(Tanh(Div(Mul(Q·K_repᵀ, scale), cap)), cap) + mask) · V_rep
   -> GroupQueryAttention(..., scale, softcap=cap, attention_bias=mask)    (Gemma 2)
-Not fused, with the reason from the shared attention analysis (`kiln.passes.attention`):
+Not fused, with the reason from the shared attention analysis (`kiln.passes.analysis.attention`):
 softcap attention without a cache, scores computed per batch·head with 3-D MatMuls (Bloom).
 
 Dims: B batch, S new tokens, P past, T = P + S, H query heads, Hkv kv heads, Dh head dim.
@@ -50,15 +50,15 @@ import json
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import pattern
 from onnx_ir.passes.common import InlinePass
+from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions.rotary_embedding import rotary_embedding_rules as rotary_rules
 from onnxscript.rewriter.ort_fusions.sdpa import sdpa_rules
 from onnxscript.rewriter.ort_fusions.sdpa_via_mha import _rules as sdpa_to_mha_rules
 
 from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA
-from kiln.passes.attention import Attention, find_attentions
+from kiln.passes.analysis.attention import Attention, find_attentions
 from kiln.passes.base import KilnPass
 from kiln.passes.kv_layout import decode_consistency
 from kiln.passes.numerics import evaluate_subgraph

@@ -17,7 +17,7 @@ After:
     constant [1, ...] target of a tensor that was [1, ...] at export (GPT-J's sin/cos
     `[1, -1, 1, d]`) gets the batch as its leading dim, else batch 2 would fold into the sequence
 
-How attentions are found and read: `kiln.passes.attention` (shared with fuse-attention and the
+How attentions are found and read: `kiln.passes.analysis.attention` (shared with fuse-attention and the
 pruning passes). Each Softmax over a scores path from Q·Kᵀ is an attention; the mask/bias terms
 on the path (structural tensors: computed from input_ids' shape only) are classified numerically
 per attention, by evaluating the softmax input against the path without its terms on two
@@ -72,12 +72,24 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA as METADATA_KEY
-from kiln.passes.attention import (Attention, MaskForm, Operand, _dims, classify_masks, content_values, find_attentions,
-                                   neutral_scores, operand, PROBE_LENGTHS)
+from kiln.ir import dims
+from kiln.ir.values import descendants
+from kiln.passes.analysis.attention import (
+    PROBE_LENGTHS,
+    Attention,
+    MaskForm,
+    Operand,
+    classify_masks,
+    content_values,
+    find_attentions,
+    neutral_scores,
+    operand,
+)
 from kiln.passes.base import KilnPass
 from kiln.passes.kv_layout import cache_feeds, decode_consistency, run_quiet
 from kiln.passes.numerics import compare, evaluate_subgraph, run_ort
 from kiln.passes.registry import register_pass
+
 
 class KVCacheError(KilnError):
     pass
@@ -115,7 +127,7 @@ def _not_a_causal_lm(model: ir.Model) -> str | None:
     inputs = [v.name for v in graph.inputs]
     if inputs != ["input_ids"]:
         return f"expects exactly one input 'input_ids', found {inputs}"
-    ids_dims, out_dims = _dims(graph.inputs[0]), _dims(graph.outputs[0])
+    ids_dims, out_dims = dims(graph.inputs[0]), dims(graph.outputs[0])
     if not ids_dims or len(ids_dims) != 2 or not isinstance(ids_dims[1], str):
         return "'input_ids' is not [batch, sequence] with a symbolic sequence"
     if not out_dims or len(out_dims) < 2 or out_dims[1] != ids_dims[1]:
@@ -151,8 +163,8 @@ class InsertKVCachePass(KilnPass):
                                    rejected=[f"not a causal LM: {not_lm}; no cache inserted"])
             raise _unsupported("a model that is not a causal LM", f"not a causal LM: {not_lm}")
         ids = graph.inputs[0]
-        batch_sym, seq = _dims(ids)
-        vocab = _dims(graph.outputs[0])[-1]
+        batch_sym, seq = dims(ids)
+        vocab = dims(graph.outputs[0])[-1]
         vocab = vocab if isinstance(vocab, int) else 2
         found = find_attentions(model)
         if not found:
@@ -401,21 +413,21 @@ class InsertKVCachePass(KilnPass):
             target = node.inputs[1]
             if not _ancestors_read_shape_of(target, inside):
                 continue
-            dims = _dims(node.outputs[0])
-            unknown = [d for d in dims or [] if d not in (batch_sym, seq) and not isinstance(d, int)]
-            if dims is None or len(unknown) > 1 or (unknown and node.op_type != "Reshape"):
-                raise _unsupported("this K/V layout", f"cannot retarget {node.op_type} '{node.name}' (output shape {dims})")
-            dims = [-1 if d in unknown else d for d in dims]
+            shape = dims(node.outputs[0])
+            unknown = [d for d in shape or [] if d not in (batch_sym, seq) and not isinstance(d, int)]
+            if shape is None or len(unknown) > 1 or (unknown and node.op_type != "Reshape"):
+                raise _unsupported("this K/V layout", f"cannot retarget {node.op_type} '{node.name}' (output shape {shape})")
+            shape = [-1 if d in unknown else d for d in shape]
             tape = ir.tape.Tape()
             total_1d = tape.op("Shape", [full], attributes={"start": 2, "end": 3})
             parts = [batch_1d if d == batch_sym else total_1d if d == seq else
-                     tape.op("Constant", [], attributes={"value": ir.tensor(np.array([d], dtype=np.int64))}) for d in dims]
+                     tape.op("Constant", [], attributes={"value": ir.tensor(np.array([d], dtype=np.int64))}) for d in shape]
             new_target = tape.op("Concat", parts, attributes={"axis": 0})
             graph.insert_before(node, tape.nodes)
             node.replace_input_with(1, new_target)
             for out in node.outputs:
                 if out.shape is not None:
-                    out.shape = ir.Shape(["total_sequence" if d == seq else old for d, old in zip(_dims(out), out.shape)])
+                    out.shape = ir.Shape(["total_sequence" if d == seq else old for d, old in zip(dims(out), out.shape)])
 
     @staticmethod
     def _rebatch_positions(graph, pos_in: ir.Value, batch_sym) -> int:
@@ -423,16 +435,14 @@ class InsertKVCachePass(KilnPass):
         was [1, ...] at export (the [1, S] token counter's batch, e.g. GPT-J's sin/cos
         `[1, -1, 1, d]`), would fold a batch of B into the next axis once positions are
         [B, S]: its leading target dim becomes the input's dim 0. Returns how many."""
-        from kiln.passes.structure import descendants
-
         done = 0
         below_positions = descendants([pos_in])
         for node in [n for n in graph if n in below_positions]:
             if node.op_type != "Reshape" or node.inputs[1] is None or node.inputs[1].const_value is None:
                 continue
             target = node.inputs[1].const_value.numpy().reshape(-1)
-            dims = _dims(node.inputs[0])
-            if len(target) < 2 or target[0] != 1 or not dims or dims[0] != 1:
+            shape = dims(node.inputs[0])
+            if len(target) < 2 or target[0] != 1 or not shape or shape[0] != 1:
                 continue
             tape = ir.tape.Tape()
             lead = tape.op("Shape", [node.inputs[0]], attributes={"start": 0, "end": 1})

@@ -18,7 +18,7 @@
 
 Attentions are found as insert-kv-cache finds them (Softmax over Q·Kᵀ, the MatMul reading the
 probabilities) and their projections by walking to the nearest constant-weight MatMuls
-(`kiln.passes.structure.find_attentions`): no names, no per-architecture code. Removing a head
+(`kiln.passes.analysis.attention_blocks`): no names, no per-architecture code. Removing a head
 is exactly zeroing its W_o rows, which the tests check.
 
 Importance of query head h: its share of the output projection's energy on calibration text,
@@ -40,32 +40,15 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
-from kiln.ir import KV_CACHE_METADATA
-from kiln.passes.base import KilnPass
-from kiln.passes.calibration import require
-from kiln.passes.prune_mlp import refit as refit_rows
-from kiln.passes.registry import register_pass
-from kiln.passes.structure import (
-    Attention,
-    _dims,
-    bias_of,
-    check_metric,
-    check_target,
-    const_array,
-    find_attentions,
-    grams,
-    linear_output,
-    new_initializer,
-    param_count,
-    params_to_keep,
-    refresh_shapes,
-    remove_unused_initializers,
-    set_const_input,
-    short_feed,
-    weight_of,
-)
 
 from kiln.errors import KilnError
+from kiln.ir import KV_CACHE_METADATA, dims
+from kiln.ir.values import const_array, new_initializer, param_count, remove_unused_initializers, set_const_input
+from kiln.passes.analysis.attention_blocks import AttentionBlock, find_attention_blocks
+from kiln.passes.analysis.linear import bias_of, linear_output, weight_of
+from kiln.passes.calibration import grams, refresh_shapes, require, short_feed
+from kiln.passes.registry import register_pass
+from kiln.passes.structural import StructuralPass, refit_rows
 
 
 class HeadLayoutError(KilnError):
@@ -74,7 +57,7 @@ class HeadLayoutError(KilnError):
 
 @dataclasses.dataclass
 class _Plan:
-    att: Attention
+    att: AttentionBlock
     q_keep: list[int]  # old query head indices, in the new order
     kv_keep: list[int]  # old kv groups, in the new order
 
@@ -146,13 +129,13 @@ _MERGE = {("q", None): "qd", ("kv", None): "kd"}
 _SPLIT = {"qd": ["q", None], "kd": ["kv", None]}
 
 
-def _follow(att: Attention, sizes_old: dict, sizes_new: dict) -> tuple[dict, dict]:
+def _follow(att: AttentionBlock, sizes_old: dict, sizes_new: dict) -> tuple[dict, dict]:
     """Roles of the axes of every value in the attention region, and the target rewrites
     {(node, input index): {axis: new size}}; also the query-head layout ('interleaved' / 'tiled')."""
     roles: dict[ir.Value, list] = {}
     for proj, role in ((att.q, "qd"), (att.k, "kd"), (att.v, "kd")):
         out = linear_output(proj)
-        d = _dims(out)
+        d = dims(out)
         if not d:
             raise HeadLayoutError("a projection output has no annotated shape")
         roles[out] = [None] * (len(d) - 1) + [role]
@@ -175,10 +158,10 @@ def _follow(att: Attention, sizes_old: dict, sizes_new: dict) -> tuple[dict, dic
         if all(r is None or all(x is None for x in r) for r in ins):
             continue
         out = node.outputs[0]
-        od = _dims(out)
+        od = dims(out)
         op = node.op_type
         if op == "Reshape":
-            idim = _dims(node.inputs[0])
+            idim = dims(node.inputs[0])
             if not idim or not od or None in idim or None in od:
                 continue  # target computed from shapes at run time: it follows by itself
             groups = _groups(idim, od)
@@ -205,7 +188,7 @@ def _follow(att: Attention, sizes_old: dict, sizes_new: dict) -> tuple[dict, dic
             roles[out] = r_out
             need(node, r_out, od)
         elif op == "Expand":
-            idim = _dims(node.inputs[0])
+            idim = dims(node.inputs[0])
             if not idim or not od:
                 raise HeadLayoutError("Expand without annotated shapes in the attention")
             pad = len(od) - len(idim)
@@ -282,7 +265,7 @@ def _new_target(graph: ir.Graph, node: ir.Node, changes: dict[int, tuple[int, in
         return  # computed at run time from shapes that already changed
     pieces, offset, changed = [], 0, False
     for piece in p.inputs:
-        d = _dims(piece)
+        d = dims(piece)
         c = const_array(piece)
         length = c.size if c is not None else (d[0] if d and isinstance(d[0], int) else None)
         if length is None:
@@ -313,34 +296,26 @@ def _cols(heads: list[int], size: int) -> np.ndarray:
 
 
 @register_pass("prune-heads")
-class PruneHeadsPass(KilnPass):
-    exact = False
-    uses_calibration = True
-
+class PruneHeadsPass(StructuralPass):
     def __init__(self, target_params: float = 0.0, target_mb: float = 0.0, ratio: float = 0.0, unit: str = "query",
                  refit: bool = True, metric: str = "kl", budget: float = 1.0):
-        super().__init__()
-        check_target(target_params, target_mb)
+        super().__init__(target_params, target_mb, metric, budget, {"ratio": ratio})
         if not 0 <= ratio < 1:
             raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-        if sum(bool(x) for x in (target_params or target_mb, ratio)) > 1:
-            raise ValueError("give target_params / target_mb or ratio, not both")
         if unit not in ("query", "group"):
             raise ValueError(f"unit must be 'query' (query heads within KV groups) or 'group' (whole KV groups), got '{unit}'")
-        check_metric(metric)
-        self.target_params, self.target_mb, self.ratio, self.unit = target_params, target_mb, ratio, unit
-        self.refit, self.metric, self.budget = refit, metric, budget
+        self.ratio, self.unit, self.refit = ratio, unit, refit
 
     def call(self, model: ir.Model):
         if KV_CACHE_METADATA in model.metadata_props:
             raise KilnError("prune-heads: the model already has a KV cache; put this pass before insert-kv-cache "
                             "(the cache's layers and heads follow the pruned model)")
         before = param_count(model)
-        atts, rejected = find_attentions(model)
+        atts, rejected = find_attention_blocks(model)
         base = {"params_before": before, "params_after": before, "params_removed": 0, "attentions": len(atts)}
         if not atts:
             return self.result(model, modified=False, stats=base, rejected=rejected or ["no attention found"])
-        keep_total = params_to_keep(model, self.target_params, self.target_mb)
+        keep_total = self.keep(model)
         if not self.ratio and keep_total is None:
             return self.result(model, modified=False, stats=base, rejected=["nothing to prune (ratio=0, no target)"])
         if self.unit == "query" and any(a.n_rep == 1 for a in atts):
@@ -369,7 +344,7 @@ class PruneHeadsPass(KilnPass):
         return self.result(model, modified=after != before, stats=out, rejected=rejected)
 
     @staticmethod
-    def _head_energy(att: Attention, st) -> np.ndarray:
+    def _head_energy(att: AttentionBlock, st) -> np.ndarray:
         g = st.gram / max(st.rows, 1)
         wo = weight_of(att.o).astype(np.float64)
         dv = att.v_head_dim
@@ -378,11 +353,11 @@ class PruneHeadsPass(KilnPass):
         return e / max(float(e.sum()), 1e-300)
 
     @staticmethod
-    def _group_of(att: Attention, h: int, layout: str) -> tuple[int, int]:
+    def _group_of(att: AttentionBlock, h: int, layout: str) -> tuple[int, int]:
         """(kv group, index within the group) of query head h."""
         return (h // att.n_rep, h % att.n_rep) if layout == "interleaved" else (h % att.kv_heads, h // att.kv_heads)
 
-    def _costs(self, att: Attention) -> tuple[int, int]:
+    def _costs(self, att: AttentionBlock) -> tuple[int, int]:
         """Parameters of one query head (W_q cols + bias, W_o rows) and of one kv group without its query heads."""
         wq, wk, wo = weight_of(att.q), weight_of(att.k), weight_of(att.o)
         bias = lambda n: 1 if bias_of(n) else 0
@@ -390,7 +365,7 @@ class PruneHeadsPass(KilnPass):
         kv = att.head_dim * (wk.shape[0] + bias(att.k)) + att.v_head_dim * (weight_of(att.v).shape[0] + bias(att.v))
         return q_head, kv
 
-    def _check_capacity(self, atts: list[Attention], to_remove: int, before: int) -> None:
+    def _check_capacity(self, atts: list[AttentionBlock], to_remove: int, before: int) -> None:
         """Fail before any calibration work when the target is out of reach."""
         if self.unit == "query":
             capacity = sum((a.n_rep - 1) * a.kv_heads * self._costs(a)[0] for a in atts)
@@ -402,7 +377,7 @@ class PruneHeadsPass(KilnPass):
             raise KilnError(f"prune-heads: cannot remove {to_remove:,} parameters with unit='{self.unit}': at most "
                             f"{capacity:,} ({capacity / before:.1%} of the model) {what}")
 
-    def _plan(self, model, atts: list[Attention], energies, keep_total, before) -> list[_Plan]:
+    def _plan(self, model, atts: list[AttentionBlock], energies, keep_total, before) -> list[_Plan]:
         layouts = [_layout(a) for a in atts]
         order_in_group = []  # per attention: per group, query heads (within-group index) from least to most important
         for a, e, lay in zip(atts, energies, layouts):
@@ -469,7 +444,7 @@ class PruneHeadsPass(KilnPass):
         return plans
 
     @staticmethod
-    def _head_index(att: Attention, g: int, r: int, layout: str) -> int:
+    def _head_index(att: AttentionBlock, g: int, r: int, layout: str) -> int:
         return g * att.n_rep + r if layout == "interleaved" else r * att.kv_heads + g
 
     def _apply(self, graph: ir.Graph, plan: _Plan, st) -> str:
@@ -509,7 +484,7 @@ class PruneHeadsPass(KilnPass):
         return "pruned"
 
 
-def _layout(att: Attention) -> str:
+def _layout(att: AttentionBlock) -> str:
     """'interleaved' (query head h in group h // n_rep, HF repeat_kv) or 'tiled' (group h % Hkv)."""
     if att.n_rep == 1:
         return "interleaved"

@@ -7,7 +7,7 @@
     constant of the channel-wise region) and rows of W_down removed together.
 
 Found structurally: a MatMul with a constant weight whose input is computed from one or more
-constant-weight MatMuls of width I through elementwise ops only (`kiln.passes.structure.find_mlps`);
+constant-weight MatMuls of width I through elementwise ops only (`kiln.passes.analysis.mlps.find_mlps`);
 no names, no per-architecture code. Removing channel j is exactly zeroing row j of W_down.
 
 Importance of channel j: its share of the down projection's output energy on calibration text,
@@ -29,33 +29,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from kiln.passes.base import KilnPass
-from kiln.passes.calibration import collect, require
-from kiln.passes.registry import register_pass
-from kiln.passes.structure import (
-    MLP,
-    check_metric,
-    check_target,
-    const_array,
-    find_mlps,
-    grams,
-    param_count,
-    params_to_keep,
-    remove_unused_initializers,
-    set_const_input,
-    weight_of,
-)
 
 from kiln.errors import KilnError
-
-
-def refit(gram: np.ndarray, rows: int, keep: np.ndarray, w: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
-    """argmin_W' ‖h[:, keep] W' − h W‖² + λ‖W'‖² from G = hᵀh."""
-    g = gram / max(rows, 1)
-    gkk = g[np.ix_(keep, keep)]
-    lam = ridge * float(np.mean(np.diag(gkk))) + 1e-12
-    rhs = g[keep] @ w.astype(np.float64)
-    return np.linalg.solve(gkk + lam * np.eye(len(keep)), rhs).astype(np.float32)
+from kiln.ir.values import const_array, param_count, remove_unused_initializers, set_const_input
+from kiln.passes.analysis.linear import weight_of
+from kiln.passes.analysis.mlps import MLP, find_mlps
+from kiln.passes.calibration import collect, grams, require
+from kiln.passes.registry import register_pass
+from kiln.passes.structural import StructuralPass, refit_rows
 
 
 def _channel_cost(mlp: MLP) -> int:
@@ -64,27 +45,18 @@ def _channel_cost(mlp: MLP) -> int:
 
 
 @register_pass("prune-mlp")
-class PruneMLPPass(KilnPass):
-    exact = False
-    uses_calibration = True
-
+class PruneMLPPass(StructuralPass):
     def __init__(self, target_params: float = 0.0, target_mb: float = 0.0, ratio: float = 0.0,
                  allocation: str = "uniform", refit: bool = True, channel_multiple: int = 8,
                  metric: str = "kl", budget: float = 1.0):
-        super().__init__()
-        check_target(target_params, target_mb)
+        super().__init__(target_params, target_mb, metric, budget, {"ratio": ratio})
         if not 0 <= ratio < 1:
             raise ValueError(f"ratio must be in [0, 1) (the fraction of channels removed), got {ratio}")
-        if sum(bool(x) for x in (target_params or target_mb, ratio)) > 1:
-            raise ValueError("give target_params / target_mb or ratio, not both")
         if allocation not in ("uniform", "global"):
             raise ValueError(f"allocation must be 'uniform' or 'global', got '{allocation}'")
         if channel_multiple < 1:
             raise ValueError("channel_multiple must be >= 1")
-        check_metric(metric)
-        self.target_params, self.target_mb, self.ratio = target_params, target_mb, ratio
-        self.allocation, self.refit, self.channel_multiple = allocation, refit, channel_multiple
-        self.metric, self.budget = metric, budget
+        self.ratio, self.allocation, self.refit, self.channel_multiple = ratio, allocation, refit, channel_multiple
 
     def call(self, model: ir.Model):
         before = param_count(model)
@@ -92,7 +64,7 @@ class PruneMLPPass(KilnPass):
         base = {"params_before": before, "params_after": before, "params_removed": 0, "mlps_seen": len(mlps)}
         if not mlps:
             return self.result(model, modified=False, stats=base, rejected=rejected or ["no MLP found"])
-        keep_total = params_to_keep(model, self.target_params, self.target_mb)
+        keep_total = self.keep(model)
         if not self.ratio and keep_total is None:
             return self.result(model, modified=False, stats=base, rejected=["nothing to prune (ratio=0, no target)"])
         feeds = require(self.calibration, "prune-mlp")
@@ -160,7 +132,7 @@ class PruneMLPPass(KilnPass):
             c = const_array(node.inputs[idx])
             set_const_input(graph, node, idx, c.reshape(-1)[keep].reshape(*c.shape[:-1], len(keep)), ".pruned")
         w = weight_of(m.down)
-        new_w = refit(stats.gram, stats.rows, keep, w) if stats is not None else w[keep]
+        new_w = refit_rows(stats.gram, stats.rows, keep, w) if stats is not None else w[keep]
         set_const_input(graph, m.down, 1, new_w, ".pruned")
         width = len(keep)
         for node in [*m.ups, *m.region]:

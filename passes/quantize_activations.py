@@ -39,10 +39,11 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from kiln.ir.values import new_initializer
 from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import check_metric, new_initializer
+from kiln.passes.structural import check_metric
 
 METHODS = ("minmax", "percentile")
 _READERS = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (0,)}

@@ -58,12 +58,23 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from kiln.ir.values import new_initializer, unique_name
 from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
-from kiln.passes.quantization import (BITS_HINT, DTYPES, INDEX_HINT, bits_per_weight, compact_step, dequantize, gptq,
-                                     output_error, output_error_terms, rtn, storage_bits)
+from kiln.passes.quantization import (
+    BITS_HINT,
+    DTYPES,
+    INDEX_HINT,
+    bits_per_weight,
+    compact_step,
+    dequantize,
+    gptq,
+    output_error,
+    output_error_terms,
+    rtn,
+    storage_bits,
+)
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import new_initializer, unique_name
 
 METHODS = ("rtn", "gptq")
 

@@ -41,11 +41,11 @@ import functools
 import numpy as np
 import onnx_ir as ir
 
+from kiln.ir.values import const_array, new_initializer, remove_unused_initializers, set_const_input
+from kiln.passes.analysis.linear import bias_of, weight_of
 from kiln.passes.base import KilnPass
 from kiln.passes.quantization import BITS_HINT
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import (bias_of, const_array, new_initializer, remove_unused_initializers, set_const_input,
-                                   weight_of)
 
 KINDS = ("hadamard", "random")
 

@@ -28,10 +28,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from kiln.ir.values import new_initializer
 from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import new_initializer
 
 
 def _norm_scales(x: ir.Value) -> list[tuple[ir.Node, int]] | None:

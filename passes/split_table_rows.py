@@ -36,11 +36,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from kiln.ir.values import new_initializer, remove_unused_initializers
 from kiln.passes import calibration as calib
 from kiln.passes.base import KilnPass
 from kiln.passes.quantization import BITS_HINT, INDEX_HINT
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import new_initializer, remove_unused_initializers
 
 
 @register_pass("split-table-rows")

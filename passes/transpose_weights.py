@@ -22,9 +22,9 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from kiln.ir.values import new_initializer
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
-from kiln.passes.structure import new_initializer
 
 
 @register_pass("transpose-weights")

@@ -189,7 +189,7 @@ def test_a_window_longer_than_the_first_probes_is_found_and_checked_past():
 
 def test_a_misread_window_is_caught_by_the_self_check(monkeypatch):
     import kiln.passes.insert_kv_cache as kv
-    from kiln.passes.attention import MaskForm
+    from kiln.passes.analysis.attention import MaskForm
 
     monkeypatch.setattr(kv, "classify_masks", lambda model, atts, *a, **k: [MaskForm() for _ in atts])
     with pytest.raises(KilnError, match=r"^pass 'insert-kv-cache': the cached graph differs from the original on 48 tokens"):

@@ -2,10 +2,10 @@
 packing and int4, and the artifact's manifest reflects the smaller model."""
 
 import pytest
-from kiln.passes.structure import parse_size_mb, retarget_steps
 
 import kiln
 from kiln.errors import KilnError
+from kiln.passes.structural import parse_size_mb, retarget_steps
 from kiln.recipes import load_recipe
 
 pytestmark = pytest.mark.slow  # compiles the compression presets end to end
@@ -41,6 +41,8 @@ def test_whole_model_targets_go_to_the_one_structural_pass():
     assert dict(steps)["prune-heads"] == {"unit": "query", "budget": 5.0, "target_params": 0.9}
     with pytest.raises(KilnError, match="exactly one structural pass"):
         retarget_steps(load_recipe("pruned-int4").steps, target_params=0.8)
-    with pytest.raises(ValueError):
+    with pytest.raises(KilnError, match=r"--target-params must be in \(0, 1\]"):
         retarget_steps(load_recipe("lowrank").steps, target_params=1.5)
+    with pytest.raises(KilnError, match="--target-size must be > 0"):
+        retarget_steps(load_recipe("lowrank").steps, target_mb=-3.0)
     assert parse_size_mb("60MB") == 60.0 and parse_size_mb("1.5 GB") == 1500.0

@@ -3,15 +3,17 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
+
+from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA
+from kiln.ir.values import param_count
 from kiln.passes import create_pass
+from kiln.passes.analysis.layers import decoder_layers
+from kiln.passes.analysis.linear import weight_of
 from kiln.passes.drop_layers import DropLayersPass
 from kiln.passes.insert_kv_cache import InsertKVCachePass
 from kiln.passes.kv_layout import decode_consistency
 from kiln.passes.numerics import compare, run_ort
-from kiln.passes.structure import decoder_layers, param_count, weight_of
-
-from kiln.errors import KilnError
 
 
 def _clone(model: ir.Model) -> ir.Model:
@@ -63,7 +65,7 @@ def test_errors(cleaned):
     _, model, _, calib = cleaned("tiny-llama")
     with pytest.raises(KilnError, match="cannot be dropped"):
         DropLayersPass(drop=[5])(model)
-    with pytest.raises(KilnError, match="give one of"):
+    with pytest.raises(KilnError, match="give at most one of target_params, target_mb, layers, drop"):
         create_pass("drop-layers", {"layers": 1, "drop": [0]})
     p = DropLayersPass(layers=3)
     p.calibration = calib

@@ -2,15 +2,15 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from conftest import assert_same_outputs
+
+from kiln.errors import KilnError
+from kiln.ir.values import param_count
 from kiln.passes import create_pass
 from kiln.passes.calibration import CalibrationError
 from kiln.passes.factorize_low_rank import FactorizeLowRankPass
 from kiln.passes.insert_kv_cache import InsertKVCachePass
 from kiln.passes.kv_layout import decode_consistency
 from kiln.passes.numerics import compare, run_ort
-from kiln.passes.structure import param_count
-
-from kiln.errors import KilnError
 
 
 def _linear(w: np.ndarray) -> ir.Model:

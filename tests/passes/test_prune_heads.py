@@ -3,16 +3,18 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
+
+from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA
+from kiln.ir.values import param_count
 from kiln.passes import create_pass
+from kiln.passes.analysis.attention_blocks import find_attention_blocks
+from kiln.passes.analysis.linear import weight_of
 from kiln.passes.fuse_attention import FuseAttentionPass
 from kiln.passes.insert_kv_cache import InsertKVCachePass
 from kiln.passes.kv_layout import decode_consistency
 from kiln.passes.numerics import compare, run_ort
 from kiln.passes.prune_heads import PruneHeadsPass
-from kiln.passes.structure import find_attentions, param_count, weight_of
-
-from kiln.errors import KilnError
 
 
 def _clone(model: ir.Model) -> ir.Model:
@@ -31,13 +33,13 @@ def _kept_heads(old: np.ndarray, new: np.ndarray, dh: int) -> list[int]:
 def test_removing_heads_is_zeroing_their_output_rows(cleaned, name, unit):
     _, model, feeds, calib = cleaned(name)
     reference = _clone(model)
-    atts = find_attentions(reference)[0]
+    atts = find_attention_blocks(reference)[0]
     assert len(atts) == 2
     p = PruneHeadsPass(ratio=0.5, unit=unit, refit=False)
     p.calibration = calib
     result = p(model)
     assert result.modified
-    for old, new in zip(atts, find_attentions(model)[0]):
+    for old, new in zip(atts, find_attention_blocks(model)[0]):
         kept = _kept_heads(weight_of(old.q), weight_of(new.q), old.head_dim)
         assert len(kept) == old.heads // 2 and new.heads == len(kept)
         wo = weight_of(old.o).copy()

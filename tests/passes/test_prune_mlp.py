@@ -3,15 +3,17 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
+
+from kiln.errors import KilnError
 from kiln.ir import KV_CACHE_METADATA
+from kiln.ir.values import param_count
 from kiln.passes import create_pass
+from kiln.passes.analysis.linear import weight_of
+from kiln.passes.analysis.mlps import find_mlps
 from kiln.passes.insert_kv_cache import InsertKVCachePass
 from kiln.passes.kv_layout import decode_consistency
 from kiln.passes.numerics import compare, run_ort
 from kiln.passes.prune_mlp import PruneMLPPass
-from kiln.passes.structure import find_mlps, param_count, weight_of
-
-from kiln.errors import KilnError
 
 
 def _clone(model: ir.Model) -> ir.Model:

@@ -7,12 +7,12 @@ import onnx_ir as ir
 import pytest
 
 from kiln.ir import load_model, summary, verify
+from kiln.ir.values import set_const_input
 from kiln.models import sample_inputs
 from kiln.passes import create_pass, run_pipeline
 from kiln.passes.numerics import compare, run_ort
 from kiln.passes.quantization import BITS_HINT
 from kiln.passes.rotate_residual import RotateResidualPass, hadamard, orthogonal
-from kiln.passes.structure import set_const_input
 
 LAYERS = 2
 

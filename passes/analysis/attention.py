@@ -1,5 +1,5 @@
 """Attention analysis shared by insert-kv-cache, fuse-attention and the pruning passes
-(`kiln.passes.structure.find_attentions`): found from the graph, never from names or configs.
+(through `kiln.passes.analysis.attention_blocks`): found from the graph, never from names or configs.
 
 An attention is a Softmax whose input is reached from a MatMul of two *content* tensors
 (Q·Kᵀ) through a chain of score ops, and whose probabilities are consumed by a MatMul (·V).
@@ -33,6 +33,8 @@ import re
 import numpy as np
 import onnx_ir as ir
 
+from kiln.ir import dims
+from kiln.ir.values import is_const
 from kiln.passes.numerics import evaluate_subgraph
 
 LAYOUT_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Cast", "Identity"}
@@ -69,11 +71,11 @@ class Operand:
 
     @property
     def heads(self) -> int:
-        return _dims(self.cut)[1 if self.layout == "bhsd" else 2]
+        return dims(self.cut)[1 if self.layout == "bhsd" else 2]
 
     @property
     def head_dim(self) -> int:
-        return _dims(self.cut)[3]
+        return dims(self.cut)[3]
 
 
 @dataclasses.dataclass
@@ -97,19 +99,6 @@ class Attention:
 class MaskForm:
     window: int | None = None  # a query sees keys t with s - window < t <= s
     slopes: np.ndarray | None = None  # ALiBi: bias slope[h] * key slot, shape [H]
-
-
-def _dims(value: ir.Value | None) -> list | None:
-    if value is None or value.shape is None:
-        return None
-    return [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None) for d in value.shape]
-
-
-def is_const(value: ir.Value | None) -> bool:
-    if value is None:
-        return False
-    producer = value.producer()
-    return value.const_value is not None or (producer is not None and producer.op_type == "Constant")
 
 
 def content_roots(graph: ir.Graph) -> set[ir.Value]:
@@ -245,9 +234,9 @@ def operand(matmul: ir.Node, index: int, seq: str) -> Operand | str:
     for layout, seq_axis, head_axis in (("bhsd", 2, 1), ("bshd", 1, 2)):
         for pos in range(len(chain) - 1, -1, -1):
             value, consumer, idx = chain[pos]
-            dims = _dims(value)
-            if dims and len(dims) == 4 and is_seq(dims[seq_axis], seq) and isinstance(dims[head_axis], int) \
-                    and isinstance(dims[3], int):
+            shape = dims(value)
+            if shape and len(shape) == 4 and is_seq(shape[seq_axis], seq) and isinstance(shape[head_axis], int) \
+                    and isinstance(shape[3], int):
                 below = [c for _, c, _ in chain[: pos + 1]]
                 return Operand(value, consumer, idx, below, layout)
     return f"no [batch, heads, {seq}, head_dim] tensor between the projection and the attention MatMul"
