@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import hashlib
 import inspect
-import json
 import shutil
 import tempfile
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import kiln
 from kiln.backends import create_session, get_backend
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA, VerificationError, load_model, summary, verify
+from kiln.ir import VerificationError, kv_layout, load_model, summary, verify
 from kiln.manifest import SCHEMA_VERSION, describe_files, write_manifest
 from kiln.models import Loaded, Prepared, export_loaded, get_source, prepare, sample_inputs
 from kiln.models.export import read_export, write_export
@@ -339,11 +338,12 @@ def _manifest(model, prepared, plan, profile, backend_info, records, before, aft
         "tokenizer": tokenizer,
         "compile": {"export_seconds": meta.get("export_seconds")},
     }
-    if KV_CACHE_METADATA in model.metadata_props:
-        manifest["kv_cache"] = json.loads(model.metadata_props[KV_CACHE_METADATA])
+    layout = kv_layout(model)
+    if layout is not None:
         limit = meta.get("max_positions")
         if limit:  # the model's own limit (config, rope scaling), or the rotary cache's if that is shorter
-            manifest["kv_cache"]["max_positions"] = min(limit, manifest["kv_cache"].get("max_positions", limit))
+            layout = dataclasses.replace(layout, max_positions=min(limit, layout.max_positions or limit))
+        manifest["kv_cache"] = layout.as_dict()
     if prepared.task == "causal-lm":
         manifest["generation"] = {"max_new_tokens": 64, "do_sample": False, **meta.get("generation", {})}
     elif prepared.task in ("embedding", "sequence-classification"):

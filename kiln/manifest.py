@@ -170,6 +170,11 @@ class KVLayout:
         return {p: q for ps, qs in zip(self.past_names, self.present_names) for p, q in zip(ps, qs)}
 
     @property
+    def windows(self) -> list[int]:
+        """The sliding windows the KV pass measured (informational `attention` entries)."""
+        return [a["window"] for a in self.extra.get("attention", []) if a.get("window")]
+
+    @property
     def numpy_dtype(self) -> str:
         return {"float": "float32", "float16": "float16", "bfloat16": "float32"}[self.dtype]
 

@@ -19,15 +19,13 @@ classifiers run the batch once and are compared the same way.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx_ir as ir
 
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA
-from kiln.manifest import cache_names
-from kiln.passes.kv_layout import quiet_session
+from kiln.ir import kv_layout
+from kiln.manifest import KVLayout
+from kiln.passes.kv_layout import cache_feeds, quiet_session
 from kiln.passes.numerics import compare
 
 TOLERANCE = 1e-3
@@ -38,28 +36,21 @@ class ParityError(KilnError):
     pass
 
 
-def _empty_past(layout: dict, batch: int) -> dict[str, np.ndarray]:
-    dtype = np.float16 if layout["dtype"] == "float16" else np.float32
-    shapes = ((batch, layout["kv_heads"], 0, layout["head_dim"]), (batch, layout["kv_heads"], 0, layout["value_head_dim"]))
-    return {name: np.zeros(shape, dtype) for pair in cache_names(layout["past"], layout["num_layers"])
-            for name, shape in zip(pair, shapes)}
-
-
 def _session(model: ir.Model):
     session = quiet_session(model)  # basic optimizations, as the pass checks run it; errors as our own line
     names = [o.name for o in session.get_outputs()]
     return lambda feeds: dict(zip(names, session.run(names, feeds)))
 
 
-def _decode(run, model: ir.Model, layout: dict | None, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _decode(run, model: ir.Model, layout: KVLayout | None, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Logits [B, S, V] for rows `ids` with `mask`, computed as a runtime would."""
     if layout is None:  # no cache: one full-sequence run
         return run({"input_ids": ids})[model.graph.outputs[0].name]
-    batch, seq = ids.shape
+    seq = ids.shape[1]
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
     split = max(1, seq - DECODE_STEPS)
-    feeds = {"input_ids": ids[:, :split], "attention_mask": mask[:, :split], "position_ids": positions[:, :split],
-             **_empty_past(layout, batch)}
+    feeds = {**cache_feeds(layout, ids[:, :split]), "attention_mask": mask[:, :split],
+             "position_ids": positions[:, :split]}
     logits_name = model.graph.outputs[0].name
     pieces = []
     for end in [split, *range(split + 1, seq + 1)]:
@@ -69,9 +60,7 @@ def _decode(run, model: ir.Model, layout: dict | None, ids: np.ndarray, mask: np
             break
         feeds = {"input_ids": ids[:, end:end + 1], "attention_mask": mask[:, :end + 1],
                  "position_ids": positions[:, end:end + 1]}
-        for past, present in zip(cache_names(layout["past"], layout["num_layers"]),
-                                 cache_names(layout["present"], layout["num_layers"])):
-            feeds.update({p: out[q] for p, q in zip(past, present)})
+        feeds.update({p: out[q] for p, q in layout.cache_pairs().items()})
     return np.concatenate(pieces, axis=1)
 
 
@@ -79,13 +68,13 @@ def parity_gate(model: ir.Model, reference: dict[str, np.ndarray], task: str, af
     """Compare `model` with the source's `reference` outputs; raises ParityError when they differ."""
     ids, mask, want = reference["input_ids"], reference["attention_mask"], reference["output"]
     where = f"parity gate (after {', '.join(after)})" if after else "parity gate (before any pass)"
-    layout = json.loads(model.metadata_props[KV_CACHE_METADATA]) if KV_CACHE_METADATA in model.metadata_props else None
+    layout = kv_layout(model)
     info: dict = {"batch": int(ids.shape[0]), "tokens": int(ids.shape[1]), "padding": int((mask == 0).sum())}
-    if layout is not None and layout.get("static"):
+    if layout is not None and layout.static:
         return {**info, "skipped": "a static cache is driven in fixed chunks; checked by the pass checks only"}
     if task == "causal-lm":
         run = _session(model)
-        if layout is not None and layout.get("padded_prefill", True):
+        if layout is not None and layout.padded_prefill:
             got = _decode(run, model, layout, ids, mask)
         else:  # one row at a time without its padding, as the runtime prefills such a layout
             got = np.zeros_like(want)

@@ -21,12 +21,10 @@ op_types.
 
 from __future__ import annotations
 
-import json
-
 import onnx_ir as ir
 
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA
+from kiln.ir import kv_layout
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
 
@@ -92,7 +90,7 @@ class CheckOpAllowlistPass(KilnPass):
             if shape is None or any(not isinstance(d, int) for d in shape):
                 raise TargetSupportError(f"the target needs static shapes: '{value.name}' has shape "
                                          f"{list(shape) if shape is not None else 'unknown'}")
-        layout = model.metadata_props.get(KV_CACHE_METADATA)
-        if layout is not None and not json.loads(layout).get("static"):
+        layout = kv_layout(model)
+        if layout is not None and not layout.static:
             raise TargetSupportError("the target needs a static KV cache (insert-kv-cache static_length=L, as in "
                                      "recipe npu-int8); this model's cache grows with every token")

@@ -26,12 +26,12 @@ EP lacks (ORT's CPU EP inserts its own casts for those; the CUDA EP covers the o
 
 from __future__ import annotations
 
-import json
+import dataclasses
 
 import numpy as np
 import onnx_ir as ir
 
-from kiln.ir import KV_CACHE_METADATA
+from kiln.ir import kv_layout, set_kv_layout
 from kiln.ir.values import unique_name
 from kiln.passes.base import KilnPass
 from kiln.passes.registry import register_pass
@@ -93,11 +93,9 @@ class ConvertFloat16Pass(KilnPass):
                     out.dtype = _F16
                     values += 1
         casts = self._bridge(graph, fp32_nodes)
-        if KV_CACHE_METADATA in model.metadata_props:
-            layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
-            if layout.get("dtype") == "float":
-                layout["dtype"] = "float16"
-                model.metadata_props[KV_CACHE_METADATA] = json.dumps(layout)
+        layout = kv_layout(model)
+        if layout is not None and layout.dtype == "float":
+            set_kv_layout(model, dataclasses.replace(layout, dtype="float16"))
         stats = {"initializers": initializers, "values": values, "casts": casts, "kept_fp32": len(fp32_nodes)}
         return self.result(model, modified=bool(initializers or values), stats=stats)
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA
+from kiln.ir import kv_layout
 from kiln.ir.values import param_count, remove_unused_initializers
 from kiln.passes.analysis.layers import Layer, decoder_layers, exclusive_params
 from kiln.passes.calibration import capture, require
@@ -62,7 +62,7 @@ class DropLayersPass(StructuralPass):
         self.layers, self.drop = layers, drop
 
     def call(self, model: ir.Model):
-        if KV_CACHE_METADATA in model.metadata_props:
+        if kv_layout(model) is not None:
             raise KilnError("drop-layers: the model already has a KV cache; put this pass before insert-kv-cache "
                             "(the cache's layers and heads follow the pruned model)")
         before = param_count(model)

@@ -46,7 +46,7 @@ reason. ORT-specific: selected by the ORT backend's lowering.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 
 import numpy as np
 import onnx_ir as ir
@@ -57,7 +57,7 @@ from onnxscript.rewriter.ort_fusions.sdpa import sdpa_rules
 from onnxscript.rewriter.ort_fusions.sdpa_via_mha import _rules as sdpa_to_mha_rules
 
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA
+from kiln.ir import kv_layout, set_kv_layout
 from kiln.passes.analysis.attention import Attention, find_attentions
 from kiln.passes.base import KilnPass
 from kiln.passes.kv_layout import decode_consistency
@@ -331,7 +331,7 @@ class FuseAttentionPass(KilnPass):
 
     def call(self, model: ir.Model):
         seen = count_ops(model, "Softmax")
-        has_cache = KV_CACHE_METADATA in model.metadata_props
+        has_cache = kv_layout(model) is not None
         repeats = _explicit_head_repeat(model) if has_cache else 0
         sdpa, sdpa_reasons = apply_rules(model, list(sdpa_rules.rules), expected=seen)
         if sdpa < seen:
@@ -368,15 +368,13 @@ class FuseAttentionPass(KilnPass):
             # ORT's fused rotary rotates the cached K of a padded first prompt by slot, not by
             # position_ids: runtimes must prefill one sequence at a time (decode batches fine).
             # Positions past the cos/sin caches cannot be rotated: runtimes must stop there.
-            layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
-            layout.update(padded_prefill=False, max_positions=self.max_positions)
-            model.metadata_props[KV_CACHE_METADATA] = json.dumps(layout)
+            set_kv_layout(model, dataclasses.replace(kv_layout(model), padded_prefill=False,
+                                                     max_positions=self.max_positions))
         if has_cache:
             warnings += self.coverage("GroupQueryAttention", gqa, sdpa + softcap, gqa_reasons)
             if gqa:
                 # past every sliding window; left padding where the op's rotary does not forbid it
-                layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
-                windows = [a["window"] for a in layout.get("attention", []) if a.get("window")]
+                windows = kv_layout(model).windows
                 decode = decode_consistency(model, prefill=max([5, *(w + 4 for w in windows)]),
                                             pad=0 if rotary else 3)
                 stats["decode_check_max_rel"] = float(f"{decode:.3g}")
@@ -394,12 +392,10 @@ class FuseAttentionPass(KilnPass):
         layout: a runtime may then preallocate the cache and bind one buffer as both past and
         present, so a decode step writes one slot instead of copying the whole cache. Proven
         here on a buffer whose free slots hold random values."""
-        layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
         try:
             shared = decode_consistency(model, capacity=16)
         except Exception:  # noqa: BLE001 - a graph that cannot take a longer past does not get the flag
             shared = float("inf")
         stats["shared_buffer_check_max_rel"] = float(f"{shared:.3g}")
         if shared <= 1e-4:
-            layout["shared_buffer"] = True
-            model.metadata_props[KV_CACHE_METADATA] = json.dumps(layout)
+            set_kv_layout(model, dataclasses.replace(kv_layout(model), shared_buffer=True))

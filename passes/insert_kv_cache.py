@@ -64,16 +64,16 @@ not seen as windows.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA as METADATA_KEY
-from kiln.ir import dims
+from kiln.ir import dims, kv_layout, set_kv_layout
 from kiln.ir.values import descendants
+from kiln.manifest import DEFAULT_PAST as PAST
+from kiln.manifest import DEFAULT_PRESENT as PRESENT
+from kiln.manifest import KVLayout, cache_names
 from kiln.passes.analysis.attention import (
     PROBE_LENGTHS,
     Attention,
@@ -153,7 +153,7 @@ class InsertKVCachePass(KilnPass):
 
     def call(self, model: ir.Model):
         graph = model.graph
-        if METADATA_KEY in model.metadata_props:
+        if kv_layout(model) is not None:
             return self.result(model, modified=False, stats={"kv_layers": 0},
                                rejected=["the model already has a KV cache"])
         not_lm = _not_a_causal_lm(model)
@@ -273,6 +273,7 @@ class InsertKVCachePass(KilnPass):
 
         batch_1d = tape.op("Shape", [ids], attributes={"start": 0, "end": 1})
         layers = []
+        past_names, present_names = cache_names(PAST, len(attentions)), cache_names(PRESENT, len(attentions))
         for i, (att, form, scores) in enumerate(zip(attentions, forms, neutral)):
             dtype = scores.dtype or ir.DataType.FLOAT
             add = ir.node("Add", [scores, additive(dtype, form)], num_outputs=1, name=f"kiln_mask_{i}")
@@ -282,7 +283,7 @@ class InsertKVCachePass(KilnPass):
             entry = {}
             for kind, op in zip(("key", "value"), operands[i]):
                 heads, head_dim = op.heads, op.head_dim
-                past = ir.Value(name=f"past_key_values.{i}.{kind}", type=ir.TensorType(op.cut.dtype),
+                past = ir.Value(name=past_names[i][kind == "value"], type=ir.TensorType(op.cut.dtype),
                                 shape=ir.Shape([batch_sym, heads, static or "past_sequence", head_dim]))
                 new_nodes = []
                 new = op.cut  # the new tokens' rows in the cache layout [B, Hkv, S, Dh]
@@ -300,7 +301,7 @@ class InsertKVCachePass(KilnPass):
                     writer = ir.node("Concat", [past, new], attributes={"axis": 2}, num_outputs=1)
                     new_nodes.append(writer)
                 full = writer.outputs[0]
-                full.name = f"present.{i}.{kind}"
+                full.name = present_names[i][kind == "value"]
                 full.dtype, full.shape = op.cut.dtype, ir.Shape([batch_sym, heads, total_sym, head_dim])
                 back = full
                 if op.layout == "bshd":
@@ -343,30 +344,24 @@ class InsertKVCachePass(KilnPass):
 
         kv_heads = layers[0]["key"]["heads"]
         head_dim = layers[0]["key"]["head_dim"]
-        layout = {
-            "num_layers": len(layers),
+        notes = {  # commentary for readers of the manifest
             "layout": "batch, kv_heads, sequence, head_dim",
-            "sequence_axis": 2,
-            "kv_heads": kv_heads,
-            "head_dim": head_dim,
-            "value_head_dim": layers[0]["value"]["head_dim"],
-            "dtype": operands[0][0].cut.dtype.name.lower(),
-            "past": "past_key_values.{layer}.{key|value}",
-            "present": "present.{layer}.{key|value}",
             "attention_mask": "attention_mask: int64 [batch, past + sequence], 1 = real token, 0 = padding",
             "position_ids": "position_ids: int64 [batch, sequence], each token's position (count of real tokens before it)",
-            "static": bool(static),
         }
         if static:
-            layout.update({
-                "max_length": static,
+            notes.update({
                 "attention_mask": "attention_mask: int64 [batch, max_length], 1 = a filled slot (including the new tokens)",
                 "cache_position": "cache_position: int64 [sequence], the slots the new tokens are written to",
-                "present": "present.{layer}.{key|value}: the whole cache, [batch, kv_heads, max_length, head_dim]",
             })
         if windows or any(f.slopes is not None for f in forms):
-            layout["attention"] = [{"window": f.window, "alibi": f.slopes is not None} for f in forms]
-        model.metadata_props[METADATA_KEY] = json.dumps(layout)
+            notes["attention"] = [{"window": f.window, "alibi": f.slopes is not None} for f in forms]
+        layout = KVLayout(
+            num_layers=len(layers), kv_heads=kv_heads, head_dim=head_dim, value_head_dim=layers[0]["value"]["head_dim"],
+            dtype=operands[0][0].cut.dtype.name.lower(), past=PAST,
+            present=PRESENT + (": the whole cache, [batch, kv_heads, max_length, head_dim]" if static else ""),
+            static=bool(static), max_length=static or None, extra=notes)
+        set_kv_layout(model, layout)
         # Self-checks, each one that would have caught a wrong mask or position:
         # 1. the full sequence (mask all ones, positions 0..S-1, S longer than every window)
         #    equals the original graph;
@@ -531,6 +526,7 @@ class InsertKVCachePass(KilnPass):
         return replaced
 
     def adapt_feeds(self, feeds: dict[str, np.ndarray], model: ir.Model) -> dict[str, np.ndarray]:
-        if METADATA_KEY not in model.metadata_props or "past_key_values.0.key" in feeds:
+        layout = kv_layout(model)
+        if layout is None or layout.past_names[0][0] in feeds:
             return feeds
-        return cache_feeds(json.loads(model.metadata_props[METADATA_KEY]), feeds["input_ids"])
+        return cache_feeds(layout, feeds["input_ids"])

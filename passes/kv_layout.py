@@ -1,51 +1,50 @@
 """Helpers shared by passes that produce or rewrite a KV-cache graph: feeds in the cache
-layout recorded under `kiln.kv_cache`, the decode-consistency check (batch 2, optionally a
-left-padded row and a prefill past every sliding window), and ORT sessions that log nothing
-(a failed check reaches the user as the pass's own one-line error)."""
+layout the graph records (`kiln.ir.kv_layout`, cache names from its templates), the
+decode-consistency check (batch 2, optionally a left-padded row and a prefill past every
+sliding window), and ORT sessions that log nothing (a failed check reaches the user as the
+pass's own one-line error)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import onnx_ir as ir
 
-from kiln.ir import KV_CACHE_METADATA
+from kiln.ir import kv_layout
+from kiln.manifest import KVLayout
 from kiln.passes.numerics import compare
 
 
-def cache_feeds(layout: dict, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+def cache_feeds(layout: KVLayout, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Feeds for a prefill of `input_ids` with an empty past and no padding."""
     batch, seq = input_ids.shape
-    dtype = np.float16 if layout["dtype"] == "float16" else np.float32
-    length = layout.get("max_length", 0) if layout.get("static") else 0
+    dtype = np.float16 if layout.dtype == "float16" else np.float32
+    length = (layout.max_length or 0) if layout.static else 0
     feeds = {
         "input_ids": input_ids.astype(np.int64),
         "attention_mask": np.ones((batch, seq), dtype=np.int64),
         "position_ids": np.tile(np.arange(seq, dtype=np.int64), (batch, 1)),
     }
-    if layout.get("static"):
+    if layout.static:
         feeds["attention_mask"] = np.zeros((batch, length), dtype=np.int64)
         feeds["attention_mask"][:, :seq] = 1
         feeds["cache_position"] = np.arange(seq, dtype=np.int64)
-    for i in range(layout["num_layers"]):
-        feeds[f"past_key_values.{i}.key"] = np.zeros((batch, layout["kv_heads"], length, layout["head_dim"]), dtype=dtype)
-        feeds[f"past_key_values.{i}.value"] = np.zeros((batch, layout["kv_heads"], length, layout["value_head_dim"]), dtype=dtype)
+    for key, value in layout.past_names:
+        feeds[key] = np.zeros((batch, layout.kv_heads, length, layout.head_dim), dtype=dtype)
+        feeds[value] = np.zeros((batch, layout.kv_heads, length, layout.value_head_dim), dtype=dtype)
     return feeds
 
 
-def step_feeds(layout: dict, tokens: np.ndarray, t: int, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def step_feeds(layout: KVLayout, tokens: np.ndarray, t: int, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Feeds for one decode step: `tokens` [B, 1] at position t, the past from `out`'s presents."""
     batch = len(tokens)
     feeds = {"input_ids": tokens.astype(np.int64), "attention_mask": np.ones((batch, t + 1), dtype=np.int64),
              "position_ids": np.full((batch, 1), t, dtype=np.int64)}
-    if layout.get("static"):
-        feeds["attention_mask"] = np.zeros((batch, layout["max_length"]), dtype=np.int64)
+    if layout.static:
+        feeds["attention_mask"] = np.zeros((batch, layout.max_length), dtype=np.int64)
         feeds["attention_mask"][:, : t + 1] = 1
         feeds["cache_position"] = np.array([t], dtype=np.int64)
-    for i in range(layout["num_layers"]):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = out[f"present.{i}.{kind}"]
+    for past, present in layout.cache_pairs().items():
+        feeds[past] = out[present]
     return feeds
 
 
@@ -80,8 +79,8 @@ def decode_consistency(model: ir.Model, prefill: int = 5, steps: int = 3, capaci
     that shares one buffer between past and present passes it: the used slots first, random
     values in the free ones (which must not leak into the result), and each step's present
     (the whole buffer) fed back as the next past."""
-    layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
-    if layout.get("static"):
+    layout = kv_layout(model)
+    if layout.static:
         pad = 0  # the static variant's slots are given by cache_position; checked without padding
     rng = np.random.default_rng(2)
     vocab = model.graph.outputs[0].shape[-1] if model.graph.outputs[0].shape is not None else 2
@@ -104,12 +103,12 @@ def decode_consistency(model: ir.Model, prefill: int = 5, steps: int = 3, capaci
         if out is None:
             feeds = cache_feeds(layout, ids[:, :hi])
             if capacity:
-                for k in [k for k in feeds if k.startswith("past_key_values.")]:
+                for k in layout.cache_pairs():
                     shape = feeds[k].shape[:2] + (capacity,) + feeds[k].shape[3:]
                     feeds[k] = rng.standard_normal(shape).astype(feeds[k].dtype)
         else:
             feeds = step_feeds(layout, ids[:, lo:hi], lo, out)
-        if not layout.get("static"):
+        if not layout.static:
             feeds["attention_mask"] = mask[:, :hi]
             feeds["position_ids"] = positions[:, lo:hi]
         return feeds

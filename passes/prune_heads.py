@@ -42,7 +42,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA, dims
+from kiln.ir import dims, kv_layout
 from kiln.ir.values import const_array, new_initializer, param_count, remove_unused_initializers, set_const_input
 from kiln.passes.analysis.attention_blocks import AttentionBlock, find_attention_blocks
 from kiln.passes.analysis.linear import bias_of, linear_output, weight_of
@@ -307,7 +307,7 @@ class PruneHeadsPass(StructuralPass):
         self.ratio, self.unit, self.refit = ratio, unit, refit
 
     def call(self, model: ir.Model):
-        if KV_CACHE_METADATA in model.metadata_props:
+        if kv_layout(model) is not None:
             raise KilnError("prune-heads: the model already has a KV cache; put this pass before insert-kv-cache "
                             "(the cache's layers and heads follow the pruned model)")
         before = param_count(model)

@@ -62,7 +62,7 @@ class OrtBackend:
                 *[create_pass(n) for n in _CLEANUP], create_pass("pack-attention-qkv")]
 
     def write(self, model: ir.Model, directory: Path, target: Target) -> dict:
-        from kiln.ir import KV_CACHE_METADATA
+        from kiln.ir import kv_layout
         from kiln.ir.io import save_model
 
         save_model(model, directory / MODEL_FILE)
@@ -71,7 +71,7 @@ class OrtBackend:
             "intra_op_num_threads": target.threads,
             "graph_optimization_level": target.graph_optimization_level,
         }
-        if target.static_shapes and KV_CACHE_METADATA in model.metadata_props:
+        if target.static_shapes and kv_layout(model) is not None:
             session["chunk"] = target.static_shapes["sequence"]  # the runtime feeds tokens in chunks
         elif target.static_shapes:
             session["padding"] = _padding(model, target.static_shapes["sequence"])

@@ -58,8 +58,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA, dims
-from kiln.manifest import KVLayout, sha256_file
+from kiln.ir import dims, kv_layout
+from kiln.manifest import sha256_file
 from kiln.models.cache import cache_dir
 from kiln.passes.base import KilnPass
 from kiln.passes.expand_dequantize import ExpandDequantizePass
@@ -126,17 +126,17 @@ class TvmBackend:
 
     def functions(self, model: ir.Model) -> dict[str, int]:
         """Function name -> the sequence length it is specialised to."""
-        layout = _layout(model)
+        layout = kv_layout(model)
         if layout is None:
             return {"main": self.sequence}
-        if not layout.get("static"):
+        if not layout.static:
             raise TvmBackendError("the TVM backend needs a static KV cache (insert-kv-cache static_length)")
         return {"prefill": self.sequence, "decode": 1}
 
     def check_feeds(self, model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Sample inputs that run every function: one row of the samples, `sequence` tokens
         (+1 with a cache, so that a decode step follows the prefill)."""
-        layout = _layout(model)
+        layout = kv_layout(model)
         if layout is not None:
             return cache_feeds(layout, np.resize(feeds["input_ids"][:1], (1, self.sequence + 1)))
         fixed, out = {"batch": 1, "sequence": self.sequence}, {}
@@ -359,15 +359,8 @@ def _axes(model: ir.Model, dim: str) -> dict[str, int]:
 
 
 def _cache_pairs(model: ir.Model) -> dict[str, str]:
-    layout = _layout(model)
-    if layout is None:
-        return {}
-    return KVLayout.from_manifest(layout).cache_pairs()
-
-
-def _layout(model: ir.Model) -> dict | None:
-    text = model.metadata_props.get(KV_CACHE_METADATA)
-    return json.loads(text) if text else None
+    layout = kv_layout(model)
+    return {} if layout is None else layout.cache_pairs()
 
 
 def _first_line(exc: BaseException) -> str:

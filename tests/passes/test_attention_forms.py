@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA, load_model
+from kiln.ir import kv_layout, load_model
 from kiln.passes import create_pass, run_pipeline
 from kiln.passes.insert_kv_cache import InsertKVCachePass
 from kiln.passes.kv_layout import cache_feeds, decode_consistency
@@ -115,7 +115,7 @@ def cleaned(name: str) -> ir.Model:
 
 def greedy_cached(model: ir.Model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """Greedy decoding through the cache, the prompts left-padded into one batch."""
-    layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
+    layout = kv_layout(model)
     session = ort_session(model)
     names = [o.name for o in session.get_outputs()]
     width = max(map(len, prompts))
@@ -133,7 +133,7 @@ def greedy_cached(model: ir.Model, prompts: list[list[int]], new_tokens: int) ->
         mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
         feeds = {"input_ids": nxt[:, None].astype(np.int64), "attention_mask": mask,
                  "position_ids": (mask.sum(1, keepdims=True) - 1).astype(np.int64)}
-        for i in range(layout["num_layers"]):
+        for i in range(layout.num_layers):
             for kind in ("key", "value"):
                 feeds[f"past_key_values.{i}.{kind}"] = result[f"present.{i}.{kind}"]
     return out
@@ -182,7 +182,7 @@ def test_a_window_longer_than_the_first_probes_is_found_and_checked_past():
     model = cleaned("mistral-sw100")
     stats = InsertKVCachePass()(model).stats
     assert stats["sliding_window_layers"] == 2
-    assert json.loads(model.metadata_props[KV_CACHE_METADATA])["attention"] == [{"window": 100, "alibi": False}] * 2
+    assert kv_layout(model).extra["attention"] == [{"window": 100, "alibi": False}] * 2
     assert stats["full_check_length"] == 108 and stats["full_check_max_rel"] < 1e-5
     assert stats["decode_check_max_rel"] < 1e-5
 

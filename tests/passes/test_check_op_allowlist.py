@@ -1,12 +1,12 @@
 """check-op-allowlist: ops outside the list, dynamic shapes and growing caches fail with one line."""
 
-import json
 
 import onnx_ir as ir
 import pytest
-
 from conftest import tiny_graph
-from kiln.ir import KV_CACHE_METADATA
+
+from kiln.ir import set_kv_layout
+from kiln.manifest import KVLayout
 from kiln.passes import create_pass
 from kiln.passes.check_op_allowlist import ALLOWLISTS, CheckOpAllowlistPass, TargetSupportError
 from kiln.passes.registry import UnknownPassError
@@ -41,7 +41,7 @@ def test_dynamic_shapes_fail_unless_static_is_off():
 
 def test_a_growing_kv_cache_fails():
     model = _static(tiny_graph())
-    model.metadata_props[KV_CACHE_METADATA] = json.dumps({"static": False})
+    set_kv_layout(model, KVLayout(num_layers=1, kv_heads=1, head_dim=4, value_head_dim=4, static=False))
     with pytest.raises(TargetSupportError, match="static KV cache"):
         CheckOpAllowlistPass()(model)
 

@@ -1,13 +1,12 @@
 """convert-float16: fp16 weights, values and I/O within fp16 tolerance, sensitive ops kept in
 fp32 with casts only at the region's edges, constants clipped into range."""
 
-import json
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 
-from kiln.ir import KV_CACHE_METADATA, verify
+from kiln.ir import kv_layout, verify
 from kiln.passes import create_pass, run_pipeline
 from kiln.passes.convert_float16 import ConvertFloat16Pass
 from kiln.passes.numerics import compare, run_ort
@@ -33,7 +32,7 @@ def test_fused_llama_in_fp16_within_tolerance(cleaned):
     assert all(v.const_value.dtype != F32 for v in model.graph.initializers.values())
     floats = [v for v in [*model.graph.inputs, *model.graph.outputs] if v.dtype in (F16, F32)]
     assert floats and all(v.dtype == F16 for v in floats)  # logits and the KV cache included
-    assert json.loads(model.metadata_props[KV_CACHE_METADATA])["dtype"] == "float16"
+    assert kv_layout(model).dtype == "float16"
     after = run_ort(model, p.adapt_feeds(feeds, model))
     assert after["logits"].dtype == np.float16
     assert compare(before, after)["max_rel"] < 1e-2

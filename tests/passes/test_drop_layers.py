@@ -1,11 +1,10 @@
-import json
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA
+from kiln.ir import kv_layout
 from kiln.ir.values import param_count
 from kiln.passes import create_pass
 from kiln.passes.analysis.layers import decoder_layers
@@ -46,7 +45,7 @@ def test_block_influence_then_kv_cache_with_fewer_layers(cleaned):
     assert result.stats["params_removed"] == total - param_count(model) > 0
     assert "block_influence_dropped" in result.stats
     assert InsertKVCachePass()(model).modified
-    assert json.loads(model.metadata_props[KV_CACHE_METADATA])["num_layers"] == 1
+    assert kv_layout(model).num_layers == 1
     assert decode_consistency(model) < 1e-4
 
 

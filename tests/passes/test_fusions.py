@@ -1,12 +1,11 @@
 """ORT fusions: coverage on every layer, exactness, idempotence, and the reason when a site does not fuse."""
 
-import json
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 
-from kiln.ir import KV_CACHE_METADATA, load_model, summary
+from kiln.ir import kv_layout, load_model, summary
 from kiln.models import sample_inputs
 from kiln.passes import create_pass, run_pipeline
 from kiln.passes.fuse_attention import FuseAttentionPass
@@ -36,7 +35,7 @@ def test_rms_norm_and_gqa_fuse_on_every_layer(prepared, name):
     unfused = {}
     FuseAttentionPass._mark_shared_buffer(model, unfused)
     assert unfused["shared_buffer_check_max_rel"] > 1e-2
-    assert "shared_buffer" not in json.loads(model.metadata_props[KV_CACHE_METADATA])
+    assert kv_layout(model).shared_buffer is False
     rms = create_pass("fuse-rms-norm")(model)
     assert rms.stats["norms_seen"] == rms.stats["rms_fused"] == 2 * layers + 1
     assert rms.stats["skip_fused"] == 2 * layers
@@ -45,7 +44,7 @@ def test_rms_norm_and_gqa_fuse_on_every_layer(prepared, name):
     assert att.stats["gqa_fused"] == layers and att.stats["mha_fused"] == 0
     assert att.stats["decode_check_max_rel"] < 1e-5
     assert att.stats["shared_buffer_check_max_rel"] < 1e-5
-    assert json.loads(model.metadata_props[KV_CACHE_METADATA])["shared_buffer"] is True
+    assert kv_layout(model).shared_buffer is True
     assert not att.warnings
     ops = _ops(model)
     assert ops["com.microsoft::GroupQueryAttention"] == layers
@@ -159,7 +158,7 @@ def test_decoder_families_fuse_gqa_or_say_why(name):
     feeds = {"input_ids": np.random.default_rng(0).integers(0, 320, size=(2, 40))}
     from kiln.passes.kv_layout import cache_feeds
 
-    feeds = cache_feeds(json.loads(model.metadata_props[KV_CACHE_METADATA]), feeds["input_ids"])
+    feeds = cache_feeds(kv_layout(model), feeds["input_ids"])
     before = run_ort(model, feeds)
     att = create_pass("fuse-attention")(model)
     assert att.stats["gqa_fused"] == want["gqa"], (att.rejected, att.warnings)

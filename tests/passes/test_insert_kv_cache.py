@@ -1,12 +1,11 @@
-import json
 
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from conftest import tiny_graph
+
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA, load_model, summary
+from kiln.ir import kv_layout, load_model, summary
 from kiln.models import sample_inputs
 from kiln.passes import create_pass, run_pipeline
 from kiln.passes.insert_kv_cache import InsertKVCachePass
@@ -37,8 +36,8 @@ def test_inserts_a_cache_in_every_layer_and_keeps_outputs(decoder):
     assert result.stats["positions_replaced"] == 1
     assert result.stats["decode_check_max_rel"] < 1e-5
     assert result.stats["full_check_max_rel"] < 1e-5 and result.stats["full_check_length"] == 48
-    layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
-    assert layout["num_layers"] == layers and layout["kv_heads"] == meta["num_key_value_heads"]
+    layout = kv_layout(model)
+    assert layout.num_layers == layers and layout.kv_heads == meta["num_key_value_heads"]
     names = [v.name for v in model.graph.inputs]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert f"past_key_values.{layers - 1}.value" in names
@@ -50,7 +49,7 @@ def test_inserts_a_cache_in_every_layer_and_keeps_outputs(decoder):
 def test_left_padding_gives_the_same_logits_as_no_padding(decoder):
     _, _, model, feeds = decoder
     InsertKVCachePass()(model)
-    layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
+    layout = kv_layout(model)
     ids = feeds["input_ids"][:1, :7]
     plain = run_ort(model, cache_feeds(layout, ids))["logits"][0, -1]
     padded = cache_feeds(layout, np.concatenate([np.zeros((1, 3), dtype=np.int64), ids], axis=1))

@@ -1,11 +1,10 @@
-import json
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA
+from kiln.ir import kv_layout
 from kiln.ir.values import param_count
 from kiln.passes import create_pass
 from kiln.passes.analysis.attention_blocks import find_attention_blocks
@@ -58,7 +57,7 @@ def test_pruned_model_takes_the_kv_cache_and_fuses_gqa(cleaned, name, unit, kv_h
     p.calibration = calib
     p(model)
     assert InsertKVCachePass()(model).modified
-    assert json.loads(model.metadata_props[KV_CACHE_METADATA])["kv_heads"] == kv_heads
+    assert kv_layout(model).kv_heads == kv_heads
     result = FuseAttentionPass()(model)
     assert result.stats["gqa_fused"] == 2, result.warnings
     assert decode_consistency(model) < 1e-4

@@ -1,11 +1,10 @@
-import json
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA
+from kiln.ir import kv_layout
 from kiln.ir.values import param_count
 from kiln.passes import create_pass
 from kiln.passes.analysis.linear import weight_of
@@ -46,7 +45,7 @@ def test_ratio_then_kv_cache_and_decode(cleaned):
     assert result.stats["mlps_pruned"] == 2 and result.stats["width_max"] == 96
     assert result.stats["params_removed"] == 2 * 32 * (64 * 3)
     assert InsertKVCachePass()(model).modified
-    assert json.loads(model.metadata_props[KV_CACHE_METADATA])["num_layers"] == 2
+    assert kv_layout(model).num_layers == 2
     assert decode_consistency(model) < 1e-4
 
 

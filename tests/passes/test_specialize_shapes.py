@@ -1,11 +1,10 @@
-import json
 
 import numpy as np
 import pytest
-
 from conftest import assert_same_outputs, tiny_graph
+
 from kiln.errors import KilnError
-from kiln.ir import KV_CACHE_METADATA, is_static
+from kiln.ir import is_static, kv_layout
 from kiln.passes import create_pass
 from kiln.passes.kv_layout import cache_feeds
 from kiln.passes.registry import UnknownPassError
@@ -23,7 +22,7 @@ def test_growing_cache_becomes_static_and_keeps_outputs(cleaned):
     assert result.modified and result.stats["dims_fixed"] > 0 and result.stats["nodes_folded"] > 0
     assert all(is_static(v) for v in model.graph.inputs)
     assert [d for d in model.graph.inputs[1].shape] == [1, 10]  # attention_mask: past + sequence
-    layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
+    layout = kv_layout(model)
     ids = np.arange(10, dtype=np.int64)[None] % 300
     feeds = cache_feeds(layout, ids[:, :4])
     feeds.update({"input_ids": ids[:, 4:], "attention_mask": np.ones((1, 10), dtype=np.int64),
@@ -39,7 +38,7 @@ def test_static_cache_internal_dims_are_not_taken_for_the_sequence(cleaned):
     model = _with_cache(cleaned, static_length=32)
     before = model.clone()
     create_pass("specialize-shapes", {"batch": 1, "sequence": 5})(model)
-    layout = json.loads(model.metadata_props[KV_CACHE_METADATA])
+    layout = kv_layout(model)
     assert_same_outputs(before, model, cache_feeds(layout, np.arange(5, dtype=np.int64)[None]))
 
 
