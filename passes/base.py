@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import types
+import typing
 from typing import Any, ClassVar
 
 import onnx_ir as ir
@@ -49,6 +52,38 @@ class KilnPass(ir.passes.InPlacePass):
             for p in sig.parameters.values()
             if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         ]
+
+    # Numeric parameters are counts, sizes and non-negative amounts unless a pass lists them here
+    # (a plugin's offset, say): those may be negative. NaN and infinity are never accepted.
+    signed_parameters: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def parameter_types(cls) -> dict[str, Any]:
+        """Each parameter's annotation, resolved (a parameter without one, or one that cannot be
+        resolved, maps to Any: any value is passed on to the constructor)."""
+        names = cls.parameter_names()
+        try:
+            hints = typing.get_type_hints(cls.__init__)
+        except Exception:  # an annotation naming something not importable here
+            hints = {}
+        return {n: hints.get(n, Any) for n in names}
+
+    @classmethod
+    def check_parameters(cls, params: dict[str, Any]) -> None:
+        """Refuse a parameter whose value does not fit its annotation, or a negative or non-finite
+        number, with a ValueError naming the parameter, the expected type and the value. Called
+        by `create_pass` for every pass, plugins included, before the constructor runs."""
+        types_ = cls.parameter_types()
+        for key, value in params.items():
+            expected = types_.get(key, Any)
+            if not _fits(value, expected):
+                raise ValueError(f"parameter '{key}' must be {_describe(expected)}, got {_shown(value)} "
+                                 f"({type(value).__name__})")
+            for number in _numbers(value):
+                if not math.isfinite(number):
+                    raise ValueError(f"parameter '{key}' must be a finite number, got {_shown(value)}")
+                if number < 0 and key not in cls.signed_parameters:
+                    raise ValueError(f"parameter '{key}' must be >= 0, got {_shown(value)}")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -83,6 +118,73 @@ class KilnPass(ir.passes.InPlacePass):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{self.name or type(self).__name__}({args})"
+
+
+def _fits(value: Any, expected: Any) -> bool:
+    """Whether a recipe value (TOML: str, int, float, bool, list, dict, datetime) fits an annotation."""
+    if expected is Any or expected is inspect.Parameter.empty or expected is object:
+        return True
+    if expected is type(None) or expected is None:
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:  # a whole number is a fine float (budget = 1)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(expected))
+    if origin is typing.Literal:
+        return value in typing.get_args(expected)
+    if origin in (list, tuple, set, frozenset) or expected in (list, tuple, set, frozenset):
+        if not isinstance(value, list):  # TOML has arrays only; the constructor converts them
+            return False
+        args = [a for a in typing.get_args(expected) if a is not Ellipsis]
+        if origin is tuple and len(args) > 1 and Ellipsis not in typing.get_args(expected):
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return all(_fits(v, args[0]) for v in value) if args else True
+    if origin is dict or expected is dict:
+        if not isinstance(value, dict):
+            return False
+        args = typing.get_args(expected)
+        return all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items()) if args else True
+    if isinstance(expected, type):
+        return isinstance(value, expected)
+    return True  # an annotation kiln cannot interpret: the constructor decides
+
+
+def _describe(expected: Any) -> str:
+    names = {bool: "true or false (bool)", int: "a whole number (int)", float: "a number (float)",
+             str: "a string (str)", type(None): "absent (None)", list: "a list", dict: "a table (dict)"}
+    if expected in names:
+        return names[expected]
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a) for a in typing.get_args(expected) if a is not type(None)))
+    if origin in (list, tuple, set, frozenset):
+        args = [a for a in typing.get_args(expected) if a is not Ellipsis]
+        return f"a list of {getattr(args[0], '__name__', args[0])}" if args else "a list"
+    if origin is dict:
+        return "a table (dict)"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(expected))
+    return getattr(expected, "__name__", str(expected))
+
+
+def _numbers(value: Any):
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def count_nodes(model: ir.Model) -> int:

@@ -104,6 +104,10 @@ def create_pass(name: str, params: dict | None = None) -> KilnPass:
         takes = ", ".join(allowed) if allowed else "no parameters"
         raise UnknownPassError(f"pass '{name}' has no parameter '{unknown[0]}' (it takes: {takes})")
     try:
+        cls.check_parameters(params)
+    except ValueError as exc:
+        raise UnknownPassError(f"pass '{name}': {exc}") from exc
+    try:
         return cls(**params)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ArithmeticError) as exc:
         raise UnknownPassError(f"pass '{name}': invalid parameters: {exc}") from exc

@@ -71,34 +71,92 @@ def presets() -> dict[str, Path]:
     return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.toml"))}
 
 
-def load_recipe(recipe: str | Path | None, _bases: tuple = ()) -> Recipe:
-    """Parse and validate a recipe (preset name or .toml path); pass classes are resolved too."""
-    recipe = recipe or DEFAULT
-    path = Path(recipe)
-    if str(recipe) in presets():
-        path = presets()[str(recipe)]
-    elif path.suffix != ".toml" or not path.is_file():
+# The top-level keys of a recipe: (accepts, what it must be). Anything else is refused, so a
+# misspelt key ("lowr = false") is an error rather than silently ignored.
+_WHOLE = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+TOP_LEVEL = {
+    "name": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+    "description": (lambda v: isinstance(v, str), "a string"),
+    "base": (lambda v: isinstance(v, str) and v.strip() != "", "a recipe name or path (a string)"),
+    "lower": (lambda v: isinstance(v, bool), "true or false"),
+    "calibration_windows": (lambda v: _WHOLE(v) and v >= 1, "a whole number >= 1"),
+    "passes": (lambda v: isinstance(v, list) and len(v) > 0, "a non-empty [[passes]] list"),
+}
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read(path: Path, label: str) -> dict:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"recipe {label}: cannot be read: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {label}: not a UTF-8 text file (byte {exc.start}); a recipe is TOML text") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"recipe {label}: invalid TOML: {exc}") from exc
+    except RecursionError as exc:  # tomllib recurses into nested arrays / inline tables
+        raise RecipeError(f"recipe {label}: invalid TOML: nested too deeply") from exc
+
+
+def _validate(data: dict, name: str) -> None:
+    """Types and ranges of the top-level keys, before any of them is used."""
+    unknown = sorted(set(data) - set(TOP_LEVEL))
+    if unknown:
+        raise RecipeError(f"recipe '{name}': unknown key '{unknown[0]}' (a recipe has: {', '.join(TOP_LEVEL)}; "
+                          f"pass parameters go under [[passes]])")
+    if "passes" not in data:
+        raise RecipeError(f"recipe '{name}': needs a non-empty [[passes]] list")
+    for key, (accepts, what) in TOP_LEVEL.items():
+        if key in data and not accepts(data[key]):
+            if key == "passes":
+                raise RecipeError(f"recipe '{name}': needs a non-empty [[passes]] list")
+            raise RecipeError(f"recipe '{name}': '{key}' must be {what}, got {_shown(data[key])}")
+
+
+def _resolve(recipe: str | Path, relative_to: Path | None = None) -> Path:
+    """The file of a recipe argument: a preset's name, or a .toml path (a base's relative to its recipe)."""
+    text = str(recipe)
+    if text in presets():
+        return presets()[text]
+    path = Path(text)
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    if path.suffix != ".toml" or not path.is_file():
         raise RecipeError(
             f"unknown recipe '{recipe}' (presets: {', '.join(presets())}; or a path to a .toml file)"
         )
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"recipe {path}: invalid TOML: {exc}") from exc
+    return path
+
+
+def load_recipe(recipe: str | Path | None, _chain: tuple[Path, ...] = (), _relative_to: Path | None = None) -> Recipe:
+    """Parse and validate a recipe (preset name or .toml path); pass classes and parameters too.
+
+    Everything is checked before any work: the TOML text, the types and ranges of every key, the
+    `base` chain (a cycle is found by resolved path, however it is spelt), the pass names and each
+    pass's parameters against its constructor. Every failure is a RecipeError naming the recipe.
+    """
+    recipe = recipe or DEFAULT
+    path = _resolve(recipe, _relative_to)
+    resolved = path.resolve()
+    if resolved in _chain:
+        names = [p.name for p in (*_chain, resolved)]
+        raise RecipeError(f"recipe {_chain[0].name}: 'base' makes a cycle ({' -> '.join(names)})")
+    data = _read(path, str(recipe) if not _chain else str(path))
+    label = data.get("name") if isinstance(data.get("name"), str) else path.stem
+    _validate(data, label)
     name = data.get("name", path.stem)
-    entries = data.get("passes")
-    if not isinstance(entries, list) or not entries:
-        raise RecipeError(f"recipe '{name}': needs a non-empty [[passes]] list")
+    entries = data["passes"]
     steps, windows = [], None
     if "base" in data:
-        base = data["base"]
-        if not isinstance(base, str):
-            raise RecipeError(f"recipe '{name}': 'base' must be a recipe name or path")
-        if base in _bases or base == name:
-            raise RecipeError(f"recipe '{name}': 'base' makes a cycle ({' -> '.join((*_bases, name, base))})")
-        if base not in presets() and not Path(base).is_absolute():
-            base = str(path.parent / base)
-        parent = load_recipe(base, (*_bases, name))
+        parent = load_recipe(data["base"], (*_chain, resolved), path.parent)
         steps, windows = list(parent.steps), parent.calibration_windows
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -106,11 +164,7 @@ def load_recipe(recipe: str | Path | None, _bases: tuple = ()) -> Recipe:
         params = {k: v for k, v in entry.items() if k != "name"}
         steps.append((entry["name"], params))
     lower = data.get("lower", True)
-    if not isinstance(lower, bool):
-        raise RecipeError(f"recipe '{name}': 'lower' must be true or false")
     windows = data.get("calibration_windows", windows)
-    if windows is not None and (not isinstance(windows, int) or isinstance(windows, bool) or windows < 1):
-        raise RecipeError(f"recipe '{name}': 'calibration_windows' must be a whole number >= 1")
     result = Recipe(name, data.get("description", ""), steps, str(path), lower, windows)
     result.build()  # validate pass names and parameters now, before any expensive work
     return result
