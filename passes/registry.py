@@ -51,6 +51,13 @@ class UnknownPassError(KilnError):
     pass
 
 
+def printable(text) -> str:
+    """A name from user input, made safe for a one-line error: control characters (a newline in a
+    recipe's pass name) and lone surrogates are escaped, everything else is kept as it is."""
+    text = str(text)
+    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else repr(c)[1:-1] for c in text)
+
+
 def register_pass(name: str):
     """Class decorator: make a KilnPass available to recipes under `name`."""
 
@@ -91,7 +98,7 @@ def available_passes() -> dict[str, type[KilnPass]]:
 def get_pass(name: str) -> type[KilnPass]:
     passes = available_passes()
     if name not in passes:
-        raise UnknownPassError(f"unknown pass '{name}' (known: {', '.join(passes)})")
+        raise UnknownPassError(f"unknown pass '{printable(name)}' (known: {', '.join(passes)})")
     return passes[name]
 
 
@@ -102,7 +109,7 @@ def create_pass(name: str, params: dict | None = None) -> KilnPass:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         takes = ", ".join(allowed) if allowed else "no parameters"
-        raise UnknownPassError(f"pass '{name}' has no parameter '{unknown[0]}' (it takes: {takes})")
+        raise UnknownPassError(f"pass '{name}' has no parameter '{printable(unknown[0])}' (it takes: {takes})")
     try:
         cls.check_parameters(params)
     except ValueError as exc:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kiln.errors import KilnError
 from kiln.passes.base import KilnPass
-from kiln.passes.registry import UnknownPassError, create_pass
+from kiln.passes.registry import UnknownPassError, create_pass, printable
 
 PRESETS_DIR = Path(__file__).parent
 DEFAULT = "fp32"
@@ -58,7 +58,7 @@ class Recipe:
             try:
                 passes.append(create_pass(name, params))
             except UnknownPassError as exc:
-                raise RecipeError(f"recipe '{self.name}', pass #{index + 1}: {exc}") from exc
+                raise RecipeError(f"recipe '{printable(self.name)}', pass #{index + 1}: {exc}") from exc
         return passes
 
     def as_dict(self) -> dict:
@@ -110,7 +110,7 @@ def _validate(data: dict, name: str) -> None:
     """Types and ranges of the top-level keys, before any of them is used."""
     unknown = sorted(set(data) - set(TOP_LEVEL))
     if unknown:
-        raise RecipeError(f"recipe '{name}': unknown key '{unknown[0]}' (a recipe has: {', '.join(TOP_LEVEL)}; "
+        raise RecipeError(f"recipe '{name}': unknown key '{printable(unknown[0])}' (a recipe has: {', '.join(TOP_LEVEL)}; "
                           f"pass parameters go under [[passes]])")
     if "passes" not in data:
         raise RecipeError(f"recipe '{name}': needs a non-empty [[passes]] list")
@@ -131,7 +131,7 @@ def _resolve(recipe: str | Path, relative_to: Path | None = None) -> Path:
         path = relative_to / path
     if path.suffix != ".toml" or not path.is_file():
         raise RecipeError(
-            f"unknown recipe '{recipe}' (presets: {', '.join(presets())}; or a path to a .toml file)"
+            f"unknown recipe '{printable(recipe)}' (presets: {', '.join(presets())}; or a path to a .toml file)"
         )
     return path
 
@@ -147,10 +147,10 @@ def load_recipe(recipe: str | Path | None, _chain: tuple[Path, ...] = (), _relat
     path = _resolve(recipe, _relative_to)
     resolved = path.resolve()
     if resolved in _chain:
-        names = [p.name for p in (*_chain, resolved)]
-        raise RecipeError(f"recipe {_chain[0].name}: 'base' makes a cycle ({' -> '.join(names)})")
-    data = _read(path, str(recipe) if not _chain else str(path))
-    label = data.get("name") if isinstance(data.get("name"), str) else path.stem
+        names = [printable(p.name) for p in (*_chain, resolved)]
+        raise RecipeError(f"recipe {names[0]}: 'base' makes a cycle ({' -> '.join(names)})")
+    data = _read(path, printable(recipe if not _chain else path))
+    label = printable(data["name"] if isinstance(data.get("name"), str) else path.stem)
     _validate(data, label)
     name = data.get("name", path.stem)
     entries = data["passes"]
@@ -160,7 +160,7 @@ def load_recipe(recipe: str | Path | None, _chain: tuple[Path, ...] = (), _relat
         steps, windows = list(parent.steps), parent.calibration_windows
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise RecipeError(f"recipe '{name}', pass #{index + 1}: needs a 'name' string")
+            raise RecipeError(f"recipe '{label}', pass #{index + 1}: needs a 'name' string")
         params = {k: v for k, v in entry.items() if k != "name"}
         steps.append((entry["name"], params))
     lower = data.get("lower", True)

@@ -188,3 +188,18 @@ def test_compile_refuses_before_any_work(tmp_path, text, fragment):
     assert_one_line_error(proc, fragment)
     assert "internal error" not in proc.stderr
     assert_nothing_left(tmp_path, "out")
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [  # found by tests/kiln/test_fuzz.py: a name from the recipe printed raw broke the one-line error
+        ('[[passes]]\nname = "\\n"\n', "unknown pass '\\n'"),
+        (FOLD + '"a\\nb" = 1\n', "has no parameter 'a\\nb'"),
+        ('"x\\ny" = 1\n' + FOLD, "unknown key 'x\\ny'"),
+        ('name = "two\\nlines"\n[[passes]]\nname = "nope"\n', "recipe 'two\\nlines', pass #1"),
+        ('name = "two\\nlines"\n[[passes]]\nsize_limit = 1\n', "recipe 'two\\nlines', pass #1: needs a 'name'"),
+        ('base = "a\\nb"\n' + FOLD, "unknown recipe '"),
+    ],
+)
+def test_names_from_the_recipe_stay_on_one_line(tmp_path, text, fragment):
+    _refused(_recipe(tmp_path, text), fragment)
