@@ -119,3 +119,19 @@ def assert_one_line_error(proc, *fragments):
 def assert_nothing_left(directory, name):
     assert not (directory / name).exists()
     assert not list(directory.glob(f".{name}.tmp-*"))
+
+
+@pytest.fixture
+def pipelined(prepared):
+    """(name, extra pass names) -> (meta, model after the cleanup passes and the extra ones, the feeds
+    the pipeline leaves: with the cache inputs once insert-kv-cache has run)."""
+    from kiln.passes import create_pass, run_pipeline
+
+    def get(name: str, extra=()):
+        p = prepared(name)
+        model = load_model(p.path)
+        feeds = sample_inputs(p.meta, summary(model).inputs)
+        run = run_pipeline(model, [create_pass(n) for n in [*CLEANUP, *extra]], feeds, progress=False)
+        return p.meta, run.model, run.feeds
+
+    return get
