@@ -43,10 +43,10 @@ def main(argv=None) -> int:
         if not (args.artifacts[0] / "kiln.json").exists():
             kiln.compile("smollm2-135m", args.artifacts[0], recipe="fp32", force=True)
     manifest = json.loads((args.artifacts[0] / "kiln.json").read_text())
-    if args.source:
-        manifest = {**manifest, "source": {"path": args.source} if Path(args.source).exists() else
-                    {"source": args.source}}
-    loaded = _source(manifest)
+    source = Path(args.source) if args.source and Path(args.source).exists() else None
+    if args.source and source is None:  # a kiln model name
+        manifest = {**manifest, "source": {"source": args.source}}
+    loaded = _source(manifest, source)
     arts = [load(a) for a in args.artifacts]
     failures = 0
     print("| artifact | recipe | identical | first difference per prompt |")

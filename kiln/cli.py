@@ -254,6 +254,8 @@ def run_cmd(
         None, "--check/--no-check",
         help="Compare with the PyTorch source model: greedy tokens (LLM) or cosine (encoder). "
              "Default: on for encoders, off for LLMs (loading an LLM takes a while)."),
+    source: Optional[Path] = typer.Option(
+        None, "--source", help="With --check: the folder or file the artifact was compiled from by path."),
     verify: bool = typer.Option(False, "--verify", help="Check every file's sha256 against the manifest before loading "
                                                         "(sizes are always checked)."),
 ):
@@ -290,7 +292,7 @@ def run_cmd(
             if art.max_positions is not None:
                 payload["max_positions"] = art.max_positions
             if check:
-                payload["reference"] = _check_tokens(art, gen)
+                payload["reference"] = _check_tokens(art, gen, source)
             print(json.dumps(payload))
             return
         printed = ""
@@ -311,7 +313,7 @@ def run_cmd(
         sys.stdout.write("\n")
         _say_if_max_positions_stopped(art, gen, max_new_tokens)
         if check:
-            ref = _check_tokens(art, gen)
+            ref = _check_tokens(art, gen, source)
             verdict = "identical" if ref["identical"] else f"differ from token {ref['first_difference']}"
             err.print(f"transformers generate(do_sample=False): {verdict} "
                       f"({ref['matching']}/{len(gen.token_ids)} tokens match)", highlight=False)
@@ -319,7 +321,7 @@ def run_cmd(
         if not text:
             raise KilnError("this is an encoder artifact: give --text TEXT")
         vectors = art.embed(text)
-        cosines = _check_embeddings(art, text, vectors, required=check is True) if check is not False else None
+        cosines = _check_embeddings(art, text, vectors, check is True, source) if check is not False else None
         if as_json:
             payload = [v.tolist() for v in vectors]
             result = {"embedding": payload[0] if len(payload) == 1 else payload}
@@ -368,10 +370,10 @@ def _say_if_max_positions_stopped(art, gen, max_new_tokens: int) -> None:
                   f"kv_cache.max_positions) after {len(gen.token_ids)} new tokens", highlight=False)
 
 
-def _check_tokens(art, gen) -> dict:
+def _check_tokens(art, gen, source: Path | None) -> dict:
     from kiln.reference import reference_generate
 
-    ref = reference_generate(art.manifest, gen.prompt_ids, len(gen.token_ids))
+    ref = reference_generate(art.manifest, gen.prompt_ids, len(gen.token_ids), source=source)
     ours = gen.token_ids
     matching = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
     identical = ours == ref
@@ -379,14 +381,14 @@ def _check_tokens(art, gen) -> dict:
             "first_difference": None if identical else matching, "token_ids": ref}
 
 
-def _check_embeddings(art, texts, vectors, required: bool):
+def _check_embeddings(art, texts, vectors, required: bool, source: Path | None):
     from kiln.models import SOURCES
     from kiln.reference import cosine, reference_embed
 
-    if not required and art.manifest.get("source", {}).get("source") not in SOURCES:
+    if not required and source is None and art.manifest.get("source", {}).get("source") not in SOURCES:
         return None  # automatic check: only where kiln knows the source model
     feeds = art.tokenize_batch(texts)
-    return cosine(reference_embed(art.manifest, feeds), vectors)
+    return cosine(reference_embed(art.manifest, feeds, source=source), vectors)
 
 
 @app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

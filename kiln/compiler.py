@@ -7,10 +7,13 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import inspect
+import json
+import os
 import shutil
 import tempfile
 import time
@@ -23,12 +26,12 @@ import kiln
 from kiln.backends import create_session, get_backend
 from kiln.errors import KilnError
 from kiln.ir import VerificationError, kv_layout, load_model, summary, verify
-from kiln.manifest import SCHEMA_VERSION, describe_files, write_manifest
+from kiln.manifest import MANIFEST, SCHEMA_VERSION, ManifestError, check_manifest, describe_files, write_manifest
 from kiln.models import Loaded, Prepared, export_loaded, get_source, prepare, sample_inputs
 from kiln.models.export import read_export, write_export
 from kiln.models.local import module_fingerprint, tokenizer_text
 from kiln.models.onnx_file import onnx_prepared
-from kiln.models.cache import atomic_dir
+from kiln.models.cache import atomic_dir, cache_root, exclusive, remove_stale
 from kiln.models.sources import SOURCES
 from kiln.parity import parity_gate
 from kiln.passes.numerics import compare
@@ -151,16 +154,15 @@ def compile(  # noqa: A001
         raise CompileError(f"--max-ppl-increase must be a fraction >= 0 (e.g. 0.05 or 5%), not {max_ppl_increase}")
     if min_cosine is not None and not -1 <= min_cosine <= 1:
         raise CompileError(f"--min-cosine must lie in [-1, 1], not {min_cosine}")
-    output = Path(output)
-    if output.exists() and not force:
-        raise CompileError(f"{output} already exists (use --force to replace it)")
+    output = _check_output(Path(output).expanduser(), force)
+    remove_stale(Path(tempfile.gettempdir()), "kiln-export-tmp-*")
 
-    with tempfile.TemporaryDirectory(prefix="kiln-export-") as scratch:
+    with _writer_lock(output), tempfile.TemporaryDirectory(prefix=f"kiln-export-tmp-{os.getpid()}-") as scratch:
         feeds = None
         if source is not None:
             prepared = prepare(source, progress=progress, console=console)
             if source.path is not None:  # not from the export cache: two folders may share one entry
-                prepared.meta["path"] = str(source.path)
+                prepared.meta["path"] = source.path.name  # its name: no path of the compiling machine
         elif loaded is not None:
             write_export(loaded, Path(scratch), {"source": type(model).__name__,
                                                  "sha256": module_fingerprint(model)})
@@ -199,27 +201,91 @@ def compile(  # noqa: A001
         ir_model, records, feeds = run.model, run.records, run.feeds
         after = summary(ir_model)
 
-        with atomic_dir(output) as tmp:
-            backend_info = be.write(ir_model, tmp, profile)
-            backend_info["lowering"] = [p.name for p in lowering]
-            tokenizer = None
-            if prepared.tokenizer is not None:
-                shutil.copy(prepared.tokenizer, tmp / "tokenizer.json")
-                tokenizer = "tokenizer.json"
-            manifest = _manifest(ir_model, prepared, plan, profile, backend_info, records, before, after, tokenizer)
-            if calib_info:
-                manifest["compile"]["calibration"] = calib_info
-            if run.quality:
-                manifest["compile"]["quality_budget"] = run.quality
-            if run.checkpoint is not None:
-                manifest["compile"]["parity"] = run.checkpoint
-            check = be.check_feeds(ir_model, feeds) if hasattr(be, "check_feeds") else feeds
-            manifest["compile"]["artifact_check"] = _check_artifact(tmp, backend_info, ir_model, check,
-                                                                    profile.precision)
-            manifest["compile"]["seconds"] = round(time.perf_counter() - start, 1)
-            manifest["files"] = describe_files(tmp)
-            write_manifest(tmp, manifest)
+        try:
+            with atomic_dir(output, "replace" if force else "new") as tmp:
+                backend_info = be.write(ir_model, tmp, profile)
+                backend_info["lowering"] = [p.name for p in lowering]
+                tokenizer = None
+                if prepared.tokenizer is not None:
+                    shutil.copy(prepared.tokenizer, tmp / "tokenizer.json")
+                    tokenizer = "tokenizer.json"
+                manifest = _manifest(ir_model, prepared, plan, profile, backend_info, records, before, after, tokenizer)
+                if calib_info:
+                    manifest["compile"]["calibration"] = calib_info
+                if run.quality:
+                    manifest["compile"]["quality_budget"] = run.quality
+                if run.checkpoint is not None:
+                    manifest["compile"]["parity"] = run.checkpoint
+                check = be.check_feeds(ir_model, feeds) if hasattr(be, "check_feeds") else feeds
+                manifest["compile"]["artifact_check"] = _check_artifact(tmp, backend_info, ir_model, check,
+                                                                        profile.precision)
+                manifest["compile"]["seconds"] = round(time.perf_counter() - start, 1)
+                manifest["files"] = describe_files(tmp)
+                try:
+                    check_manifest(manifest, "the manifest")
+                except ManifestError as exc:
+                    raise CompileError(f"{exc} (a kiln bug or an invalid recipe field); nothing was written") from exc
+                write_manifest(tmp, manifest)
+        except FileExistsError as exc:
+            raise CompileError(f"{output} appeared while compiling (another process wrote it); nothing was written") from exc
+        except OSError as exc:
+            raise CompileError(f"could not write the artifact to {output}: {exc.strerror or exc}; nothing was written") from exc
     return CompileResult(output, manifest)
+
+
+def _check_output(output: Path, force: bool) -> Path:
+    """Refuse, before any work, an output that `--force` must not replace or that cannot be written:
+    `--force` replaces only a kiln artifact or an empty directory, never `/`, the home directory,
+    the working directory or one above it, or the kiln cache."""
+    where = output.resolve()
+    cwd, cache = Path.cwd().resolve(), cache_root().resolve()
+    for what, path in (("the root directory", Path("/")), ("your home directory", Path.home().resolve()),
+                       ("the working directory", cwd), ("the kiln cache", cache)):
+        if where == path:
+            raise CompileError(f"refusing to write the artifact to {output}: it is {what}")
+    if where in cwd.parents:
+        raise CompileError(f"refusing to write the artifact to {output}: it holds the working directory")
+    if where in cache.parents or any(where == d or d in where.parents for d in map(cache.joinpath, CACHE_ENTRIES)):
+        raise CompileError(f"refusing to write the artifact to {output}: it holds the kiln cache or is one of its entries")
+    if output.is_symlink():
+        raise CompileError(f"{output} is a symbolic link; give the artifact directory itself")
+    if output.exists():
+        if not output.is_dir():
+            raise CompileError(f"{output} is a file, not an artifact directory; nothing was written")
+        if not force:
+            raise CompileError(f"{output} already exists (use --force to replace it)")
+        entries = sorted(p.name for p in output.iterdir())
+        if entries and not _is_artifact(output):
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise CompileError(f"{output} is not a kiln artifact (it holds {shown} and no kiln.json): --force "
+                               f"replaces only a kiln artifact or an empty directory")
+    parent = output.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CompileError(f"cannot create {output}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CompileError(f"cannot write the artifact to {output}: {parent} is not writable")
+    return output
+
+
+def _is_artifact(directory: Path) -> bool:
+    """A directory kiln wrote: its kiln.json is a JSON object naming a kiln and schema version."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and {"kiln_version", "schema_version"} <= manifest.keys()
+
+
+@contextlib.contextmanager
+def _writer_lock(output: Path):
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive(output):
+            yield
+    except BlockingIOError as exc:
+        raise CompileError(f"another kiln compile is writing {output}; nothing was written") from exc
 
 
 def _is_onnx_path(model) -> bool:
@@ -293,6 +359,11 @@ def _quality_budget(prepared: Prepared, signature, max_ppl_increase, min_cosine)
                                                          samples=16, length=128))
 
 
+# The kiln cache's own folders (exports, fetched wheels and sources, corpora, TVM tuning logs):
+# an artifact may be written elsewhere in the cache (the benchmarks do), never over these.
+CACHE_ENTRIES = ("exports", "wheels", "sources", "corpus", "tvm-tuning")
+
+
 # max_rel allowed between the written artifact and the pipeline's last stage: the backend's own
 # graph optimizations reorder arithmetic, which fp16 rounds ten times more coarsely (SmolLM2 on
 # the gpu profile measured 2.5e-3 on the CPU EP)
@@ -325,7 +396,7 @@ def _manifest(model, prepared, plan, profile, backend_info, records, before, aft
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "task": prepared.task,
         "source": {k: v for k, v in meta.items() if k not in ("generation", "task")},
-        "recipe": plan.as_dict(),
+        "recipe": {**plan.as_dict(), "path": Path(plan.path).name if plan.path else None},
         "target": profile.as_dict(),
         "backend": backend_info,
         "io": {"inputs": after.inputs, "outputs": after.outputs},

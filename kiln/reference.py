@@ -16,25 +16,33 @@ from kiln.errors import KilnError
 from kiln.models import SOURCES
 
 
-def _source(manifest: dict):
-    """The source model: a named kiln model, or the folder or file it was compiled from."""
+def _source(manifest: dict, path: Path | None = None):
+    """The source model: a named kiln model, or the folder or file it was compiled from (`path`:
+    the manifest records only its name and sha256, not where it lived on the compiling machine)."""
     source = manifest.get("source", {})
-    name, path = source.get("source"), source.get("path")
-    if path:
+    name, recorded = source.get("source"), source.get("path")
+    if path is None and recorded:
+        raise KilnError(f"no PyTorch reference: this artifact was compiled from '{recorded}' by path; "
+                        f"give its location with --source PATH")
+    if path is not None:
         from kiln.models.local import path_source
 
         if not Path(path).exists():
-            raise KilnError(f"no PyTorch reference: the source {path} is no longer there")
-        return path_source(Path(path), task=manifest.get("task")).load()
+            raise KilnError(f"no PyTorch reference: {path} does not exist")
+        found = path_source(Path(path), task=manifest.get("task"))
+        if source.get("sha256") and found.fingerprint() != source["sha256"]:
+            raise KilnError(f"{path} is not the model this artifact was compiled from (its sha256 differs)")
+        return found.load()
     if name not in SOURCES:
         raise KilnError(f"no PyTorch reference for source '{name}' (only named kiln models and models "
                         "compiled by path have one)")
     return SOURCES[name].load()
 
 
-def reference_generate(manifest: dict, prompt_ids: list[int], max_new_tokens: int, loaded=None) -> list[int]:
+def reference_generate(manifest: dict, prompt_ids: list[int], max_new_tokens: int, loaded=None,
+                       source: Path | None = None) -> list[int]:
     """Greedy tokens from transformers `generate(do_sample=False)` (new tokens only)."""
-    model = (loaded or _source(manifest)).reference
+    model = (loaded or _source(manifest, source)).reference
     gen = manifest.get("generation", {})
     eos = gen.get("eos_token_ids") or None
     with torch.no_grad():
@@ -46,9 +54,10 @@ def reference_generate(manifest: dict, prompt_ids: list[int], max_new_tokens: in
     return out[0, len(prompt_ids):].tolist()
 
 
-def reference_embed(manifest: dict, feeds: dict[str, np.ndarray], loaded=None) -> np.ndarray:
+def reference_embed(manifest: dict, feeds: dict[str, np.ndarray], loaded=None,
+                    source: Path | None = None) -> np.ndarray:
     """Embeddings from the source model (with kiln's pooling wrapper) for the same token ids."""
-    module = (loaded or _source(manifest)).module
+    module = (loaded or _source(manifest, source)).module
     with torch.no_grad():
         return module(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
 

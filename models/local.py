@@ -338,7 +338,7 @@ def folder_source(folder: Path, *, task: str | None = None, allow_pickle: bool =
         extra = {"weights": "safetensors" if safe else "pickle (--allow-pickle)"}
         return build_loaded(model, task, tokenizer_json, tok, extra, st, chat_template)
 
-    return Source(_safe_name(folder.name), task, f"{folder} ({', '.join(architectures) or config['model_type']})",
+    return Source(_safe_name(folder.name), task, f"{folder.name} ({', '.join(architectures) or config['model_type']})",
                   None, fingerprint, load, folder)
 
 
@@ -379,7 +379,7 @@ def gguf_source(path: Path, *, task: str | None = None) -> Source:
         return build_loaded(model, "causal-lm", tok.backend_tokenizer.to_str(), tok,
                             {"weights": f"gguf ({arch}) dequantized to fp32"}, chat_template=tok.chat_template)
 
-    return Source(_safe_name(path.stem), "causal-lm", f"{path} (GGUF, {arch})", None, fingerprint, load, path)
+    return Source(_safe_name(path.stem), "causal-lm", f"{path.name} (GGUF, {arch})", None, fingerprint, load, path)
 
 
 def _gguf_architecture(path: Path) -> str:

@@ -52,6 +52,14 @@ def test_a_causal_lm_folder_compiles_by_path_and_matches_transformers(llama_dir,
                           eos_token_id=None, pad_token_id=tiny.EOS)[0, len(prompt):].tolist()
     got = kiln.load(tmp_path / "out").generate(prompt, max_new_tokens=24, stop_token_ids=()).token_ids
     assert got == want
+    # the manifest names the folder, not where it lived; --check is given the folder again
+    assert m["source"]["path"] == "my-llama" and str(llama_dir) not in json.dumps(m)
+    run = ("run", str(tmp_path / "out"), "--prompt", "Hi", "-n", "4", "--check", "--json")
+    assert_one_line_error(run_kiln(*run), "compiled from 'my-llama' by path", "--source PATH")
+    checked = run_kiln(*run, "--source", str(llama_dir))
+    assert checked.returncode == 0 and json.loads(checked.stdout)["reference"]["identical"] is True
+    other = save(tmp_path / "other", build("LlamaForCausalLM", "LlamaConfig", **{**LLAMA, "initializer_range": 0.3}))
+    assert_one_line_error(run_kiln(*run, "--source", str(other)), "is not the model this artifact was compiled from")
 
 
 @pytest.mark.slow
