@@ -94,6 +94,16 @@ def test_force_replaces_an_artifact_or_an_empty_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder, no lock file
 
 
+def test_a_loaded_artifact_finishes_on_the_old_one_while_it_is_replaced(tmp_path):
+    out = tmp_path / "out"
+    kiln.compile("tiny-llama", out, recipe="fp32", progress=False)
+    art = kiln.load(out)
+    want = art.generate(art.encode("kiln"), max_new_tokens=8).token_ids
+    kiln.compile("tiny-llama", out, recipe="drop-layers", force=True, progress=False)
+    assert art.generate(art.encode("kiln"), max_new_tokens=8).token_ids == want
+    assert kiln.load(out).manifest["recipe"]["name"] == "drop-layers"
+
+
 def test_a_disk_error_while_writing_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     import kiln.compiler as compiler
 
