@@ -164,18 +164,25 @@ def _kiln_spec(path: Path) -> dict:
     return spec
 
 
-def prepare_llm(name: str, workdir: Path) -> dict:
-    """Build what `name` runs (cached in workdir); returns its spec: how to open it, its files."""
+def _common_spec(name: str, model: str, kiln_systems: dict, prefix: Path) -> dict | None:
+    """The spec of a system every model has (a kiln artifact, the raw export in ORT, PyTorch eager)."""
     from kiln.models import get_source, prepare
 
-    if name in KILN_LLM:
-        recipe, backend = KILN_LLM[name]
-        return _kiln_spec(_kiln_artifact(LLM_MODEL, recipe, workdir / f"kiln-smollm2-{backend}-{recipe}", backend))
+    if name in kiln_systems:
+        recipe, backend = kiln_systems[name]
+        return _kiln_spec(_kiln_artifact(model, recipe, prefix.with_name(f"{prefix.name}-{backend}-{recipe}"), backend))
     if name == "ort-raw-fp32":
-        prepared = prepare(get_source(LLM_MODEL), progress=False)
+        prepared = prepare(get_source(model), progress=False)
         return {"kind": "raw", "path": str(prepared.path), "compile_s": prepared.meta.get("export_seconds")}
     if name == "pytorch-eager":
         return {"kind": "torch", "compile_s": None}
+    return None
+
+
+def prepare_llm(name: str, workdir: Path) -> dict:
+    """Build what `name` runs (cached in workdir); returns its spec: how to open it, its files."""
+    if (spec := _common_spec(name, LLM_MODEL, KILN_LLM, workdir / "kiln-smollm2")) is not None:
+        return spec
     if name.startswith("ort-genai-"):
         _require("onnxruntime_genai", "pip install onnxruntime-genai")
         path = genai_build(workdir, name.rsplit("-", 1)[1])
@@ -191,16 +198,8 @@ def prepare_llm(name: str, workdir: Path) -> dict:
 
 
 def prepare_encoder(name: str, workdir: Path) -> dict:
-    from kiln.models import get_source, prepare
-
-    if name in KILN_ENCODER:
-        recipe, backend = KILN_ENCODER[name]
-        return _kiln_spec(_kiln_artifact(ENCODER_MODEL, recipe, workdir / f"kiln-minilm-{backend}-{recipe}", backend))
-    if name == "ort-raw-fp32":
-        prepared = prepare(get_source(ENCODER_MODEL), progress=False)
-        return {"kind": "raw", "path": str(prepared.path), "compile_s": prepared.meta.get("export_seconds")}
-    if name == "pytorch-eager":
-        return {"kind": "torch", "compile_s": None}
+    if (spec := _common_spec(name, ENCODER_MODEL, KILN_ENCODER, workdir / "kiln-minilm")) is not None:
+        return spec
     raise Skip(f"not an encoder system (known: {', '.join(ENCODER_SYSTEMS)})")
 
 

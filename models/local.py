@@ -363,9 +363,9 @@ def gguf_source(path: Path, *, task: str | None = None) -> Source:
                                f"({', '.join(k for k in GGUF_CONFIG_MAPPING if k not in ('general', 'tokenizer'))})")
 
     def fingerprint() -> str:
-        from kiln.models.sources import file_sha256
+        from kiln.manifest import sha256_file
 
-        return file_sha256(path)
+        return sha256_file(path)
 
     def load() -> Loaded:
         from transformers import AutoModelForCausalLM, AutoTokenizer

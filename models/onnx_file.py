@@ -26,7 +26,7 @@ from kiln.errors import KilnError
 from kiln.ir import load_model
 from kiln.models.export import Prepared
 from kiln.models.local import TASKS, folder_tokenizer, read_json, sentence_transformers_info
-from kiln.models.sources import file_sha256
+from kiln.manifest import sha256_file
 
 
 class OnnxFileError(KilnError):
@@ -157,7 +157,7 @@ def onnx_prepared(path: Path, task: str | None, workdir: Path) -> Prepared:
     folder = path.parent
     config_file = folder / "config.json"
     config = read_json(config_file, "config.json") if config_file.is_file() else {}
-    meta = {"source": path.name, "sha256": file_sha256(path), **_meta_from_config(folder, config, task, model)}
+    meta = {"source": path.name, "sha256": sha256_file(path), **_meta_from_config(folder, config, task, model)}
     tokenizer_json, template, special = folder_tokenizer(folder) if task != "custom" else (None, None, None)
     changed = False
     if task == "causal-lm":

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from kiln.errors import KilnError
+from kiln.manifest import sha256_file
 from kiln.models import tiny
 from kiln.models.fetch import fetch_wheel
 from kiln.models.wrappers import CausalLMLogits, PooledEmbedding, SequenceClassifierLogits
@@ -74,14 +74,6 @@ def quiet_third_party() -> None:
     transformers.utils.logging.disable_progress_bar()
     for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def causal_lm_loaded(model, tokenizer_json: str | None, generation: dict, extra: dict) -> Loaded:
@@ -193,9 +185,9 @@ SOURCES: dict[str, Source] = {
     s.name: s
     for s in [
         Source("smollm2-135m", "causal-lm", "SmolLM2-135M-Instruct (GGUF Q4_1 → fp32 Llama, 30 layers, GQA 9/3)",
-               SMOLLM2_WHEEL, lambda: file_sha256(_smollm2_path()), _load_smollm2),
+               SMOLLM2_WHEEL, lambda: sha256_file(_smollm2_path()), _load_smollm2),
         Source("minilm-l6", "embedding", "all-MiniLM-L6-v2 sentence embeddings (BERT, 6 layers, mean pooling)",
-               MINILM_WHEEL, lambda: file_sha256(_minilm_dir() / "model.safetensors"), _load_minilm),
+               MINILM_WHEEL, lambda: sha256_file(_minilm_dir() / "model.safetensors"), _load_minilm),
         *[
             Source(n, "embedding" if n == "tiny-bert" else "causal-lm", f"random-init {n} for tests",
                    None, (lambda n=n: tiny.fingerprint(n)), (lambda n=n: _load_tiny(n)))

@@ -313,11 +313,9 @@ class PruneHeadsPass(StructuralPass):
         before = param_count(model)
         atts, rejected = find_attention_blocks(model)
         base = {"params_before": before, "params_after": before, "params_removed": 0, "attentions": len(atts)}
-        if not atts:
-            return self.result(model, modified=False, stats=base, rejected=rejected or ["no attention found"])
+        if (unchanged := self.nothing_to_do(model, atts, rejected, "attention", base)) is not None:
+            return unchanged
         keep_total = self.keep(model)
-        if not self.ratio and keep_total is None:
-            return self.result(model, modified=False, stats=base, rejected=["nothing to prune (ratio=0, no target)"])
         if self.unit == "query" and any(a.n_rep == 1 for a in atts):
             raise KilnError("prune-heads: unit='query' needs grouped-query attention (more query than kv heads); "
                             "this model has one query head per kv head: use unit='group'")

@@ -62,11 +62,9 @@ class PruneMLPPass(StructuralPass):
         before = param_count(model)
         mlps, rejected = find_mlps(model)
         base = {"params_before": before, "params_after": before, "params_removed": 0, "mlps_seen": len(mlps)}
-        if not mlps:
-            return self.result(model, modified=False, stats=base, rejected=rejected or ["no MLP found"])
+        if (unchanged := self.nothing_to_do(model, mlps, rejected, "MLP", base)) is not None:
+            return unchanged
         keep_total = self.keep(model)
-        if not self.ratio and keep_total is None:
-            return self.result(model, modified=False, stats=base, rejected=["nothing to prune (ratio=0, no target)"])
         feeds = require(self.calibration, "prune-mlp")
         names = [m.inter.name for m in mlps]
         stats = grams(model, feeds, names) if self.refit else collect(model, feeds, names)

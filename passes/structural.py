@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from kiln.errors import KilnError
 from kiln.ir.values import param_count
-from kiln.passes.base import KilnPass
+from kiln.passes.base import KilnPass, KilnPassResult
 from kiln.passes.registry import get_pass
 
 METRICS = ("kl", "cosine", "max_rel", "max_abs", "top1")
@@ -44,6 +44,16 @@ class StructuralPass(KilnPass):
             raise ValueError(f"give {which} of target_params, target_mb, {', '.join(amounts)}")
         check_metric(metric)
         self.target_params, self.target_mb, self.metric, self.budget = target_params, target_mb, metric, budget
+
+    def nothing_to_do(self, model: ir.Model, found: list, rejected: list[str], what: str,
+                      stats: dict) -> KilnPassResult | None:
+        """The unchanged result when there is nothing to cut: no `what` found, or no amount given
+        (`ratio` 0 and no target); None when the pass has work to do."""
+        if not found:
+            return self.result(model, modified=False, stats=stats, rejected=rejected or [f"no {what} found"])
+        if not getattr(self, "ratio", 0) and self.keep(model) is None:
+            return self.result(model, modified=False, stats=stats, rejected=["nothing to prune (ratio=0, no target)"])
+        return None
 
     def keep(self, model: ir.Model) -> int | None:
         """The parameter count the target asks for (None without a target): `target_params` ×
