@@ -75,10 +75,15 @@ class Model:
         self.layout: KVLayout | None = KVLayout.from_manifest(self.kv)
         self.output_names = [o.name for o in session.get_outputs()]
         if self.layout is not None:
+            graph_inputs = len(session.get_inputs())
+            if not 0 < self.layout.num_layers <= graph_inputs:  # before 2 x num_layers names are made
+                raise GenerationError(f"the manifest's kv_cache.num_layers is {self.layout.num_layers}, but the graph has "
+                                      f"{graph_inputs} inputs: the manifest does not describe this graph")
             # Cache names from the manifest's templates (docs/manifest.md), never assumed.
             self.past_names = [n for pair in self.layout.past_names for n in pair]
             self.present_names = [n for pair in self.layout.present_names for n in pair]
             self._check_names()
+        self._check_io()
         gen = manifest.get("generation", {})
         self.eos = tuple(gen.get("eos_token_ids", []))
         self.pad = gen.get("pad_token_id") if gen.get("pad_token_id") is not None else (self.eos[0] if self.eos else 0)
@@ -93,6 +98,26 @@ class Model:
         logits = next((o for o in session.get_outputs() if o.name == "logits"), None) if self.shared else None
         self._logits_spec = ((logits.shape[-1], np.float16 if logits.type == "tensor(float16)" else np.float32)
                              if logits is not None and isinstance(logits.shape[-1], int) else None)
+
+    def _check_io(self) -> None:
+        """The graph takes exactly the inputs this runtime feeds (by the manifest's kv_cache) and
+        returns `logits`: a disagreement is one line at load, not an ORT error mid-generation."""
+        inputs = [i.name for i in self.session.get_inputs()]
+        if self.layout is None:
+            fed, how = ["input_ids"], "the manifest has no kv_cache, so only input_ids is fed"
+        else:
+            fed = ["input_ids", "attention_mask", "position_ids", *self.past_names]
+            fed += ["cache_position"] if self.static else []
+            how = "the runtime feeds input_ids, attention_mask, position_ids and the kv_cache's past inputs"
+        extra = next((n for n in inputs if n not in fed), None)
+        if extra is not None:
+            raise GenerationError(f"the graph takes an input '{extra}' that the manifest does not account for "
+                                  f"({how}): the manifest does not describe this graph")
+        absent = next((n for n in fed if n not in inputs), None)
+        if absent is not None:
+            raise GenerationError(f"the graph has no input '{absent}' ({how}): the manifest does not describe this graph")
+        if "logits" not in self.output_names:
+            raise GenerationError("the graph has no output 'logits': the manifest does not describe this graph")
 
     def _check_names(self) -> None:
         inputs = {i.name for i in self.session.get_inputs()}

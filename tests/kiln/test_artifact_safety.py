@@ -341,7 +341,16 @@ def test_kv_dtype_that_disagrees_with_the_graph(llm, tmp_path):
 
 def test_declared_size_of_2_to_the_40(llm, tmp_path):
     art = copy_artifact(llm, tmp_path / "a")
+    # A static cache's graph takes cache_position (the runtime checks the graph's inputs at load):
+    # declared here, unused, so that what is tested is the size the manifest declares.
+    import onnx
+    from artifact_edits import refresh_files
+
+    model = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    model.graph.input.append(onnx.helper.make_tensor_value_info("cache_position", onnx.TensorProto.INT64, ["sequence"]))
+    onnx.save(model, str(art / "model.onnx"))
     edit_manifest(art, kv_cache={**_manifest(art)["kv_cache"], "static": True, "max_length": 2**40})
+    refresh_files(art)
     proc = run_kiln("run", str(art), "-p", "hi", "-n", "2")
     assert_one_line_error(proc, "the cache the manifest declares", "1099511627776 slots", "more than can be allocated")
 

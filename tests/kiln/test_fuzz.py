@@ -88,6 +88,8 @@ def kiln(*args: str, seconds: int = CASE_SECONDS) -> tuple[int, str, str]:
                 main()
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
+    except Hang as exc:  # an ordinary failure from here on, so that Hypothesis shrinks the case
+        raise AssertionError(f"hang: {exc}") from None
     finally:
         sys.argv = argv
         signal.signal(signal.SIGTERM, sigterm)
@@ -290,19 +292,48 @@ JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(st.lists(inner,
                            max_leaves=5)
 
 
+RUNTIME_FIELDS = ("task", "backend", "io", "tokenizer", "kv_cache", "generation", "files",
+                  "classification", "embedding", "target")
+
+
+def same_type(old) -> st.SearchStrategy:
+    if isinstance(old, bool):
+        return st.just(not old)
+    if isinstance(old, int):
+        return st.one_of(st.sampled_from([0, 1, -1, old + 1, old - 1, old * 2, 2**31, 2**40, 2**63]),
+                         st.integers(min_value=-(2**64), max_value=2**64))
+    if isinstance(old, float):
+        return st.floats(allow_nan=False, allow_infinity=False)
+    if isinstance(old, str):
+        return st.one_of(JSON_SCALARS.filter(lambda v: isinstance(v, str)), st.just(old + "x"), st.just(old[:-1]),
+                         st.just(old.upper()))
+    if isinstance(old, list):
+        return st.one_of(st.just(old[:-1]), st.just(old[1:]), st.just([]), st.just(old + old[-1:]),
+                         st.just(list(reversed(old))))
+    if isinstance(old, dict):
+        return st.just({})
+    return JSON_VALUES
+
+
 def mutate_manifest(data, manifest: dict) -> dict:
     manifest = copy.deepcopy(manifest)
     for _ in range(data.draw(st.integers(1, 3), label="mutations")):
         paths = [p for p, _ in _paths(manifest) if p]
+        # Mostly what a runtime reads (the recorded passes and source details are informational).
+        hot = [p for p in paths if p[0] in RUNTIME_FIELDS]
+        if hot and data.draw(st.integers(0, 3), label="hot?"):
+            paths = hot
         if not paths:
             break
         path = data.draw(st.sampled_from(paths), label="path")
         parent = manifest
         for part in path[:-1]:
             parent = parent[part]
-        kind = data.draw(st.sampled_from(["replace", "replace", "delete", "scale"]), label="kind")
+        kind = data.draw(st.sampled_from(["same-type", "same-type", "replace", "delete", "scale"]), label="kind")
         old = parent[path[-1]]
-        if kind == "delete":
+        if kind == "same-type":  # a value the schema may well accept: what the runtime then makes of it
+            parent[path[-1]] = data.draw(same_type(old), label="value")
+        elif kind == "delete":
             del parent[path[-1]]
         elif kind == "scale" and isinstance(old, (int, float)) and not isinstance(old, bool):
             parent[path[-1]] = old * data.draw(st.sampled_from([-1, 0, 2, 1000, 2**40]), label="factor")
@@ -487,3 +518,44 @@ def test_fuzz_onnx_slow(onnx_source, tmp_path_factory, llm, run_work, data):
         _onnx_compile_case(onnx_source, tmp_path_factory, data)
     else:
         _onnx_run_case(llm, run_work, data)
+
+
+# --- what the fuzzers found, one regression test each ----------------------------------------
+
+def _edited(llm: Path, tmp_path: Path, **kv) -> Path:
+    work = tmp_path / "a"
+    shutil.copytree(llm, work)
+    manifest = json.loads((work / "kiln.json").read_text())
+    for key, value in kv.items():
+        if value is None:
+            manifest.pop(key, None)
+        else:
+            manifest[key] = value
+    (work / "kiln.json").write_text(json.dumps(manifest))
+    return work
+
+
+def _one_line(result, *fragments):
+    code, _, stderr = result
+    assert code == 1 and "internal error" not in stderr, stderr
+    line = stderr.strip()
+    assert "\n" not in line and line.startswith("error: "), stderr
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+def test_found_causal_lm_manifest_without_kv_cache(llm, tmp_path):
+    """Was: internal error: ValueError: Required inputs ([...]) are missing from input feed (['input_ids'])."""
+    work = _edited(llm, tmp_path, kv_cache=None)
+    _one_line(kiln("run", str(work), "--prompt", "hello", "-n", "2", "--no-check"),
+              "the graph takes an input 'attention_mask' that the manifest does not account for",
+              "the manifest has no kv_cache")
+
+
+def test_found_kv_cache_num_layers_of_2_to_the_40(llm, tmp_path):
+    """Was: a hang (2^41 cache names made before any check)."""
+    manifest = json.loads((llm / "kiln.json").read_text())
+    for layers in (2**40, 64):
+        work = _edited(llm, tmp_path / str(layers), kv_cache={**manifest["kv_cache"], "num_layers": layers})
+        _one_line(kiln("run", str(work), "--prompt", "hello", "-n", "2", "--no-check", seconds=20),
+                  f"kv_cache.num_layers is {layers}, but the graph has")
