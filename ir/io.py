@@ -9,9 +9,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from kiln.errors import KilnError
 
-class ModelLoadError(ValueError):
-    pass
+
+class ModelLoadError(KilnError, ValueError):
+    """A file that is not a loadable ONNX model: one `error:` line (a KilnError), as any bad input."""
 
 
 def load_model(path: str | os.PathLike, *, load_external: bool = True) -> ir.Model:

@@ -153,6 +153,8 @@ def onnx_prepared(path: Path, task: str | None, workdir: Path) -> Prepared:
     if task is not None and task not in TASKS:
         raise OnnxFileError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
     model = load_model(path)
+    if not model.graph.outputs:
+        raise OnnxFileError(f"{path.name}: the ONNX graph has no outputs: there is nothing to compile")
     task = task or infer_onnx_task(model)
     folder = path.parent
     config_file = folder / "config.json"

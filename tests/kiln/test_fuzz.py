@@ -402,7 +402,7 @@ def _proto_mutation(data, model: onnx.ModelProto) -> None:
         node.domain = data.draw(st.sampled_from(["com.microsoft", "ai.onnx.ml", "nowhere", "pkg.onnxscript.torch_lib"]))
     elif kind == "input_name" and node is not None and node.input:
         node.input[data.draw(st.integers(0, len(node.input) - 1))] = data.draw(
-            st.sampled_from(["", "input_ids", "nothing", graph.output[0].name]))
+            st.sampled_from(["", "input_ids", "nothing", *(v.name for v in graph.output[:1])]))
     elif kind == "drop_node" and node is not None:
         graph.node.remove(node)
     elif kind == "duplicate_node" and node is not None:
@@ -559,3 +559,31 @@ def test_found_kv_cache_num_layers_of_2_to_the_40(llm, tmp_path):
         work = _edited(llm, tmp_path / str(layers), kv_cache={**manifest["kv_cache"], "num_layers": layers})
         _one_line(kiln("run", str(work), "--prompt", "hello", "-n", "2", "--no-check", seconds=20),
                   f"kv_cache.num_layers is {layers}, but the graph has")
+
+
+def _without_outputs(onnx_source) -> Path:
+    raw, folder = onnx_source
+    model = _parse_full(raw)
+    del model.graph.output[:]
+    path = folder / "no-outputs.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("task", [None, "causal-lm"])
+def test_found_onnx_without_outputs(onnx_source, tmp_path, task):
+    """Was: internal error: IndexError: list index out of range (the task read from outputs[0])."""
+    path = _without_outputs(onnx_source)
+    _one_line(kiln("compile", str(path), "-o", str(tmp_path / "out"), "-r", "none", *(["--task", task] if task else [])),
+              "no-outputs.onnx: the ONNX graph has no outputs")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["compile", "inspect"])
+def test_found_onnx_that_does_not_parse(onnx_source, tmp_path, command):
+    """Was: internal error: ModelLoadError: ... not a valid ONNX model (Wire format was corrupt)."""
+    raw, _ = onnx_source
+    path = tmp_path / "zeroed.onnx"
+    path.write_bytes(bytes(64) + raw[64:])
+    args = ["-o", str(tmp_path / "out"), "-r", "none"] if command == "compile" else []
+    _one_line(kiln(command, str(path), *args), "zeroed.onnx: not a valid ONNX model")
