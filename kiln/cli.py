@@ -502,6 +502,44 @@ def eval_cmd(
     out.print(table)
 
 
+@app.command("serve")
+def serve_cmd(
+    artifacts: list[str] = typer.Argument(..., help="Artifact directories (causal-lm or embedding), each served "
+                                                    "under its directory name, or NAME=DIR to choose the name."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (only this machine by default)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Rows in one LLM's continuous batch."),
+    max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests waiting per model; more get 429."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KILN_API_KEY",
+                                          help="Require Authorization: Bearer KEY (or set KILN_API_KEY)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Override the artifacts' thread count."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every file's sha256 against the manifest "
+                                                                  "at start-up."),
+    timeout: float = typer.Option(300.0, "--timeout", min=0.001, help="Seconds a request may take, queueing included "
+                                                                      "(then 504)."),
+    prefill_chunk: int = typer.Option(64, "--prefill-chunk", min=0, help="Prompt tokens prefilled per decode step "
+                                                                         "while other rows decode (0 = whole prompts)."),
+    priority_aging: float = typer.Option(5.0, "--priority-aging", min=0.0,
+                                         help="Seconds of waiting that raise a request's priority by one (0 = never)."),
+    max_body: int = typer.Option(1 << 20, "--max-body", min=1, help="Largest request body in bytes (then 413)."),
+    grace: float = typer.Option(10.0, "--grace", min=0.0, help="Seconds in-flight requests get after SIGTERM."),
+    log_level: str = typer.Option("warning", "--log-level", help="uvicorn's and kiln.serve's log level."),
+):
+    """Serve artifacts over an OpenAI-compatible HTTP API (docs/serve.md): /v1/completions,
+    /v1/chat/completions, /v1/embeddings, /v1/models, /health, /metrics."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from kiln.serve import serve
+    except ModuleNotFoundError as exc:
+        raise KilnError(f"`kiln serve` needs the serve extra (no module '{exc.name}'): pip install 'kiln[serve]'") from None
+    _runtime_only_tvm()
+    serve(artifacts, host=host, port=port, threads=threads, verify=verify, log_level=log_level,
+          max_batch=max_batch, max_queue=max_queue, api_key=api_key, max_body=max_body, timeout=timeout,
+          prefill_chunk=prefill_chunk or None, aging=priority_aging, grace=grace)
+
+
 @app.command("inspect")
 def inspect_cmd(
     path: Path = typer.Argument(..., help="Artifact directory or .onnx file."),

@@ -10,6 +10,10 @@ Batching:
   and then decoded together);
 - continuous (`Generator`): a request is prefilled alone when it joins, its cache
   is left-padded to the batch's length and stacked in; finished rows leave between steps.
+  With `prefill_chunk=N`, a step prefills at most N prompt tokens (a long prompt over several
+  steps, on its own cache) before decoding the running rows, so a joining request delays the
+  others' next token by at most one chunk's prefill. A row whose prefill or sampling raises is
+  reported in `failed` and leaves; the other rows go on.
   Masked cache slots get exactly zero attention weight, so a row's tokens are the same as
   when it runs alone.
 
@@ -340,6 +344,8 @@ def generate_stream(model: Model, prompt: list[int], params: SamplingParams) -> 
         for req_id, token in batcher.step():
             if req_id == rid:
                 yield token
+        if batcher.failed:
+            raise batcher.failed[0][1]
 
 
 def generate_batch(model: Model, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
@@ -381,13 +387,15 @@ class _Row:
     tokens: list[int]  # prompt + generated (full recompute needs them all)
     generated: int = 0
     next_position: int = 0
+    prefilled: int = 0  # prompt tokens in `cache` so far (chunked prefill)
+    cache: list | None = None  # the row's own cache while it is prefilled in chunks
 
 
 class Generator:
     """Continuous batching: requests join (`submit`) and leave (finish or `cancel`) between
     decode steps; each `step()` returns one (request id, token) per running request."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, prefill_chunk: int | None = None):
         self.model = model
         self.waiting: list[_Row] = []
         self.rows: list[_Row] = []
@@ -395,10 +403,21 @@ class Generator:
         self.mask: np.ndarray | None = None  # [B, T]
         self.logits: np.ndarray | None = None  # [B, V] for each row's next token
         self._next_id = 0
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise GenerationError(f"prefill_chunk must be at least 1; got {prefill_chunk}")
+        # Chunks need a growing cache fed any number of tokens (not a static or fixed-chunk graph).
+        chunkable = model.kv is not None and not model.static and not model.chunk
+        self.prefill_chunk = prefill_chunk if chunkable else None
+        self.failed: list[tuple[int, Exception]] = []  # rows that raised; the caller clears it
 
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.rows)
+
+    @property
+    def active(self) -> set[int]:
+        """Ids of the requests still waiting, prefilling or decoding."""
+        return {r.rid for r in self.waiting} | {r.rid for r in self.rows}
 
     def submit(self, prompt: list[int], params: SamplingParams | None = None) -> int:
         if not prompt:
@@ -417,6 +436,25 @@ class Generator:
         if len(keep) != len(self.rows):
             self._retain(keep)
 
+    def _prefill(self, row: _Row, budget: int | None) -> int:
+        """Feed up to `budget` more prompt tokens (all if None) into the row's own cache; the row
+        joins the batch once its whole prompt is in. Returns the tokens fed."""
+        m = self.model
+        if m.kv is None or budget is None and not row.prefilled:
+            self._admit(row)
+            return len(row.tokens)
+        start = row.prefilled
+        end = len(row.tokens) if budget is None else min(len(row.tokens), start + budget)
+        ids = np.array([row.tokens[start:end]], dtype=np.int64)
+        positions = np.arange(start, end, dtype=np.int64)[None]
+        logits, row.cache = m.forward(ids, np.ones((1, end), dtype=np.int64), positions,
+                                      row.cache if start else m.empty_cache(1))
+        row.prefilled = end
+        if end == len(row.tokens):
+            cache, row.cache = row.cache, None
+            self._join(row, logits, cache)
+        return end - start
+
     def _admit(self, row: _Row) -> None:
         m = self.model
         ids = np.array([row.tokens], dtype=np.int64)
@@ -428,7 +466,13 @@ class Generator:
         mask = np.ones_like(ids)
         positions = np.arange(ids.shape[1], dtype=np.int64)[None]
         logits, cache = m.forward(ids, mask, positions, m.empty_cache(1))
-        row.next_position = ids.shape[1]
+        self._join(row, logits, cache)
+
+    def _join(self, row: _Row, logits: np.ndarray, cache) -> None:
+        """A prefilled row enters the batch: its cache left-padded to the batch's length and stacked in."""
+        m = self.model
+        mask = np.ones((1, len(row.tokens)), dtype=np.int64)
+        row.next_position = len(row.tokens)
         if not self.rows:
             self.cache, self.mask, self.logits = cache, mask, logits
         elif m.static:
@@ -443,15 +487,31 @@ class Generator:
         self.rows.append(row)
 
     def step(self) -> list[tuple[int, int]]:
-        """Admit waiting requests, choose one token per row, retire finished rows, decode."""
-        for row in self.waiting:
-            self._admit(row)
-        self.waiting = []
+        """Admit waiting requests (at most `prefill_chunk` prompt tokens of them, if set), choose
+        one token per row, retire finished rows, decode."""
+        budget = self.prefill_chunk
+        while self.waiting and (budget is None or budget > 0):
+            row = self.waiting[0]
+            try:
+                fed = self._prefill(row, budget)
+            except Exception as exc:  # this row fails; the batch is untouched (it joins only when complete)
+                self.waiting.pop(0)
+                self.failed.append((row.rid, exc))
+                continue
+            if row.prefilled < len(row.tokens) and row.cache is not None:
+                break  # the budget is spent mid-prompt: the rest next step
+            self.waiting.pop(0)
+            if budget is not None:
+                budget -= fed
         if not self.rows:
             return []
         emitted, keep = [], []
         for i, row in enumerate(self.rows):
-            token = choose(self.logits[i], row.params, row.rng)
+            try:
+                token = choose(self.logits[i], row.params, row.rng)
+            except Exception as exc:  # e.g. sampling parameters that give no distribution: this row leaves
+                self.failed.append((row.rid, exc))
+                continue
             row.tokens.append(token)
             row.generated += 1
             emitted.append((row.rid, token))
@@ -555,6 +615,8 @@ def run_requests(model: Model, requests: list[tuple[list[int], SamplingParams]],
             out[ids[rid]].append(token)
             if on_token:
                 on_token(ids[rid], token)
+        if batcher.failed:  # one driver, one answer: a failing request fails the call
+            raise batcher.failed[0][1]
         step += 1
     return out
 

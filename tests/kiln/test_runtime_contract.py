@@ -61,19 +61,25 @@ except SystemExit as exc:
 stages["kiln run"] = loaded()
 import kiln.bench, kiln.evaluate, kiln.corpus  # what `kiln bench` and `kiln eval --text FILE` import
 stages["kiln bench, kiln eval"] = loaded()
+import uvicorn
+from kiln.serve.app import Settings, create_app
+from kiln.serve.models import load_all
+create_app(load_all([{path!r}], None, True), Settings())  # what `kiln serve` imports and builds
+stages["kiln serve"] = loaded()
 print()
 print(json.dumps(stages))
 """
 
 
 def test_the_runtime_imports_nothing_of_the_compiler(tiny):
-    """In a fresh interpreter: importing kiln.runtime, loading and running an artifact and `kiln run`
-    load no compile-time module (the passes, the model sources, torch, onnx, onnxscript, TVM)."""
+    """In a fresh interpreter: importing kiln.runtime, loading and running an artifact, `kiln run` and
+    the `kiln serve` app load no compile-time module (the passes, the model sources, torch, onnx, onnxscript, TVM)."""
     probe = IMPORT_PROBE.format(compiler=COMPILER, path=str(tiny))
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     stages = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert list(stages) == ["import kiln.runtime", "load and generate", "kiln run", "kiln bench, kiln eval"]
+    assert list(stages) == ["import kiln.runtime", "load and generate", "kiln run", "kiln bench, kiln eval",
+                            "kiln serve"]
     for stage, modules in stages.items():
         assert modules == [], f"{stage} imported {modules[:8]}"
 
