@@ -34,7 +34,7 @@ def parse_spec(spec: str) -> tuple[str, Path]:
     if sep and not Path(spec).exists() and NAME.match(name):
         return name, Path(rest)
     path = Path(spec)
-    return path.resolve().name, path
+    return (path.name if path.name not in ("", ".", "..") else path.resolve().name), path
 
 
 def load_all(specs: list[str], threads: int | None, verify: bool) -> dict[str, Served]:
