@@ -50,8 +50,10 @@ def create_app(served: dict[str, Served], settings: Settings, metrics: Metrics |
     async def lifespan(app):
         for s in served.values():
             if s.task == "causal-lm":
-                s.loop = DecodeLoop(s.name, s.art._lm(), metrics, settings.max_batch, settings.max_queue,
-                                    settings.prefill_chunk, settings.aging)
+                model = s.art._lm()
+                batch = 1 if model.static else settings.max_batch  # a static cache batches nothing
+                s.loop = DecodeLoop(s.name, model, metrics, batch, settings.max_queue, settings.prefill_chunk,
+                                    settings.aging)
                 s.loop.start()
         yield
         state["stopping"] = True
