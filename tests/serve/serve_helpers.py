@@ -1,16 +1,25 @@
-"""Helpers for the serve tests: `kiln serve` in a subprocess on a free local port, and the app
-in-process (uvicorn in a thread) for tests that slow or break decode steps."""
+"""Helpers and fixtures for the serve tests (imported by the test modules: a conftest.py here
+would shadow tests/conftest.py's `from conftest import ...` when the whole suite runs).
+
+`kiln serve` in a subprocess on a free local port over tiny-llama (fp32; a copy with a chat
+template, `chat`) and tiny-bert, and the app in-process (uvicorn in a thread) for tests that slow
+or break decode steps."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
+import pytest
+
+import kiln
 
 API_KEY = "test-key"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
@@ -110,3 +119,41 @@ class InProcess:
 
 def run_kiln(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory, prepared) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve")
+    prepared("tiny-llama")
+    prepared("tiny-bert")
+    tl = kiln.compile("tiny-llama", root / "tl", recipe="fp32", progress=False).path
+    tb = kiln.compile("tiny-bert", root / "tb", progress=False).path
+    chat = kiln.compile("tiny-llama", root / "chat", recipe="fp32", progress=False).path
+    manifest = json.loads((chat / "kiln.json").read_text())
+    manifest["generation"]["chat_template"] = CHAT_TEMPLATE
+    (chat / "kiln.json").write_text(json.dumps(manifest, indent=2))
+    return {"tl": tl, "tb": tb, "chat": chat}
+
+
+@pytest.fixture(scope="module")
+def live(artifacts):
+    server = Live([f"tl={artifacts['tl']}", f"chat={artifacts['chat']}", f"tb={artifacts['tb']}"],
+                  "--max-body", "65536", "--max-batch", "8")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def in_process(artifacts):
+    from kiln.serve.models import load_all
+
+    made = []
+
+    def start(**settings) -> InProcess:
+        served = load_all([f"tl={artifacts['tl']}"], threads=1, verify=False)
+        made.append(InProcess(served, **settings))
+        return made[-1]
+
+    yield start
+    for server in made:
+        server.close()

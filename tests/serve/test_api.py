@@ -13,6 +13,7 @@ import numpy as np
 import openai
 import pytest
 from serve_helpers import Live, run_kiln
+from serve_helpers import artifacts, live  # noqa: F401 (fixtures)
 
 import kiln
 

@@ -15,6 +15,7 @@ import kiln
 from kiln.runtime import generate as gen_module
 from kiln.runtime.generate import Generator, SamplingParams
 from kiln.serve.scheduler import Job, pick
+from serve_helpers import artifacts, in_process  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(120)
 
