@@ -55,6 +55,22 @@ def infer_onnx_task(model: ir.Model) -> str:
     return "custom"
 
 
+MAX_INPUT_DIM = 1 << 20  # a fixed input size beyond this cannot be fed sample inputs (a million tokens)
+
+
+def _check_declared_shapes(model: ir.Model, name: str) -> None:
+    """Fixed sizes of the graph's inputs and outputs must be >= 0, and an input's small enough to feed."""
+    for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
+        for value in values:
+            for axis, dim in enumerate(_dims(value)):
+                if isinstance(dim, int) and dim < 0:
+                    raise OnnxFileError(f"{name}: the graph's {kind} '{value.name}' declares size {dim} on axis {axis}: "
+                                        f"a size must be >= 0 (or symbolic)")
+                if kind == "input" and isinstance(dim, int) and dim > MAX_INPUT_DIM:
+                    raise OnnxFileError(f"{name}: the graph's input '{value.name}' declares size {dim} on axis {axis}: "
+                                        f"more than kiln can feed (at most {MAX_INPUT_DIM})")
+
+
 def _bind_causal_inputs(model: ir.Model) -> None:
     """attention_mask := ones [B, S], position_ids := 0..S-1 in every row, computed from input_ids."""
     graph = model.graph
@@ -155,6 +171,7 @@ def onnx_prepared(path: Path, task: str | None, workdir: Path) -> Prepared:
     model = load_model(path)
     if not model.graph.outputs:
         raise OnnxFileError(f"{path.name}: the ONNX graph has no outputs: there is nothing to compile")
+    _check_declared_shapes(model, path.name)
     task = task or infer_onnx_task(model)
     folder = path.parent
     config_file = folder / "config.json"

@@ -30,6 +30,7 @@ from kiln.runtime.generate import (
     Model,
     SamplingParams,
     beam_search,
+    graph_failures,
     generate_batch,
     generate_stream,
     run_requests,
@@ -191,7 +192,9 @@ class Artifact:
     def embed(self, texts: list[str]) -> np.ndarray:
         if self.task != "embedding":
             raise ArtifactError(f"{self.path}: a {self.task} artifact does not produce embeddings")
-        (embedding,) = self.session.run(["embedding"], self.tokenize_batch(texts))
+        feeds = self.tokenize_batch(texts)
+        with graph_failures(str(self.path)):
+            (embedding,) = self.session.run(["embedding"], feeds)
         return embedding
 
     def tokenize_batch(self, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None,
@@ -234,7 +237,8 @@ class Artifact:
         texts = [texts] if isinstance(texts, str) else list(texts)
         pairs = [pairs] if isinstance(pairs, str) else (list(pairs) if pairs is not None else None)
         feeds = self.tokenize_batch(texts, pairs, spec.max_sequence_length, self.pad_id)
-        (logits,) = self.session.run(["logits"], feeds)
+        with graph_failures(str(self.path)):
+            (logits,) = self.session.run(["logits"], feeds)
         if logits.ndim != 2 or logits.shape[1] != len(spec.labels):
             raise ArtifactError(f"{self.path}: logits of shape {list(logits.shape)}, but the manifest names "
                                 f"{len(spec.labels)} labels")

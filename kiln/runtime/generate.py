@@ -23,6 +23,7 @@ beam search (`beam_search`) over the cache, the beams being rows of one batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 
@@ -67,6 +68,31 @@ def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
         order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
     return int(rng.choice(order, p=probs))
+
+
+def _runtime_failure(exc: BaseException) -> bool:
+    """Whether `exc` is the inference engine refusing the graph at run time (a node that fails on
+    the inputs it gets), as opposed to a bug in this module."""
+    module = type(exc).__module__ or ""
+    return (module.startswith(("onnxruntime", "tvm")) or
+            (isinstance(exc, RuntimeError) and str(exc).startswith("Error in execution")))
+
+
+@contextlib.contextmanager
+def graph_failures(where: str):
+    """An error of the engine while running the artifact's graph, as one line (the graph is
+    damaged, or does not do what its manifest says); anything else propagates unchanged."""
+    try:
+        yield
+    except KilnError:
+        raise
+    except Exception as exc:
+        if not _runtime_failure(exc):
+            raise
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise GenerationError(f"{where}: the graph failed to run ({first}): the artifact is damaged or does not "
+                              f"match its manifest") from exc
 
 
 class Model:
@@ -219,6 +245,10 @@ class Model:
         return self._run(input_ids, np.ones_like(input_ids), positions, self.empty_cache(batch))[0]
 
     def _run(self, input_ids, attention_mask, position_ids, cache):
+        with graph_failures("the model"):
+            return self._run_graph(input_ids, attention_mask, position_ids, cache)
+
+    def _run_graph(self, input_ids, attention_mask, position_ids, cache):
         if self.kv is None:
             (logits,) = self.session.run(["logits"], {"input_ids": input_ids})
             return logits, None

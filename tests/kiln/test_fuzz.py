@@ -587,3 +587,32 @@ def test_found_onnx_that_does_not_parse(onnx_source, tmp_path, command):
     path.write_bytes(bytes(64) + raw[64:])
     args = ["-o", str(tmp_path / "out"), "-r", "none"] if command == "compile" else []
     _one_line(kiln(command, str(path), *args), "zeroed.onnx: not a valid ONNX model")
+
+
+@pytest.mark.parametrize("size,fragment", [(-1, "declares size -1 on axis 0: a size must be >= 0"),
+                                           (2**40, "declares size 1099511627776 on axis 0: more than kiln can feed")])
+def test_found_onnx_input_with_a_bad_declared_size(onnx_source, tmp_path, size, fragment):
+    """Was: internal error: ValueError: negative dimensions are not allowed (sample inputs)."""
+    raw, folder = onnx_source
+    model = _parse_full(raw)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = size
+    path = folder / "bad-size.onnx"
+    path.write_bytes(model.SerializeToString())
+    _one_line(kiln("compile", str(path), "-o", str(tmp_path / "out"), "-r", "none"),
+              "bad-size.onnx: the graph's input 'input_ids'", fragment)
+
+
+def test_found_graph_that_fails_at_run_time(llm, tmp_path):
+    """Was: internal error: RuntimeError: Error in execution: ... Range node 'kiln_query_slots' ..."""
+    work = tmp_path / "a"
+    shutil.copytree(llm, work)
+    model = onnx.load(str(work / "model.onnx"), load_external_data=False)
+    # The fuzzer's case: the first node's first integer attribute set to -2^63 (a Shape's `start`,
+    # so a Range downstream gets a 2-element start). ORT loads the graph and fails when it runs.
+    node = model.graph.node[0]
+    attr = next(a for a in node.attribute if a.type == onnx.AttributeProto.INT)
+    attr.i = -(2**63)
+    onnx.save(model, str(work / "model.onnx"))
+    refresh_files(work)
+    _one_line(kiln("run", str(work), "--prompt", "hello", "-n", "2", "--no-check"),
+              "the model: the graph failed to run (", "the artifact is damaged or does not match its manifest")
