@@ -62,6 +62,9 @@ def _check_declared_shapes(model: ir.Model, name: str) -> None:
     """Fixed sizes of the graph's inputs and outputs must be >= 0, and an input's small enough to feed."""
     for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
         for value in values:
+            if kind == "input" and value.dtype in (None, ir.DataType.UNDEFINED):
+                raise OnnxFileError(f"{name}: the graph's input '{value.name}' declares no element type: "
+                                    f"kiln cannot feed it")
             for axis, dim in enumerate(_dims(value)):
                 if isinstance(dim, int) and dim < 0:
                     raise OnnxFileError(f"{name}: the graph's {kind} '{value.name}' declares size {dim} on axis {axis}: "
