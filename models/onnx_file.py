@@ -66,6 +66,9 @@ def _check_declared_shapes(model: ir.Model, name: str) -> None:
                 raise OnnxFileError(f"{name}: the graph's input '{value.name}' declares no element type: "
                                     f"kiln cannot feed it")
             for axis, dim in enumerate(_dims(value)):
+                if kind == "input" and isinstance(dim, int) and dim == 0:
+                    raise OnnxFileError(f"{name}: the graph's input '{value.name}' declares size 0 on axis {axis}: "
+                                        f"an empty input cannot be fed or checked")
                 if isinstance(dim, int) and dim < 0:
                     raise OnnxFileError(f"{name}: the graph's {kind} '{value.name}' declares size {dim} on axis {axis}: "
                                         f"a size must be >= 0 (or symbolic)")

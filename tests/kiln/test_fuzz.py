@@ -590,9 +590,11 @@ def test_found_onnx_that_does_not_parse(onnx_source, tmp_path, command):
 
 
 @pytest.mark.parametrize("size,fragment", [(-1, "declares size -1 on axis 0: a size must be >= 0"),
+                                           (0, "declares size 0 on axis 0: an empty input cannot be fed"),
                                            (2**40, "declares size 1099511627776 on axis 0: more than kiln can feed")])
 def test_found_onnx_input_with_a_bad_declared_size(onnx_source, tmp_path, size, fragment):
-    """Was: internal error: ValueError: negative dimensions are not allowed (sample inputs)."""
+    """Was: internal error: ValueError: negative dimensions are not allowed (sample inputs), and for 0:
+    ValueError: zero-size array to reduction operation minimum which has no identity."""
     raw, folder = onnx_source
     model = _parse_full(raw)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = size
