@@ -196,8 +196,10 @@ def compile(  # noqa: A001
         if prepared.reference is not None:
             reference = dict(np.load(prepared.reference))
             gate = lambda m, done: parity_gate(m, reference, prepared.task, done)  # noqa: E731
-        run = run_pipeline(ir_model, passes, feeds, calibration=calib, quality=quality, progress=progress,
-                           console=console, checkpoint=gate)
+        blocks = source.blocks() if source is not None and source.blocks and any(p.uses_source_blocks for p in passes) \
+            else None
+        run = run_pipeline(ir_model, passes, feeds, calibration=calib, source_blocks=blocks, quality=quality,
+                           progress=progress, console=console, checkpoint=gate)
         ir_model, records, feeds = run.model, run.records, run.feeds
         after = summary(ir_model)
 

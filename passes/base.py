@@ -43,6 +43,10 @@ class KilnPass(ir.passes.InPlacePass):
     # dicts for the current model, see kiln.passes.calibration) before calling the pass.
     uses_calibration: ClassVar[bool] = False
     calibration: list | None = None
+    # Passes that read the source's own quantized weights set this; the pipeline then sets
+    # `self.source_blocks` (a `kiln.passes.import_source_blocks.BlockSource`, or None).
+    uses_source_blocks: ClassVar[bool] = False
+    source_blocks: Any = None
 
     @classmethod
     def parameter_names(cls) -> list[str]:

@@ -73,6 +73,7 @@ def run_pipeline(
     sample_inputs: dict[str, np.ndarray] | None,
     *,
     calibration: list[dict[str, np.ndarray]] | None = None,
+    source_blocks: Any = None,
     quality: QualityBudget | None = None,
     progress: bool = True,
     console=None,
@@ -82,7 +83,8 @@ def run_pipeline(
 
     With `sample_inputs=None` the numeric check is skipped and recorded as such.
     `calibration` (feed dicts of real text) is handed to data-aware passes and adapted
-    through signature-changing passes like the sample inputs.
+    through signature-changing passes like the sample inputs. `source_blocks` (the weights the
+    source stores block-quantized, a `BlockSource`) is handed to passes that read them.
     """
     records: list[dict[str, Any]] = []
     quality_summary = None
@@ -116,6 +118,8 @@ def run_pipeline(
             before = fingerprint(model)
             if p.uses_calibration:
                 p.calibration = calibration
+            if p.uses_source_blocks:
+                p.source_blocks = source_blocks
             start = time.perf_counter()
             try:
                 result = p(model)

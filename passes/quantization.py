@@ -38,7 +38,7 @@ DTYPES = {(4, True): (ir.DataType.INT4, ml_dtypes.int4, -8, 7), (4, False): (ir.
 
 
 # Hints other passes leave on initializers (Value.metadata_props) for quantize-weights:
-BITS_HINT = "kiln.quantize.bits"  # on a weight: quantize it at these bits ("8"), whatever the pass's bits
+BITS_HINT = "kiln.quantize.bits"  # on a weight: quantize it at these bits ("8"), whatever the pass's bits; "32": never
 # on an integer table stored for other weights ("name,name": the tables it indexes): counted in
 # the bits per weight when one of those tables is quantized
 INDEX_HINT = "kiln.quantize.index"
@@ -238,3 +238,11 @@ def output_error_terms(w: np.ndarray, w_hat: np.ndarray, gram: np.ndarray | None
     del d
     w64 = w.astype(np.float64)
     return num, float(np.sum(w64 * (gram @ w64)))
+
+
+def require_opset(model: ir.Model, version: int) -> None:
+    """Blocked int4 DequantizeLinear needs opset 21. From 20, only types were added: bump it."""
+    current = model.opset_imports.get("", 1)
+    if current < 20:
+        raise ValueError(f"blocked DequantizeLinear needs opset >= 20 to upgrade to {version}, the model has {current}")
+    model.opset_imports[""] = max(current, version)

@@ -23,7 +23,7 @@ weight (values + scales, fp32 or compact + zero points) stays within the limit.
 
 Hints from other passes (`kiln.passes.quantization`): a weight whose metadata sets
 `kiln.quantize.bits` ("4" or "8") is quantized at those bits (split-table-rows marks a table's
-frequent rows so); an integer initializer marked `kiln.quantize.index` (the row-rank table of
+frequent rows so), and one that sets "32" is left in float (import-source-blocks' offsets); an integer initializer marked `kiln.quantize.index` (the row-rank table of
 a split table, naming the tables it indexes) is counted in the bits per weight and in the
 mixed-precision limit when one of those tables is quantized.
 
@@ -60,6 +60,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from kiln.ir.values import new_initializer, unique_name
 from kiln.passes import calibration as calib
+from kiln.passes.analysis.linear import weight_reads
 from kiln.passes.base import KilnPass
 from kiln.passes.quantization import (
     BITS_HINT,
@@ -71,6 +72,7 @@ from kiln.passes.quantization import (
     gptq,
     output_error,
     output_error_terms,
+    require_opset,
     rtn,
     storage_bits,
 )
@@ -170,7 +172,7 @@ class QuantizeWeightsPass(KilnPass):
             for node, index in w.uses:
                 node.replace_input_with(index, dq.outputs[0])
         if weights:
-            _require_opset(model, 21)
+            require_opset(model, 21)
             RemoveUnusedNodesPass()(model)  # the float weights are no longer read
         n_params = sum(quantized[id(w)][0].size for w in weights)
         del quantized  # the initializers hold their own copies
@@ -201,40 +203,24 @@ class QuantizeWeightsPass(KilnPass):
         tensor = value.const_value
         if tensor is None or len(tensor.shape) != 2 or not tensor.dtype.is_floating_point():
             return None
-        if tensor.size < self.min_elements:
+        if tensor.size < self.min_elements or value.metadata_props.get(BITS_HINT) == "32":
             return None
-        uses, inputs, kinds, orient = [], [], set(), set()
-        for use in value.uses():
-            node, index = use.node, use.idx
-            if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and index == 1:
-                if _is_head(node) and not self.include_lm_head:
-                    rejected.append(f"{value.name}: LM head left in float (include_lm_head=false)")
-                    continue
-                uses.append((node, 1))
-                inputs.append(node.inputs[0])
-                kinds.add("matmul")
-                orient.add(False)
-            elif node.op_type == "Transpose" and list(node.attributes.get_ints("perm", [1, 0])) == [1, 0]:
-                readers = list(node.outputs[0].uses())
-                if not readers or any(u.node.op_type != "MatMul" or u.idx != 1 for u in readers):
-                    rejected.append(f"{value.name}: read through a Transpose by something other than MatMul")
-                    return None
-                if any(_is_head(u.node) for u in readers) and not self.include_lm_head:
-                    rejected.append(f"{value.name}: LM head left in float (include_lm_head=false)")
-                    continue
-                uses.append((node, 0))
-                inputs.extend(u.node.inputs[0] for u in readers)
-                kinds.add("matmul")
-                orient.add(True)
-            elif node.op_type == "Gather" and index == 0 and node.attributes.get_int("axis", 0) == 0:
-                if not self.include_embedding:
-                    continue
-                uses.append((node, 0))
-                kinds.add("gather")
-                orient.add(True)
-            else:
-                rejected.append(f"{value.name}: read by {node.op_type} (input {index}); left in float")
-                return None
+        reads = weight_reads(value)
+        if isinstance(reads, str):
+            rejected.append(reads)
+            return None
+        kept = []
+        for r in reads:
+            if r.kind == "gather" and not self.include_embedding:
+                continue
+            if r.kind == "matmul" and r.head and not self.include_lm_head:
+                rejected.append(f"{value.name}: LM head left in float (include_lm_head=false)")
+                continue
+            kept.append(r)
+        uses = [(r.node, r.index) for r in kept]
+        inputs = [m.inputs[0] for r in kept for m in r.matmuls]
+        kinds = {r.kind for r in kept}
+        orient = {r.transposed for r in kept}
         if not uses:
             return None
         if len(orient) > 1:
@@ -339,21 +325,6 @@ class QuantizeWeightsPass(KilnPass):
         return [*nodes, dq]
 
 
-def _is_head(node: ir.Node) -> bool:
-    """A MatMul whose output is a graph output, directly or as part of a split table's logits
-    (Concat, then Gather along the last axis: see split-table-rows)."""
-    out = node.outputs[0]
-    if out.is_graph_output():
-        return True
-    for use in out.uses():
-        if use.node.op_type == "Concat":
-            for g in use.node.outputs[0].uses():
-                if g.node.op_type == "Gather" and g.node.attributes.get_int("axis", 0) == -1 \
-                        and g.node.outputs[0].is_graph_output():
-                    return True
-    return False
-
-
 def _index_bits(graph: ir.Graph, quantized: set[str]) -> int:
     """Bits of the integer tables stored for quantized weights (split-table-rows' rank table):
     those whose INDEX_HINT names a quantized weight, or names none that still exists."""
@@ -390,11 +361,3 @@ def _output_error(kn: np.ndarray, q, scale, zero, block: int, gram: np.ndarray |
 
 def _sum(arrays: list[np.ndarray]) -> np.ndarray | None:
     return sum(arrays[1:], arrays[0].copy()) if arrays else None
-
-
-def _require_opset(model: ir.Model, version: int) -> None:
-    """Blocked int4 DequantizeLinear needs opset 21. From 20, only types were added: bump it."""
-    current = model.opset_imports.get("", 1)
-    if current < 20:
-        raise ValueError(f"quantize-weights needs opset >= 20 to upgrade to {version}, the model has {current}")
-    model.opset_imports[""] = max(current, version)

@@ -29,6 +29,7 @@ _BUILTIN_MODULES = (
     "kiln.passes.rotate_residual",
     "kiln.passes.smooth_activations",
     "kiln.passes.split_table_rows",
+    "kiln.passes.import_source_blocks",
     "kiln.passes.quantize_weights",
     "kiln.passes.lower_matmul_nbits",
     "kiln.passes.lower_dynamic_quantize_matmul",
