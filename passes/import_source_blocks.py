@@ -21,6 +21,10 @@ content of its rows, so packed or permuted weights are found too. A weight the s
 float, or that an earlier pass changed (smoothing, pruning), is not found and stays float for
 `quantize-weights`. Exact: the dequantized weights are the float ones up to fp32 rounding.
 
+A weight whose rows come from tensors of several formats (Q/K/V packed from Q4_K and Q6_K
+tensors) is read as one MatMul per run of rows of one format, concatenated along N (read as
+MatMul(A, W) only); the stats count each such part (`weights_imported`, `format_<name>`).
+
 S and m are marked to stay float (`kiln.quantize.bits` = "32"), so quantize-weights leaves them.
 
 Not handled (left float, reason recorded): a table with an offset read by a Gather, weights
