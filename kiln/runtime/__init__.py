@@ -10,7 +10,8 @@ TVM's runtime for a TVM artifact), never the compiler: it installs alone (`pip i
 docs/runtime.md) and reads everything it needs from the manifest (docs/manifest.md).
 
 Artifacts with a KV cache (manifest `kv_cache`) decode one token per step through it;
-others recompute the full sequence per token. See kiln.runtime.generate for batching.
+others recompute the full sequence per token. See kiln.runtime.generate for batching and
+kiln.runtime.speculative for speculative decoding (`generate(..., speculative="lookup")`).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from kiln.runtime.generate import (
     Model,
     SamplingParams,
     beam_search,
-    graph_failures,
     generate_batch,
     generate_stream,
+    graph_failures,
     run_requests,
 )
+from kiln.runtime.speculative import Speculation, SpeculationError, SpeculativeGenerator
 
 
 class ArtifactError(KilnError):
@@ -47,6 +49,7 @@ class Generation:
     token_ids: list[int]  # new tokens only
     text: str  # decoded new tokens
     stop_reason: str  # "stop" (a stop / end-of-sequence token) | "length" (max_new_tokens or the model's positions)
+    speculation: dict | None = None  # with `speculative`: kiln.runtime.speculative.Stats.as_dict()
 
 
 @dataclasses.dataclass
@@ -145,16 +148,18 @@ class Artifact:
         return self._lm().max_positions
 
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None,
-                 on_token: Callable[[int], None] | None = None, **sampling) -> Generation:
-        """Continue one prompt (greedy unless temperature > 0), streaming tokens to `on_token`."""
+                 on_token: Callable[[int], None] | None = None, speculative=None, **sampling) -> Generation:
+        """Continue one prompt (greedy unless temperature > 0), streaming tokens to `on_token`.
+        `speculative`: "lookup", a draft artifact (its path or `Artifact`) or a `Speculation`."""
         model, prompt_ids = self._lm(), self._ids(prompt)
         params = self._params(max_new_tokens, **sampling)
+        batcher = self.generator(speculative)
         new: list[int] = []
-        for token in generate_stream(model, prompt_ids, params):
+        for token in generate_stream(model, prompt_ids, params, batcher):
             new.append(token)
             if on_token:
                 on_token(token)
-        return self._result(prompt_ids, new, params)
+        return self._result(prompt_ids, new, params, batcher)
 
     def generate_batch(self, prompts: list[str | list[int]], max_new_tokens: int | None = None,
                        **sampling) -> list[Generation]:
@@ -165,11 +170,11 @@ class Artifact:
         return [self._result(p, o, params) for p, o in zip(ids, outs)]
 
     def generate_continuous(self, prompts: list[str | list[int]], max_new_tokens: int | None = None,
-                            arrivals: list[int] | None = None, **sampling) -> list[Generation]:
+                            arrivals: list[int] | None = None, speculative=None, **sampling) -> list[Generation]:
         """Continuous batching: request i joins at decode step arrivals[i]."""
         ids = [self._ids(p) for p in prompts]
         params = self._params(max_new_tokens, **sampling)
-        outs = run_requests(self._lm(), [(p, params) for p in ids], arrivals)
+        outs = run_requests(self._lm(), [(p, params) for p in ids], arrivals, batcher=self.generator(speculative))
         return [self._result(p, o, params) for p, o in zip(ids, outs)]
 
     def beam_search(self, prompt: str | list[int], num_beams: int = 4, max_new_tokens: int | None = None,
@@ -179,14 +184,35 @@ class Artifact:
         tokens = beam_search(self._lm(), prompt_ids, num_beams, params.max_new_tokens, length_penalty)
         return self._result(prompt_ids, tokens, params)
 
-    def generator(self) -> Generator:
-        """A continuous-batching generator over this artifact: submit(ids, SamplingParams), step(), cancel()."""
-        return Generator(self._lm())
+    def generator(self, speculative=None) -> Generator:
+        """A continuous-batching generator over this artifact: submit(ids, SamplingParams), step(),
+        cancel(); with `speculative` (as in `generate`), each row speculates."""
+        if speculative is None:
+            return Generator(self._lm())
+        return SpeculativeGenerator(self._lm(), self.speculation(speculative))
 
-    def _result(self, prompt_ids: list[int], new: list[int], params: SamplingParams) -> Generation:
+    def speculation(self, speculative, **options) -> Speculation:
+        """`speculative` as a `Speculation`: "lookup", a draft artifact (a path or an `Artifact`,
+        refused unless a causal LM with this artifact's tokenizer) or a `Speculation` as is;
+        `options` are Speculation's other fields (draft_tokens, ...)."""
+        if isinstance(speculative, Speculation):
+            return speculative
+        if speculative == "lookup":
+            return Speculation("lookup", **options)
+        draft = speculative if isinstance(speculative, Artifact) else Artifact(speculative)
+        if draft.task != "causal-lm":
+            raise SpeculationError(f"the draft {draft.path} is a {draft.task} artifact, not a causal LM")
+        if self.tokenizer is None or draft.tokenizer is None or draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise SpeculationError(f"the draft {draft.path} does not have this artifact's tokenizer: its tokens would "
+                                   f"mean other text")
+        return Speculation(draft._lm(), **options)
+
+    def _result(self, prompt_ids: list[int], new: list[int], params: SamplingParams,
+                batcher: Generator | None = None) -> Generation:
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else self._lm().eos)
         text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer else ""
-        return Generation(prompt_ids, new, text, "stop" if new and new[-1] in stops else "length")
+        stats = batcher.stats.as_dict() if isinstance(batcher, SpeculativeGenerator) else None
+        return Generation(prompt_ids, new, text, "stop" if new and new[-1] in stops else "length", stats)
 
     # --- embeddings ---------------------------------------------------------------
     def embed(self, texts: list[str]) -> np.ndarray:

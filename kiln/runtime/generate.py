@@ -58,6 +58,20 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     if params.temperature <= 0:
         return int(np.argmax(logits))
+    order, probs = _candidates(logits, params)
+    return int(rng.choice(order, p=probs))
+
+
+def distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The probabilities `choose` samples from (temperature > 0), over the whole vocabulary."""
+    order, probs = _candidates(logits, params)
+    out = np.zeros(logits.shape[-1])
+    out[order] = probs
+    return out
+
+
+def _candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens temperature / top-k / top-p leave, most likely first, and their probabilities."""
     x = logits.astype(np.float64) / params.temperature
     order = np.argsort(-x)
     if params.top_k > 0:
@@ -67,7 +81,7 @@ def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     if params.top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
         order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-    return int(rng.choice(order, p=probs))
+    return order, probs
 
 
 def _runtime_failure(exc: BaseException) -> bool:
@@ -236,6 +250,19 @@ class Model:
         logits, present = self._run(input_ids, attention_mask, position_ids, cache)
         return logits[:, -1], present
 
+    def forward_all(self, input_ids, attention_mask, position_ids, cache):
+        """`forward`, with the logits at every new position ([B, S, V])."""
+        return self._run(input_ids, attention_mask, position_ids, cache)
+
+    def truncate(self, cache, length: int) -> list:
+        """A growing cache cut back to its first `length` slots (the later ones are forgotten):
+        with the shared buffer, a slot count (the free slots are overwritten by the next step)."""
+        if all(isinstance(entry, SharedSlots) for entry in cache):
+            for entry in cache:
+                entry.length = length
+            return cache
+        return [host(entry)[:, :, :length] for entry in cache]
+
     def all_logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits at every position [B, S, V] for unpadded sequences, from an empty cache."""
         batch, seq = input_ids.shape
@@ -366,9 +393,10 @@ def left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray
     return ids, mask, positions
 
 
-def generate_stream(model: Model, prompt: list[int], params: SamplingParams) -> Iterator[int]:
-    """One request, token by token."""
-    batcher = Generator(model)
+def generate_stream(model: Model, prompt: list[int], params: SamplingParams,
+                    batcher: Generator | None = None) -> Iterator[int]:
+    """One request, token by token (through `batcher`, default a new `Generator`)."""
+    batcher = batcher or Generator(model)
     rid = batcher.submit(prompt, params)
     while batcher.busy:
         for req_id, token in batcher.step():
@@ -410,7 +438,9 @@ def generate_batch(model: Model, prompts: list[list[int]], params: SamplingParam
 
 
 @dataclasses.dataclass
-class _Row:
+class Row:
+    """A request in a `Generator`."""
+
     rid: int
     params: SamplingParams
     rng: np.random.Generator
@@ -427,8 +457,8 @@ class Generator:
 
     def __init__(self, model: Model, prefill_chunk: int | None = None):
         self.model = model
-        self.waiting: list[_Row] = []
-        self.rows: list[_Row] = []
+        self.waiting: list[Row] = []
+        self.rows: list[Row] = []
         self.cache: list[np.ndarray] | None = None
         self.mask: np.ndarray | None = None  # [B, T]
         self.logits: np.ndarray | None = None  # [B, V] for each row's next token
@@ -456,7 +486,7 @@ class Generator:
         params = params or SamplingParams()
         rid = self._next_id
         self._next_id += 1
-        self.waiting.append(_Row(rid, params, np.random.default_rng(params.seed), list(prompt)))
+        self.waiting.append(Row(rid, params, np.random.default_rng(params.seed), list(prompt)))
         return rid
 
     def cancel(self, rid: int) -> None:
@@ -466,7 +496,7 @@ class Generator:
         if len(keep) != len(self.rows):
             self._retain(keep)
 
-    def _prefill(self, row: _Row, budget: int | None) -> int:
+    def _prefill(self, row: Row, budget: int | None) -> int:
         """Feed up to `budget` more prompt tokens (all if None) into the row's own cache; the row
         joins the batch once its whole prompt is in. Returns the tokens fed."""
         m = self.model
@@ -485,7 +515,7 @@ class Generator:
             self._join(row, logits, cache)
         return end - start
 
-    def _admit(self, row: _Row) -> None:
+    def _admit(self, row: Row) -> None:
         m = self.model
         ids = np.array([row.tokens], dtype=np.int64)
         if m.kv is None:
@@ -498,7 +528,7 @@ class Generator:
         logits, cache = m.forward(ids, mask, positions, m.empty_cache(1))
         self._join(row, logits, cache)
 
-    def _join(self, row: _Row, logits: np.ndarray, cache) -> None:
+    def _join(self, row: Row, logits: np.ndarray, cache) -> None:
         """A prefilled row enters the batch: its cache left-padded to the batch's length and stacked in."""
         m = self.model
         mask = np.ones((1, len(row.tokens)), dtype=np.int64)
@@ -519,6 +549,10 @@ class Generator:
     def step(self) -> list[tuple[int, int]]:
         """Admit waiting requests (at most `prefill_chunk` prompt tokens of them, if set), choose
         one token per row, retire finished rows, decode."""
+        self._admit_waiting()
+        return self._advance() if self.rows else []
+
+    def _admit_waiting(self) -> None:
         budget = self.prefill_chunk
         while self.waiting and (budget is None or budget > 0):
             row = self.waiting[0]
@@ -533,8 +567,8 @@ class Generator:
             self.waiting.pop(0)
             if budget is not None:
                 budget -= fed
-        if not self.rows:
-            return []
+
+    def _advance(self) -> list[tuple[int, int]]:
         emitted, keep = [], []
         for i, row in enumerate(self.rows):
             try:
@@ -542,17 +576,21 @@ class Generator:
             except Exception as exc:  # e.g. sampling parameters that give no distribution: this row leaves
                 self.failed.append((row.rid, exc))
                 continue
-            row.tokens.append(token)
-            row.generated += 1
             emitted.append((row.rid, token))
-            stops = row.params.stop_token_ids if row.params.stop_token_ids is not None else self.model.eos
-            # A row also ends at the model's last position (stop reason "length").
-            if token not in stops and row.generated < row.params.max_new_tokens and self.model.room(len(row.tokens)):
+            if not self._emit(row, token):
                 keep.append(i)
         self._retain(keep)
         if self.rows:
             self._decode()
         return emitted
+
+    def _emit(self, row: Row, token: int) -> bool:
+        """Append a chosen token to the row; whether the row ends with it: a stop token, its
+        max_new_tokens, or the model's last position (stop reason "length")."""
+        row.tokens.append(token)
+        row.generated += 1
+        stops = row.params.stop_token_ids if row.params.stop_token_ids is not None else self.model.eos
+        return token in stops or row.generated >= row.params.max_new_tokens or not self.model.room(len(row.tokens))
 
     def _retain(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):
@@ -629,10 +667,12 @@ def _pad_mask(mask: np.ndarray, width: int) -> np.ndarray:
 
 
 def run_requests(model: Model, requests: list[tuple[list[int], SamplingParams]],
-                 arrivals: list[int] | None = None, on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
-    """Continuous batching driver: request i joins at step arrivals[i] (default: all at once)."""
+                 arrivals: list[int] | None = None, on_token: Callable[[int, int], None] | None = None,
+                 batcher: Generator | None = None) -> list[list[int]]:
+    """Continuous batching driver: request i joins at step arrivals[i] (default: all at once),
+    through `batcher` (default a new `Generator`)."""
     arrivals = arrivals or [0] * len(requests)
-    batcher = Generator(model)
+    batcher = batcher or Generator(model)
     ids: dict[int, int] = {}
     out: list[list[int]] = [[] for _ in requests]
     step = 0
