@@ -250,6 +250,12 @@ def run_cmd(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     num_beams: int = typer.Option(1, "--num-beams", min=1, help="Beam search with this many beams (not streamed)."),
+    speculative: Optional[str] = typer.Option(
+        None, "--speculative", metavar="lookup|DRAFT_DIR",
+        help="Speculative decoding: drafts from n-grams of the prompt and text so far (lookup) or from a smaller "
+             "artifact with the same tokenizer; the same tokens as without (greedy) or the same distribution."),
+    draft_tokens: Optional[int] = typer.Option(
+        None, "--draft-tokens", min=1, help="With --speculative: draft at most K tokens per step (adapted down to 0)."),
     check: Optional[bool] = typer.Option(
         None, "--check/--no-check",
         help="Compare with the PyTorch source model: greedy tokens (LLM) or cosine (encoder). "
@@ -270,6 +276,10 @@ def run_cmd(
             check_text(value, what)  # before anything is printed
     if pair and art.task != "sequence-classification":
         raise KilnError(f"--pair is for a sequence-classification artifact; this one is {art.task}")
+    if speculative is None and draft_tokens is not None:
+        raise KilnError("--draft-tokens needs --speculative lookup or --speculative DRAFT_DIR")
+    if speculative is not None and art.task != "causal-lm":
+        raise KilnError(f"--speculative is for an LLM artifact; this one is {art.task}")
     if art.task == "causal-lm":
         if prompt is None:
             raise KilnError("this is an LLM artifact: give --prompt TEXT")
@@ -279,6 +289,11 @@ def run_cmd(
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
         if check and temperature > 0:
             raise KilnError("--check compares greedy tokens; it cannot be used with --temperature")
+        if speculative is not None:
+            if num_beams > 1:
+                raise KilnError("--speculative and --num-beams cannot be combined")
+            options = {"draft_tokens": draft_tokens} if draft_tokens is not None else {}
+            sampling["speculative"] = art.speculation(speculative, **options)
         if num_beams > 1:
             if temperature > 0:
                 raise KilnError("--num-beams and --temperature cannot be combined")
@@ -291,6 +306,8 @@ def run_cmd(
             payload = {"text": gen.text, "token_ids": gen.token_ids, "stop_reason": gen.stop_reason}
             if art.max_positions is not None:
                 payload["max_positions"] = art.max_positions
+            if gen.speculation is not None:
+                payload["speculation"] = gen.speculation
             if check:
                 payload["reference"] = _check_tokens(art, gen, source)
             print(json.dumps(payload))
@@ -312,6 +329,11 @@ def run_cmd(
         gen = art.generate(prompt, max_new_tokens, on_token=show, **sampling)
         sys.stdout.write("\n")
         _say_if_max_positions_stopped(art, gen, max_new_tokens)
+        if gen.speculation is not None:
+            stats = gen.speculation
+            rate = f" ({stats['acceptance_rate']:.0%})" if stats["proposed"] else ""
+            err.print(f"speculative ({speculative}): {stats['accepted']}/{stats['proposed']} drafts accepted{rate}, "
+                      f"{stats['tokens_per_forward'] or 1:.2f} tokens per target forward", highlight=False, soft_wrap=True)
         if check:
             ref = _check_tokens(art, gen, source)
             verdict = "identical" if ref["identical"] else f"differ from token {ref['first_difference']}"

@@ -78,6 +78,7 @@ class Artifact:
         and the files its manifest records (`files`) must have their recorded sizes; with `verify`,
         their sha256 too (an artifact without `files` is then refused: it cannot be verified)."""
         self.path = Path(path)
+        self.threads = threads  # a draft artifact (`speculation`) opens with the same
         self.manifest = read_manifest(self.path)
         self.task = self.manifest["task"]
         check_paths(self.path, self.manifest)
@@ -199,7 +200,7 @@ class Artifact:
             return speculative
         if speculative == "lookup":
             return Speculation("lookup", **options)
-        draft = speculative if isinstance(speculative, Artifact) else Artifact(speculative)
+        draft = speculative if isinstance(speculative, Artifact) else Artifact(speculative, threads=self.threads)
         if draft.task != "causal-lm":
             raise SpeculationError(f"the draft {draft.path} is a {draft.task} artifact, not a causal LM")
         if self.tokenizer is None or draft.tokenizer is None or draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():

@@ -2,10 +2,12 @@
 for every draft kind, alone and in a continuous batch; sampled tokens have the target's
 distribution; k adapts; what cannot be done exactly is refused in one line."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, run_kiln
 from tokenizers import Tokenizer
 
 import kiln
@@ -191,3 +193,31 @@ def test_refusals_are_one_line(arts):
     other.tokenizer.add_tokens(["<extra>"])
     with pytest.raises(SpeculationError, match="does not have this artifact's tokenizer"):
         arts.target.generate("hi", 4, speculative=other)
+
+
+def test_cli_run_speculative_prints_the_same_tokens_and_its_stats(arts):
+    target = str(arts.root / "target")
+    plain = json.loads(run_kiln("run", target, "-p", PROMPTS[2], "-n", "48", "--json").stdout)
+    for draft in ("lookup", str(arts.root / "int8")):
+        proc = run_kiln("run", target, "-p", PROMPTS[2], "-n", "48", "--json", "--speculative", draft, "--draft-tokens", "3")
+        got = json.loads(proc.stdout)
+        assert got["token_ids"] == plain["token_ids"]
+        stats = got["speculation"]
+        assert stats["tokens"] == 48 or stats["tokens"] == 47  # the last token may end the row before a forward
+        assert stats["accepted"] <= stats["proposed"] and stats["target_forwards"] <= 48
+    proc = run_kiln("run", target, "-p", PROMPTS[2], "-n", "48", "--speculative", "lookup")
+    assert proc.returncode == 0 and "drafts accepted" in proc.stderr and "tokens per target forward" in proc.stderr
+
+
+def test_cli_speculative_errors_are_one_line(arts, tmp_path):
+    target = str(arts.root / "target")
+    assert_one_line_error(run_kiln("run", target, "-p", "hi", "--draft-tokens", "3"), "--draft-tokens needs --speculative")
+    assert_one_line_error(run_kiln("run", target, "-p", "hi", "--speculative", str(tmp_path / "nothere")),
+                          "no such artifact directory")
+    assert_one_line_error(run_kiln("run", target, "-p", "hi", "--speculative", "lookup", "--num-beams", "2"),
+                          "--speculative and --num-beams cannot be combined")
+    kiln.compile("tiny-bert", tmp_path / "bert", progress=False)
+    assert_one_line_error(run_kiln("run", target, "-p", "hi", "--speculative", str(tmp_path / "bert")),
+                          "is a embedding artifact, not a causal LM")
+    assert_one_line_error(run_kiln("run", str(tmp_path / "bert"), "--text", "hi", "--speculative", "lookup"),
+                          "--speculative is for an LLM artifact")
