@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_kiln
+from speculative_prompts import PROMPTS
 from tokenizers import Tokenizer
 
 import kiln
@@ -19,14 +20,6 @@ from kiln.runtime.speculative import (
     SpeculativeGenerator,
     check_model,
 )
-
-# 20 prompts: copies and repeats (lookup finds them) and free text (it finds little)
-PROMPTS = ["Hello, world Hello, world Hello", "1 2 3 4 1 2 3 4 1 2", "The quick brown fox jumps over the quick brown",
-           "a", "abcabcabcabc", "Once upon a time there was a very long prompt", "zz", "What is 2+2?",
-           "ABCDEFGHIJKLMNOPQRSTUVWXYZ ABCDEFG", "the cat sat on the mat; the cat sat on the", "x" * 40,
-           "def f(x): return x + 1\ndef g(x): return f(x) + 1\ndef h(x): return", "red green blue red green",
-           "To be or not to be, that is the question. To be", "0101010101", "lorem ipsum dolor sit amet",
-           "kiln kiln kiln", "A. B. C. D. A. B.", "one two three four five six seven", "?!?!?!"]
 
 
 @pytest.fixture(scope="module")

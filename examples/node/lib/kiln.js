@@ -335,25 +335,62 @@ export class Artifact {
 
   // --- causal LM ------------------------------------------------------------------------
 
-  /** Greedy continuation of `prompt` (text or token ids), streaming each token to `onToken`. */
-  async generate(prompt, { maxNewTokens, onToken, stopTokenIds } = {}) {
+  /** Greedy continuation of `prompt` (text or token ids), streaming each token to `onToken`.
+   *  With `speculative: "lookup"`, up to `draftTokens` tokens that followed an earlier occurrence of
+   *  the last 3 (then 2) tokens of the prompt and text so far are checked in the same forward as
+   *  the next token; the tokens are the same as without (docs/speculative.md), `speculation`
+   *  counts the drafts proposed and accepted and the target forwards. */
+  async generate(prompt, { maxNewTokens, onToken, stopTokenIds, speculative, draftTokens = 8 } = {}) {
     if (this.task !== "causal-lm") throw new KilnError(`${this.path}: a ${this.task} artifact does not generate text`);
     const promptIds = typeof prompt === "string" ? this.encode(prompt) : [...prompt];
     if (!promptIds.length) throw new KilnError("the prompt is empty");
+    const lookup = speculative === undefined ? null : this.promptLookup(speculative);
     const gen = this.manifest.generation;
     const limit = maxNewTokens ?? gen.max_new_tokens ?? 64;
     const stops = new Set(stopTokenIds ?? gen.eos_token_ids);
     const tokens = [];
+    const stats = { proposed: 0, accepted: 0, target_forwards: 0 };
+    const emit = (token) => {  // whether generation ends with `token`
+      tokens.push(token);
+      if (onToken) onToken(token);
+      return stops.has(token) || tokens.length >= limit;
+    };
     let step = this.kv ? await this.prefill(promptIds) : await this.recompute(promptIds);
     for (;;) {
       const token = argmax(step.logits);
-      tokens.push(token);
-      if (onToken) onToken(token);
-      if (stops.has(token) || tokens.length >= limit) break;
-      step = this.kv ? await this.decodeStep(step, token) : await this.recompute([...promptIds, ...tokens]);
+      if (emit(token)) break;
+      if (!lookup) {
+        step = this.kv ? await this.decodeStep(step, token) : await this.recompute([...promptIds, ...tokens]);
+        continue;
+      }
+      const sequence = [...promptIds, ...tokens];
+      // the last draft's position, sequence.length - 1 + k, stays below max_positions
+      const room = this.kv.maxPositions === null ? Infinity : this.kv.maxPositions - sequence.length;
+      const drafts = lookup.propose(sequence, Math.min(draftTokens, limit - tokens.length, room));
+      step = await this.forward(step, [token, ...drafts], Array.from({ length: drafts.length + 1 }, (_, i) => step.used + i));
+      let accepted = 0;
+      while (accepted < drafts.length && argmax(logitsRow(step.all, accepted)) === drafts[accepted]) accepted++;
+      Object.assign(stats, { proposed: stats.proposed + drafts.length, accepted: stats.accepted + accepted,
+        target_forwards: stats.target_forwards + 1 });
+      if (drafts.slice(0, accepted).some(emit)) break;
+      if (accepted < drafts.length) {  // forget the rejected drafts' slots
+        step.used -= drafts.length - accepted;
+        step.cache = truncateCache(step.cache, step.used);
+      }
+      step.logits = logitsRow(step.all, accepted);
     }
     const text = this.tokenizer ? this.decode(tokens) : "";
-    return { promptIds, tokenIds: tokens, text, stopReason: stops.has(tokens.at(-1)) ? "stop" : "length" };
+    return { promptIds, tokenIds: tokens, text, stopReason: stops.has(tokens.at(-1)) ? "stop" : "length",
+      ...(lookup ? { speculation: stats } : {}) };
+  }
+
+  /** The draft for `speculative` ("lookup" only), refused in one line where the cache cannot take it. */
+  promptLookup(speculative) {
+    if (speculative !== "lookup") throw new KilnError(`unknown draft '${speculative}': this runtime drafts by "lookup" only`);
+    if (!this.kv || this.kv.static) {
+      throw new KilnError(`${this.path}: speculative decoding needs a growing KV cache (manifest kv_cache, not static)`);
+    }
+    return new PromptLookup(3, 2);
   }
 
   /** No cache: the whole sequence every step. */
@@ -398,7 +435,7 @@ export class Artifact {
     if (missing.length) throw new KilnError(`${this.path}: the model takes inputs this runtime cannot fill: ${missing.join(", ")}`);
     const out = await this.session.run(feeds, ["logits", ...kv.present.flat()]);
     const cache = kv.present.map(([k, v]) => [out[k], out[v]]);
-    return { logits: lastRow(out.logits), cache, used };
+    return { logits: lastRow(out.logits), all: out.logits, cache, used };
   }
 
   // --- embeddings -----------------------------------------------------------------------
@@ -441,8 +478,46 @@ export class Artifact {
 }
 
 function lastRow(logits) {
-  const [, seq, vocab] = logits.dims;
-  return floatsAt(logits, (seq - 1) * vocab, vocab);
+  return logitsRow(logits, logits.dims[1] - 1);
+}
+
+/** The logits [vocab] at new position `i` of a [1, S, vocab] output. */
+function logitsRow(logits, i) {
+  const vocab = logits.dims[2];
+  return floatsAt(logits, i * vocab, vocab);
+}
+
+/** A [1, heads, L, dim] cache cut back to its first `length` slots on the sequence axis. */
+function truncateCache(cache, length) {
+  return cache.map((pair) => pair.map((tensor) => {
+    const [, heads, slots, dim] = tensor.dims;
+    const data = new tensor.data.constructor(heads * length * dim);
+    for (let h = 0; h < heads; h++) data.set(tensor.data.subarray(h * slots * dim, (h * slots + length) * dim), h * length * dim);
+    return new ort.Tensor(tensor.type, data, [1, heads, length, dim]);
+  }));
+}
+
+/** Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's last
+ *  n tokens, n from `ngram` down to `minNgram` (kiln.runtime.speculative.PromptLookup). */
+class PromptLookup {
+  constructor(ngram, minNgram) {
+    this.sizes = Array.from({ length: ngram - minNgram + 1 }, (_, i) => ngram - i);
+    this.index = new Map();  // n-gram (joined) -> where its continuation starts
+    this.indexed = 0;  // n-grams ending before this position are indexed
+  }
+
+  propose(tokens, k) {
+    if (k <= 0) return [];
+    for (let end = this.indexed; end < tokens.length - 1; end++) {
+      for (const n of this.sizes) if (end + 1 >= n) this.index.set(tokens.slice(end + 1 - n, end + 1).join(","), end + 1);
+    }
+    this.indexed = Math.max(this.indexed, tokens.length - 1);
+    for (const n of this.sizes) {
+      const start = tokens.length >= n ? this.index.get(tokens.slice(-n).join(",")) : undefined;
+      if (start !== undefined) return tokens.slice(start, start + k);
+    }
+    return [];
+  }
 }
 
 export async function load(dir, options) {
