@@ -256,6 +256,9 @@ def run_cmd(
              "artifact with the same tokenizer; the same tokens as without (greedy) or the same distribution."),
     draft_tokens: Optional[int] = typer.Option(
         None, "--draft-tokens", min=1, help="With --speculative: draft at most K tokens per step (adapted down to 0)."),
+    inexact: bool = typer.Option(
+        False, "--inexact", help="With --speculative: also on an artifact whose several-token step differs from "
+                                 "one-token steps (int4 with int8 activations); near ties may then pick other tokens."),
     check: Optional[bool] = typer.Option(
         None, "--check/--no-check",
         help="Compare with the PyTorch source model: greedy tokens (LLM) or cosine (encoder). "
@@ -276,8 +279,9 @@ def run_cmd(
             check_text(value, what)  # before anything is printed
     if pair and art.task != "sequence-classification":
         raise KilnError(f"--pair is for a sequence-classification artifact; this one is {art.task}")
-    if speculative is None and draft_tokens is not None:
-        raise KilnError("--draft-tokens needs --speculative lookup or --speculative DRAFT_DIR")
+    if speculative is None and (draft_tokens is not None or inexact):
+        flag = "--draft-tokens" if draft_tokens is not None else "--inexact"
+        raise KilnError(f"{flag} needs --speculative lookup or --speculative DRAFT_DIR")
     if speculative is not None and art.task != "causal-lm":
         raise KilnError(f"--speculative is for an LLM artifact; this one is {art.task}")
     if art.task == "causal-lm":
@@ -293,6 +297,7 @@ def run_cmd(
             if num_beams > 1:
                 raise KilnError("--speculative and --num-beams cannot be combined")
             options = {"draft_tokens": draft_tokens} if draft_tokens is not None else {}
+            options["exact"] = not inexact
             sampling["speculative"] = art.speculation(speculative, **options)
         if num_beams > 1:
             if temperature > 0:

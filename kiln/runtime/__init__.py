@@ -36,7 +36,13 @@ from kiln.runtime.generate import (
     graph_failures,
     run_requests,
 )
-from kiln.runtime.speculative import Speculation, SpeculationError, SpeculativeGenerator
+from kiln.runtime.speculative import (
+    Speculation,
+    SpeculationError,
+    SpeculativeGenerator,
+    check_exact,
+    check_model,
+)
 
 
 class ArtifactError(KilnError):
@@ -193,9 +199,15 @@ class Artifact:
         return SpeculativeGenerator(self._lm(), self.speculation(speculative))
 
     def speculation(self, speculative, **options) -> Speculation:
-        """`speculative` as a `Speculation`: "lookup", a draft artifact (a path or an `Artifact`,
-        refused unless a causal LM with this artifact's tokenizer) or a `Speculation` as is;
-        `options` are Speculation's other fields (draft_tokens, ...)."""
+        """`speculative` as a `Speculation` that this artifact can serve (else one line): "lookup",
+        a draft artifact (a path or an `Artifact`, refused unless a causal LM with this artifact's
+        tokenizer) or a `Speculation` as is; `options` are Speculation's other fields (draft_tokens, ...)."""
+        spec = self._speculation(speculative, **options)
+        check_model(self._lm(), "the artifact")
+        check_exact(self._lm(), spec)
+        return spec
+
+    def _speculation(self, speculative, **options) -> Speculation:
         if isinstance(speculative, Speculation):
             return speculative
         if speculative == "lookup":

@@ -34,15 +34,26 @@ different numbers of tokens, so a speculative step runs row by row: speculation 
 tokens per forward of one row instead of one token per forward of the batch, so it pays at
 small batches.
 
+Exactness: step 3 computes logits at k+1 positions in one call, where plain decoding computes
+one position per call. Where the engine takes another kernel for one row than for several, the
+two differ: ORT's MatMulNBits with int8 activations (kiln's int4 recipe on the CPU) gives logits
+about 2% apart (fp32 artifacts: 1e-6, summation order). A probe at the start (`step_difference`:
+the logits of a token fed alone and as the first of two) measures it; above `EXACT_RTOL`
+speculation is refused, since a near tie could then pick another token than plain decoding,
+unless `exact=False` accepts that (greedy output is then the greedy decoding of the several-token
+numerics, and sampled output has their distribution).
+
 Refused in one line (`SpeculationError`): artifacts without a KV cache (each step recomputes
-the whole sequence), with a static cache or fixed-size chunks (target npu), a draft that is
-not a causal LM or whose tokenizer differs from the target's.
+the whole sequence), with a static cache or fixed-size chunks (target npu), whose several-token
+step is not exact (above), a draft that is not a causal LM or whose tokenizer differs from the
+target's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 
 import numpy as np
 
@@ -56,6 +67,8 @@ from kiln.runtime.generate import (
     distribution,
 )
 
+EXACT_RTOL = 1e-4  # step_difference above this: the several-token step is not plain decoding's
+
 
 class SpeculationError(GenerationError):
     """A speculative request this artifact or draft cannot serve exactly."""
@@ -64,7 +77,8 @@ class SpeculationError(GenerationError):
 @dataclasses.dataclass
 class Speculation:
     """How to speculate: `draft` is "lookup" or a draft causal-LM `Model`; at most `draft_tokens`
-    tokens are guessed per step; n-grams of `ngram` down to `min_ngram` tokens are looked up."""
+    tokens are guessed per step; n-grams of `ngram` down to `min_ngram` tokens are looked up;
+    `exact=False` speculates also where a several-token step differs from one-token steps."""
 
     draft: str | Model = "lookup"
     draft_tokens: int = 8
@@ -72,6 +86,7 @@ class Speculation:
     min_ngram: int = 2
     adaptive: bool = True
     probe: int = 16
+    exact: bool = True
 
     def __post_init__(self):
         if self.draft_tokens < 1:
@@ -94,6 +109,36 @@ def check_model(model: Model, what: str) -> None:
         raise SpeculationError(f"{what} has no KV cache (manifest kv_cache): speculative decoding needs one")
     if model.static or model.chunk:
         raise SpeculationError(f"{what} has a static cache (target npu): speculative decoding needs a growing cache")
+
+
+_differences: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Model -> its step_difference
+
+
+def check_exact(model: Model, speculation: Speculation) -> None:
+    """Refuse (one line) an exact speculation on a model whose several-token step is not exact."""
+    if not speculation.exact:
+        return
+    if model not in _differences:
+        _differences[model] = step_difference(model)
+    if _differences[model] > EXACT_RTOL:
+        raise SpeculationError(
+            f"the artifact computes a step of several tokens differently from one-token steps (logits "
+            f"{_differences[model]:.1e} apart, relative; e.g. int4 MatMulNBits with int8 activations), so speculation "
+            f"could change its tokens: refused (accept that with exact=False, `kiln run --inexact`)")
+
+
+def step_difference(model: Model) -> float:
+    """How far the logits of a token fed as the first of two are from the same token fed alone,
+    relative to the largest logit (after a one-token prefill; the same cache rolled back)."""
+    ids = np.array([[1, 2]], dtype=np.int64)
+    _, cache = model.forward(ids[:, :1], np.ones((1, 1), dtype=np.int64), np.zeros((1, 1), dtype=np.int64),
+                             model.empty_cache(1))
+    alone, cache = model.forward_all(ids[:, 1:], np.ones((1, 2), dtype=np.int64), np.ones((1, 1), dtype=np.int64), cache)
+    cache = model.truncate(cache, 1)
+    pair, _ = model.forward_all(np.array([[2, 3]], dtype=np.int64), np.ones((1, 3), dtype=np.int64),
+                                np.array([[1, 2]], dtype=np.int64), cache)
+    a, b = alone[0, 0].astype(np.float64), pair[0, 0].astype(np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
 
 
 @dataclasses.dataclass
@@ -266,6 +311,7 @@ class SpeculativeGenerator(Generator):
 
     def __init__(self, model: Model, speculation: Speculation, prefill_chunk: int | None = None):
         check_model(model, "the artifact")
+        check_exact(model, speculation)
         super().__init__(model, prefill_chunk)
         self.speculation = speculation
         self.states: dict[int, _State] = {}

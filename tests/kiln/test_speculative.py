@@ -14,11 +14,14 @@ from tokenizers import Tokenizer
 import kiln
 from kiln.runtime.generate import SamplingParams, distribution, run_requests
 from kiln.runtime.speculative import (
+    EXACT_RTOL,
     Policy,
     Speculation,
     SpeculationError,
     SpeculativeGenerator,
+    check_exact,
     check_model,
+    step_difference,
 )
 
 
@@ -214,3 +217,37 @@ def test_cli_speculative_errors_are_one_line(arts, tmp_path):
                           "is a embedding artifact, not a causal LM")
     assert_one_line_error(run_kiln("run", str(tmp_path / "bert"), "--text", "hi", "--speculative", "lookup"),
                           "--speculative is for an LLM artifact")
+
+
+class SkewedSteps:
+    """A model stand-in whose several-token steps add `skew` to every logit (as int4 MatMulNBits
+    with int8 activations does, by another kernel for one row than for several)."""
+
+    def __init__(self, skew):
+        self.skew = skew
+
+    def empty_cache(self, batch):
+        return []
+
+    def truncate(self, cache, length):
+        return cache
+
+    def forward_all(self, ids, mask, positions, cache):
+        logits = np.tile(np.linspace(-10, 10, 32), (1, ids.shape[1], 1))
+        return logits + (self.skew if ids.shape[1] > 1 else 0.0), cache
+
+    def forward(self, ids, mask, positions, cache):
+        logits, cache = self.forward_all(ids, mask, positions, cache)
+        return logits[:, -1], cache
+
+
+def test_a_several_token_step_that_is_not_exact_is_refused_unless_allowed(arts):
+    assert step_difference(arts.target._lm()) < EXACT_RTOL  # fp32: summation order only
+    check_exact(SkewedSteps(1e-6), Speculation("lookup"))
+    with pytest.raises(SpeculationError, match=r"several tokens differently .* \(logits 1\.0e-02 apart"):
+        check_exact(SkewedSteps(0.1), Speculation("lookup"))
+    check_exact(SkewedSteps(0.1), Speculation("lookup", exact=False))
+    proc = run_kiln("run", str(arts.root / "target"), "-p", "hi", "--inexact")
+    assert_one_line_error(proc, "--inexact needs --speculative")
+    plain = arts.target.generate(PROMPTS[0], 32).token_ids
+    assert arts.target.generate(PROMPTS[0], 32, speculative=Speculation("lookup", exact=False)).token_ids == plain
