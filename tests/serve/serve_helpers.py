@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -132,12 +133,19 @@ def artifacts(tmp_path_factory, prepared) -> dict[str, Path]:
     manifest = json.loads((chat / "kiln.json").read_text())
     manifest["generation"]["chat_template"] = CHAT_TEMPLATE
     (chat / "kiln.json").write_text(json.dumps(manifest, indent=2))
-    return {"tl": tl, "tb": tb, "chat": chat}
+    # tiny-llama whose end-of-sequence token is the 5th greedy token of "Hello, world" (the random
+    # model never emits its own): requests stop early unless they ask to ignore it
+    eos = root / "eos"
+    shutil.copytree(tl, eos)
+    manifest = json.loads((eos / "kiln.json").read_text())
+    manifest["generation"]["eos_token_ids"] = [kiln.load(tl).generate("Hello, world", 5).token_ids[4]]
+    (eos / "kiln.json").write_text(json.dumps(manifest, indent=2))
+    return {"tl": tl, "tb": tb, "chat": chat, "eos": eos}
 
 
 @pytest.fixture(scope="module")
 def live(artifacts):
-    server = Live([f"tl={artifacts['tl']}", f"chat={artifacts['chat']}", f"tb={artifacts['tb']}"],
+    server = Live([f"{name}={path}" for name, path in artifacts.items()],
                   "--max-body", "65536", "--max-batch", "8")
     yield server
     server.stop()

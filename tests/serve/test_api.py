@@ -45,6 +45,15 @@ def test_greedy_completions_equal_kiln_run(live, artifacts):
     assert got.choices[0].model_extra["token_ids"] == json.loads(run.stdout)["token_ids"]
 
 
+def test_ignore_eos_generates_max_tokens_past_the_end_of_sequence(live, artifacts):
+    want = kiln.load(artifacts["tl"]).generate("Hello, world", 40).token_ids  # the same weights, no eos met
+    body = {"model": "eos", "prompt": "Hello, world", "max_tokens": 40, "temperature": 0, "return_token_ids": True}
+    plain = live.post("/v1/completions", body).json()["choices"][0]
+    assert plain["token_ids"] == want[:5] and plain["finish_reason"] == "stop"
+    got = live.post("/v1/completions", {**body, "ignore_eos": True}).json()["choices"][0]
+    assert got["token_ids"] == want and got["finish_reason"] == "length"
+
+
 def test_concurrent_greedy_requests_each_equal_their_solo_run(live, artifacts):
     art = kiln.load(artifacts["tl"])
     want = {p: art.generate(p, 32).token_ids for p in PROMPTS}
@@ -115,7 +124,7 @@ def test_embeddings_equal_art_embed(live, artifacts):
 def test_models_health_and_metrics(live):
     assert httpx.get(live.url + "/health").json()["status"] == "ok"  # no key needed
     ids = {m.id for m in live.client().models.list()}
-    assert ids == {"tl", "chat", "tb"}
+    assert ids == {"tl", "chat", "tb", "eos"}
     text = httpx.get(live.url + "/metrics", headers=live.headers).text
     for name in ("kiln_queue_depth", "kiln_running_rows", "kiln_generated_tokens_total",
                  "kiln_time_to_first_token_seconds_bucket", "kiln_inter_token_seconds_bucket", "kiln_rejections_total"):
@@ -140,6 +149,7 @@ def _error(r: httpx.Response, status: int, param=None, code=None) -> dict:
     ({"model": "tl", "prompt": "x", "top_p": 1.5}, "top_p"),
     ({"model": "tl", "prompt": "x", "stop": [1, 2]}, "stop"),
     ({"model": "tl", "prompt": "x", "stream": "yes"}, "stream"),
+    ({"model": "tl", "prompt": "x", "ignore_eos": 1}, "ignore_eos"),
     ({"model": "tl", "prompt": "x", "n": 3}, "n"),
     ({"model": "tl", "prompt": ""}, "prompt"),
     ({"model": "tl"}, "prompt"),
