@@ -23,9 +23,13 @@ _LAZY = {
 }
 
 
-def compile(*args, **kwargs):  # noqa: A001 - the public name mirrors the CLI verb
+def compile(*args, draft: bool = False, **kwargs):  # noqa: A001 - the public name mirrors the CLI verb
+    """kiln.compiler.compile; with `draft`, kiln.draft.compile_with_draft (a draft bundled in the artifact)."""
     try:
-        from kiln.compiler import compile as _compile
+        if draft:
+            from kiln.draft import compile_with_draft as _compile
+        else:
+            from kiln.compiler import compile as _compile
     except ModuleNotFoundError as exc:
         error = missing_extra(exc, "kiln.compile")
         if error is exc:

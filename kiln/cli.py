@@ -118,6 +118,9 @@ def compile_cmd(
     target_size: Optional[str] = typer.Option(
         None, "--target-size", help="Weights of at most this size, e.g. 60MB, counted at the model's bytes per "
                                     "parameter where the structural pass runs (fp32: 4)."),
+    draft: bool = typer.Option(
+        False, "--draft", help="Also derive a draft for speculative decoding from the model (recipe draft: drop-layers, "
+                               "int4) and bundle it in the artifact; `kiln run` then drafts with it."),
 ):
     """Export MODEL (a name, or the path of your model folder, .gguf or .onnx file), run the recipe's
     verified passes, check the result against the PyTorch model, and write the artifact directory."""
@@ -128,7 +131,7 @@ def compile_cmd(
                           calibration=calibration, max_ppl_increase=_fraction(max_ppl_increase, "--max-ppl-increase"),
                           min_cosine=min_cosine, target_params=target_params, tune_minutes=tune_minutes,
                           target_mb=_size_mb(target_size), task=task, allow_pickle=allow_pickle,
-                          progress=not quiet, console=err)
+                          progress=not quiet, console=err, draft=draft)
     if not quiet:
         _print_summary(result.path, result.manifest)
 
@@ -251,9 +254,11 @@ def run_cmd(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     num_beams: int = typer.Option(1, "--num-beams", min=1, help="Beam search with this many beams (not streamed)."),
     speculative: Optional[str] = typer.Option(
-        None, "--speculative", metavar="lookup|DRAFT_DIR",
-        help="Speculative decoding: drafts from n-grams of the prompt and text so far (lookup) or from a smaller "
-             "artifact with the same tokenizer; the same tokens as without (greedy) or the same distribution."),
+        None, "--speculative", metavar="lookup|draft|DRAFT_DIR|none",
+        help="Speculative decoding: drafts from n-grams of the prompt and text so far (lookup), from the draft "
+             "bundled by `kiln compile --draft` (draft: the default when there is one and the artifact's several-token "
+             "step is exact) or from a smaller artifact with the same tokenizer; the same tokens as without (greedy) "
+             "or the same distribution."),
     draft_tokens: Optional[int] = typer.Option(
         None, "--draft-tokens", min=1, help="With --speculative: draft at most K tokens per step (adapted down to 0)."),
     inexact: bool = typer.Option(
@@ -279,7 +284,8 @@ def run_cmd(
             check_text(value, what)  # before anything is printed
     if pair and art.task != "sequence-classification":
         raise KilnError(f"--pair is for a sequence-classification artifact; this one is {art.task}")
-    if speculative is None and (draft_tokens is not None or inexact):
+    if (speculative in (None, "none") and (draft_tokens is not None or inexact)
+            and not (speculative is None and "draft" in art.manifest)):
         flag = "--draft-tokens" if draft_tokens is not None else "--inexact"
         raise KilnError(f"{flag} needs --speculative lookup or --speculative DRAFT_DIR")
     if speculative is not None and art.task != "causal-lm":
@@ -293,12 +299,14 @@ def run_cmd(
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
         if check and temperature > 0:
             raise KilnError("--check compares greedy tokens; it cannot be used with --temperature")
-        if speculative is not None:
+        options = {"exact": not inexact, **({"draft_tokens": draft_tokens} if draft_tokens is not None else {})}
+        if speculative not in (None, "none"):
             if num_beams > 1:
                 raise KilnError("--speculative and --num-beams cannot be combined")
-            options = {"draft_tokens": draft_tokens} if draft_tokens is not None else {}
-            options["exact"] = not inexact
             sampling["speculative"] = art.speculation(speculative, **options)
+        elif speculative is None and "draft" in art.manifest and num_beams == 1:
+            speculative = "draft"
+            sampling["speculative"] = _bundled_draft(art, options)
         if num_beams > 1:
             if temperature > 0:
                 raise KilnError("--num-beams and --temperature cannot be combined")
@@ -379,6 +387,18 @@ def run_cmd(
                 out.print(f"  {label}: {kind} {score:.6f}  logit {logit:+.6f}", highlight=False)
     else:
         raise KilnError(f"`kiln run` does not know how to drive a '{art.task}' artifact")
+
+
+def _bundled_draft(art, options: dict):
+    """The bundled draft's Speculation, or None (plain decoding, the reason on stderr) where it
+    cannot serve this artifact exactly."""
+    from kiln.runtime import SpeculationError
+
+    try:
+        return art.speculation("draft", **options)
+    except SpeculationError as exc:
+        err.print(f"the bundled draft is not used: {exc}", highlight=False, soft_wrap=True)
+        return None
 
 
 def _runtime_only_tvm() -> None:

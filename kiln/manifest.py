@@ -258,6 +258,9 @@ def file_fields(manifest: dict) -> list[tuple[str, str]]:
                 out.append((f"backend.functions.{fn}.library", spec["library"]))
     if manifest.get("tokenizer") is not None:
         out.append(("tokenizer", manifest["tokenizer"]))
+    draft = manifest.get("draft")
+    if isinstance(draft, dict) and draft.get("path") is not None:
+        out.append(("draft.path", draft["path"]))
     for rel in (manifest.get("files") or {}):
         out.append((f"files[{rel!r}]", rel))
     return out

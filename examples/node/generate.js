@@ -23,7 +23,7 @@ await main(USAGE, {
   const maxNewTokens = positiveInt(opts["max-new-tokens"], "--max-new-tokens") ?? 64;
   const draftTokens = positiveInt(opts["draft-tokens"], "--draft-tokens");
   if (draftTokens !== undefined && opts.speculative === undefined) throw new KilnError("--draft-tokens needs --speculative lookup");
-  if (opts.speculative !== undefined) art.promptLookup(opts.speculative);  // refused before anything is printed
+  if (opts.speculative !== undefined) await art.promptLookup(opts.speculative);  // refused before anything is printed
   const speculation = { speculative: opts.speculative, ...(draftTokens ? { draftTokens } : {}) };
   if (opts.json) {
     const started = performance.now();

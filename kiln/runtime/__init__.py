@@ -25,7 +25,13 @@ from tokenizers import Tokenizer
 
 from kiln.backends import create_session
 from kiln.errors import KilnError
-from kiln.manifest import Classification, check_paths, read_manifest, verify_files
+from kiln.manifest import (
+    Classification,
+    artifact_path,
+    check_paths,
+    read_manifest,
+    verify_files,
+)
 from kiln.runtime.generate import (
     Generator,
     Model,
@@ -200,8 +206,9 @@ class Artifact:
 
     def speculation(self, speculative, **options) -> Speculation:
         """`speculative` as a `Speculation` that this artifact can serve (else one line): "lookup",
-        a draft artifact (a path or an `Artifact`, refused unless a causal LM with this artifact's
-        tokenizer) or a `Speculation` as is; `options` are Speculation's other fields (draft_tokens, ...)."""
+        "draft" (the draft bundled by `kiln compile --draft`, manifest `draft`), a draft artifact (a
+        path or an `Artifact`, refused unless a causal LM with this artifact's tokenizer) or a
+        `Speculation` as is; `options` are Speculation's other fields (draft_tokens, ...)."""
         spec = self._speculation(speculative, **options)
         check_model(self._lm(), "the artifact")
         check_exact(self._lm(), spec)
@@ -212,6 +219,11 @@ class Artifact:
             return speculative
         if speculative == "lookup":
             return Speculation("lookup", **options)
+        if speculative == "draft":
+            if "draft" not in self.manifest:
+                raise SpeculationError(f"{self.path} has no bundled draft (manifest `draft`): compile it with --draft, "
+                                       f"or give a draft artifact's directory")
+            speculative = artifact_path(self.path, self.manifest["draft"]["path"], "draft.path")
         draft = speculative if isinstance(speculative, Artifact) else Artifact(speculative, threads=self.threads)
         if draft.task != "causal-lm":
             raise SpeculationError(f"the draft {draft.path} is a {draft.task} artifact, not a causal LM")

@@ -141,6 +141,7 @@ export function fileFields(manifest) {
     if (spec && "library" in spec) out.push([`backend.functions.${fn}.library`, spec.library]);
   }
   if (manifest.tokenizer !== undefined && manifest.tokenizer !== null) out.push(["tokenizer", manifest.tokenizer]);
+  if (manifest.draft?.path !== undefined && manifest.draft?.path !== null) out.push(["draft.path", manifest.draft.path]);
   for (const rel of Object.keys(manifest.files ?? {})) out.push([`files['${rel}']`, rel]);
   return out;
 }
@@ -344,7 +345,7 @@ export class Artifact {
     if (this.task !== "causal-lm") throw new KilnError(`${this.path}: a ${this.task} artifact does not generate text`);
     const promptIds = typeof prompt === "string" ? this.encode(prompt) : [...prompt];
     if (!promptIds.length) throw new KilnError("the prompt is empty");
-    const lookup = speculative === undefined ? null : this.promptLookup(speculative);
+    const lookup = speculative === undefined ? null : await this.promptLookup(speculative);
     const gen = this.manifest.generation;
     const limit = maxNewTokens ?? gen.max_new_tokens ?? 64;
     const stops = new Set(stopTokenIds ?? gen.eos_token_ids);
@@ -384,11 +385,26 @@ export class Artifact {
       ...(lookup ? { speculation: stats } : {}) };
   }
 
-  /** The draft for `speculative` ("lookup" only), refused in one line where the cache cannot take it. */
-  promptLookup(speculative) {
+  /** The draft for `speculative` ("lookup" only), refused in one line where the cache cannot take
+   *  it or where a step of several tokens computes other logits than one-token steps (int4
+   *  MatMulNBits with int8 activations: then the tokens could differ; kiln.runtime.speculative). */
+  async promptLookup(speculative) {
     if (speculative !== "lookup") throw new KilnError(`unknown draft '${speculative}': this runtime drafts by "lookup" only`);
     if (!this.kv || this.kv.static) {
       throw new KilnError(`${this.path}: speculative decoding needs a growing KV cache (manifest kv_cache, not static)`);
+    }
+    const state = await this.prefill([1]);
+    const alone = (await this.forward(state, [2], [1])).logits;
+    const first = logitsRow((await this.forward(state, [2, 3], [1, 2])).all, 0);
+    let difference = 0;
+    let largest = 1e-30;
+    alone.forEach((v, i) => {
+      difference = Math.max(difference, Math.abs(v - first[i]));
+      largest = Math.max(largest, Math.abs(v));
+    });
+    if (difference / largest > 1e-4) {
+      throw new KilnError(`${this.path}: the artifact computes a step of several tokens differently from one-token steps `
+        + `(logits ${(difference / largest).toExponential(1)} apart, relative), so speculation could change its tokens: refused`);
     }
     return new PromptLookup(3, 2);
   }

@@ -1,0 +1,54 @@
+"""A draft for speculative decoding, derived from the target by kiln's own passes and bundled in
+its artifact (`kiln compile MODEL --draft`, `kiln.compile(..., draft=True)`).
+
+    DIR/  kiln.json          the target's manifest, with `draft`: {"path": "draft", "recipe", "parameters", "bytes", "layers"}
+          model.onnx ...     the target
+          draft/             the draft: a whole artifact (its own kiln.json, graph, tokenizer)
+
+The draft is compiled first, from the same model, with the `draft` recipe (drop-layers to 45% of
+the parameters, then int4 by round to nearest: kiln/recipes/draft.toml) or `draft_recipe`, into a
+scratch directory; then the target, as `compile` makes it; then the draft moves into the
+target's directory and the target's manifest gains `draft` and the draft's files in `files`. A
+failure before that last step leaves nothing (the compiles are atomic); the runtime reads the
+draft through `Artifact.speculation("draft")` (docs/speculative.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from kiln.compiler import CompileError, CompileResult, compile
+from kiln.manifest import MANIFEST, check_manifest, describe_files, write_manifest
+
+DRAFT_DIR = "draft"
+
+
+def compile_with_draft(model, output: str | Path, *, draft_recipe: str | Path = "draft", **options) -> CompileResult:
+    """`compile(model, output, **options)`, with a draft compiled from the same model bundled in it."""
+    shared = {k: options[k] for k in ("task", "tokenizer", "allow_pickle", "example_inputs", "dynamic_shapes",
+                                      "calibration", "progress", "console", "target", "backend") if k in options}
+    with tempfile.TemporaryDirectory(prefix="kiln-draft-") as scratch:
+        draft = compile(model, Path(scratch) / DRAFT_DIR, recipe=draft_recipe, **shared)
+        if draft.manifest["task"] != "causal-lm":
+            raise CompileError(f"--draft is for a causal LM; this model is {draft.manifest['task']}")
+        result = compile(model, output, **options)
+        return CompileResult(result.path, bundle(result.path, result.manifest, draft))
+
+
+def bundle(directory: Path, manifest: dict, draft: CompileResult) -> dict:
+    """Move the compiled draft into the artifact at `directory` and record it in its manifest."""
+    shutil.move(str(draft.path), str(directory / DRAFT_DIR))
+    files = describe_files(directory)
+    manifest = {**manifest, "files": files,
+                "draft": {"path": DRAFT_DIR, "recipe": draft.manifest["recipe"]["name"],
+                          "parameters": draft.manifest["summary"]["artifact"]["parameters"],
+                          "bytes": sum(r["bytes"] for rel, r in files.items() if rel.startswith(f"{DRAFT_DIR}/")),
+                          "layers": draft.manifest["kv_cache"]["num_layers"]}}
+    check_manifest(manifest, "the manifest")
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".kiln-manifest-") as staging:
+        write_manifest(Path(staging), manifest)  # then replaced in one step: a reader sees one manifest or the other
+        os.replace(Path(staging) / MANIFEST, directory / MANIFEST)
+    return manifest
