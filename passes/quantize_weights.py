@@ -205,6 +205,8 @@ class QuantizeWeightsPass(KilnPass):
             return None
         if tensor.size < self.min_elements or value.metadata_props.get(BITS_HINT) == "32":
             return None
+        if all(u.node.op_type == "DequantizeLinear" and u.idx > 0 for u in value.uses()):
+            return None  # the scales of weights quantized already (import-source-blocks)
         reads = weight_reads(value)
         if isinstance(reads, str):
             rejected.append(reads)

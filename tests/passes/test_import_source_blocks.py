@@ -136,6 +136,7 @@ def test_quantize_weights_leaves_imported_weights_as_they_are(tmp_path):
     model, source = _gguf_model(tmp_path, T.Q8_0, T.Q4_1, tied=False)
     run = _run(model, source, "import-source-blocks", "quantize-weights")
     assert run.records[1]["stats"]["weights_quantized"] == 0
+    assert not run.records[1].get("rejected")  # the imported scales are not candidates, nor reasons
     assert run.records[1]["modified"] is False
 
 
