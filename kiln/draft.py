@@ -5,12 +5,13 @@ its artifact (`kiln compile MODEL --draft`, `kiln.compile(..., draft=True)`).
           model.onnx ...     the target
           draft/             the draft: a whole artifact (its own kiln.json, graph, tokenizer)
 
-The draft is compiled first, from the same model, with the `draft` recipe (drop-layers to 45% of
-the parameters, then int4 by round to nearest: kiln/recipes/draft.toml) or `draft_recipe`, into a
-scratch directory; then the target, as `compile` makes it; then the draft moves into the
-target's directory and the target's manifest gains `draft` and the draft's files in `files`. A
-failure before that last step leaves nothing (the compiles are atomic); the runtime reads the
-draft through `Artifact.speculation("draft")` (docs/speculative.md).
+The draft is compiled first, from the same model, with the `draft` recipe (drop-layers to 45%
+of the parameters, then int4 by round to nearest and ORT's CPU lowering, all with loose budgets:
+kiln/recipes/draft.toml; so target cpu and backend ort only) or `draft_recipe`, into a scratch
+directory; then the target, as `compile` makes it; then the draft moves into the target's
+directory and the target's manifest gains `draft` and the draft's files in `files`. A failure
+before that last step leaves nothing (the compiles are atomic); the runtime reads the draft
+through `Artifact.speculation("draft")` (docs/speculative.md).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ DRAFT_DIR = "draft"
 
 def compile_with_draft(model, output: str | Path, *, draft_recipe: str | Path = "draft", **options) -> CompileResult:
     """`compile(model, output, **options)`, with a draft compiled from the same model bundled in it."""
+    where = (options.get("target", "cpu"), options.get("backend", "ort"))
+    if draft_recipe == "draft" and where != ("cpu", "ort"):
+        raise CompileError(f"--draft derives an ORT CPU draft (recipe draft: ORT's CPU lowering); this compile is for "
+                           f"target {where[0]}, backend {where[1]}")
     shared = {k: options[k] for k in ("task", "tokenizer", "allow_pickle", "example_inputs", "dynamic_shapes",
                                       "calibration", "progress", "console", "target", "backend") if k in options}
     with tempfile.TemporaryDirectory(prefix="kiln-draft-") as scratch:

@@ -130,13 +130,13 @@ def check_exact(model: Model, speculation: Speculation) -> None:
 def step_difference(model: Model) -> float:
     """How far the logits of a token fed as the first of two are from the same token fed alone,
     relative to the largest logit (after a one-token prefill; the same cache rolled back)."""
-    ids = np.array([[1, 2]], dtype=np.int64)
-    _, cache = model.forward(ids[:, :1], np.ones((1, 1), dtype=np.int64), np.zeros((1, 1), dtype=np.int64),
-                             model.empty_cache(1))
-    alone, cache = model.forward_all(ids[:, 1:], np.ones((1, 2), dtype=np.int64), np.ones((1, 1), dtype=np.int64), cache)
-    cache = model.truncate(cache, 1)
-    pair, _ = model.forward_all(np.array([[2, 3]], dtype=np.int64), np.ones((1, 3), dtype=np.int64),
-                                np.array([[1, 2]], dtype=np.int64), cache)
+    def step(tokens, cache):  # tokens 1, 2, 3 at positions 0, 1, 2
+        ids = np.array([tokens], dtype=np.int64)
+        return model.forward_all(ids, np.ones((1, tokens[-1]), dtype=np.int64), ids - 1, cache)
+
+    _, cache = step([1], model.empty_cache(1))
+    alone, cache = step([2], cache)
+    pair, _ = step([2, 3], model.truncate(cache, 1))
     a, b = alone[0, 0].astype(np.float64), pair[0, 0].astype(np.float64)
     return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
 

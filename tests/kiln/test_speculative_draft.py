@@ -70,6 +70,9 @@ def test_draft_errors_are_one_line(bundled, tmp_path, prepared):
     manifest["draft"]["path"] = "../plain"
     (moved / "kiln.json").write_text(json.dumps(manifest))
     assert_one_line_error(run_kiln("run", str(moved), "-p", "hi"), "draft.path '../plain' is not a plain relative path")
+    proc = run_kiln("compile", "tiny-llama", "--draft", "-t", "gpu", "-o", str(tmp_path / "gpu"))
+    assert_one_line_error(proc, "--draft derives an ORT CPU draft", "target gpu")
+    assert_nothing_left(tmp_path, "gpu")
     # kiln's draft recipe cannot make a draft of a two-layer model: refused, nothing written
     proc = run_kiln("compile", "tiny-llama", "-r", "fp32", "--draft", "-o", str(tmp_path / "out"), "-q")
     assert_one_line_error(proc, "insert-kv-cache", "drop-layers")
