@@ -285,7 +285,7 @@ def run_cmd(
     if pair and art.task != "sequence-classification":
         raise KilnError(f"--pair is for a sequence-classification artifact; this one is {art.task}")
     if (speculative in (None, "none") and (draft_tokens is not None or inexact)
-            and not (speculative is None and "draft" in art.manifest)):
+            and not (speculative is None and _bundled_draft_helps(art))):
         flag = "--draft-tokens" if draft_tokens is not None else "--inexact"
         raise KilnError(f"{flag} needs --speculative lookup or --speculative DRAFT_DIR")
     if speculative is not None and art.task != "causal-lm":
@@ -304,7 +304,7 @@ def run_cmd(
             if num_beams > 1:
                 raise KilnError("--speculative and --num-beams cannot be combined")
             sampling["speculative"] = art.speculation(speculative, **options)
-        elif speculative is None and "draft" in art.manifest and num_beams == 1:
+        elif speculative is None and num_beams == 1 and _bundled_draft_helps(art):
             speculative = "draft"
             sampling["speculative"] = _bundled_draft(art, options)
         if num_beams > 1:
@@ -387,6 +387,13 @@ def run_cmd(
                 out.print(f"  {label}: {kind} {score:.6f}  logit {logit:+.6f}", highlight=False)
     else:
         raise KilnError(f"`kiln run` does not know how to drive a '{art.task}' artifact")
+
+
+def _bundled_draft_helps(art) -> bool:
+    """Whether the artifact bundles a draft that agrees with it often enough to draft by default."""
+    from kiln.runtime.speculative import MIN_AGREEMENT
+
+    return art.manifest.get("draft", {}).get("agreement", 0) >= MIN_AGREEMENT
 
 
 def _bundled_draft(art, options: dict):

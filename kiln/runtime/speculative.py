@@ -68,6 +68,7 @@ from kiln.runtime.generate import (
 )
 
 EXACT_RTOL = 1e-4  # step_difference above this: the several-token step is not plain decoding's
+MIN_AGREEMENT = 0.6  # a bundled draft's top-1 agreement (manifest draft.agreement) from which kiln run uses it
 
 
 class SpeculationError(GenerationError):

@@ -47,14 +47,22 @@ def test_greedy_tokens_with_the_bundled_draft_equal_plain_decoding(bundled):
     assert 0 < accepted < proposed
 
 
-def test_kiln_run_drafts_with_the_bundled_draft_by_default(bundled):
+def test_kiln_run_drafts_with_the_bundled_draft_by_default_when_it_agrees(bundled, tmp_path):
+    assert 0 <= json.loads((bundled / "kiln.json").read_text())["draft"]["agreement"] <= 1
     plain = kiln.load(bundled).generate(PROMPTS[2], 32).token_ids
-    by_default = json.loads(run_kiln("run", str(bundled), "-p", PROMPTS[2], "-n", "32", "--json").stdout)
-    assert by_default["token_ids"] == plain and by_default["speculation"]["target_forwards"] > 0
-    off = json.loads(run_kiln("run", str(bundled), "-p", PROMPTS[2], "-n", "32", "--json", "--speculative", "none").stdout)
+    for agreement, used in ((1.0, True), (0.1, False)):
+        copy = tmp_path / f"a{agreement}"
+        shutil.copytree(bundled, copy)
+        manifest = json.loads((copy / "kiln.json").read_text())
+        manifest["draft"]["agreement"] = agreement
+        (copy / "kiln.json").write_text(json.dumps(manifest))
+        by_default = json.loads(run_kiln("run", str(copy), "-p", PROMPTS[2], "-n", "32", "--json").stdout)
+        assert by_default["token_ids"] == plain and ("speculation" in by_default) == used
+        asked = json.loads(run_kiln("run", str(copy), "-p", PROMPTS[2], "-n", "32", "--json", "--speculative", "draft",
+                                    "--draft-tokens", "1").stdout)
+        assert asked["token_ids"] == plain and asked["speculation"]["proposed"] <= asked["speculation"]["target_forwards"]
+    off = json.loads(run_kiln("run", str(copy), "-p", PROMPTS[2], "-n", "32", "--json", "--speculative", "none").stdout)
     assert off["token_ids"] == plain and "speculation" not in off
-    k1 = json.loads(run_kiln("run", str(bundled), "-p", PROMPTS[2], "-n", "32", "--json", "--draft-tokens", "1").stdout)
-    assert k1["token_ids"] == plain and k1["speculation"]["proposed"] <= k1["speculation"]["target_forwards"]
 
 
 def test_draft_errors_are_one_line(bundled, tmp_path, prepared):
