@@ -25,8 +25,9 @@ Adaptive k (`Policy`): the acceptance rate a of a row is measured (decayed count
 drafts and of rejections; a run of drafts accepted with rate a yields (1 - a^(k+1)) / (1 - a)
 tokens per target forward), and so are the seconds of a one-token forward, of each extra
 verified token and of each drafted token. Each step takes the k that gives the most tokens
-per second, and k = 0, plain decoding, when no k beats it; every `probe`-th plain step
-speculates once to re-measure.
+per second, and k = 0, plain decoding, when no k beats it; after `probe` plain steps it
+speculates once to re-measure, and each probe after which plain decoding still wins doubles the
+wait for the next (a draft that never pays costs a probe per 16, 32, 64, ... tokens).
 
 Rows: each row keeps its own cache (batch 1). ORT's attention kernel takes several new tokens
 over a non-empty past only at batch 1 (layouts with `padded_prefill: false`), and rows accept
@@ -233,6 +234,7 @@ class Policy:
         self.extra: float | None = None  # seconds per extra verified token
         self.draft = 0.0  # seconds per drafted token
         self.idle = 0  # plain steps since the last speculative one
+        self.wait = probe  # plain steps before the next probe
 
     def k(self) -> int:
         if not self.adaptive:
@@ -248,7 +250,10 @@ class Policy:
             speed = tokens / (self.plain + k * (self.extra + self.draft))
             if speed > best_speed:
                 best, best_speed = k, speed
-        if best == 0 and self.idle >= self.probe:
+        if best:
+            self.wait = self.probe
+        elif self.idle >= self.wait:
+            self.wait *= 2
             return 1
         return best
 

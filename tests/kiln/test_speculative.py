@@ -166,9 +166,15 @@ def test_k_adapts_to_the_acceptance_rate_and_backs_off():
     for _ in range(20):  # nothing accepted: plain decoding pays more
         policy.record(8, 0, forward_s=0.030, draft_s=0.0)
     assert policy.k() == 0
-    for _ in range(4):
-        policy.record(0, 0, forward_s=0.010, draft_s=0.0)
-    assert policy.k() == 1  # a probe after `probe` plain steps
+    for wait in (4, 8, 16):  # a probe after `probe` plain steps, then after twice as many each time
+        for _ in range(wait):
+            assert policy.k() == 0
+            policy.record(0, 0, forward_s=0.010, draft_s=0.0)
+        assert policy.k() == 1
+        policy.record(1, 0, forward_s=0.0125, draft_s=0.0)
+    for _ in range(20):  # acceptance returns: speculation again, and the next probe after `probe` steps
+        policy.record(8, 8, forward_s=0.010 + 8 * 0.0025, draft_s=0.0)
+    assert policy.k() == 8 and policy.wait == 4
     fixed = Policy(max_k=5, adaptive=False, probe=4)
     assert fixed.k() == 5
 
