@@ -71,7 +71,8 @@ CONFIGS: dict[str, str] = {
     "int4 RTN b128, head+emb": _q(bits=4, block_size=128),
     "int4 RTN b128, head+emb fp32": _q(bits=4, block_size=128, include_lm_head=False, include_embedding=False),
     "int4 RTN b64, head+emb": _q(bits=4, block_size=64),
-    "int4 GPTQ b64 + tuned scales, head+emb (int4 preset)": "int4",
+    "int4 GPTQ b64 + tuned scales, head+emb": _q(bits=4, block_size=64, method="gptq", act_order=True, tune_steps=100),
+    "int4 preset: the GGUF's own blocks (Q4_1, the tied table Q8_0)": "int4",
     "int4 rotated, GPTQ b32 asym, 8-bit scales + tuned steps, 2,048 frequent rows + 2 weights int8, head+emb (int4-quality preset)":
         "int4-quality",
 }
