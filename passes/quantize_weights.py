@@ -23,9 +23,10 @@ weight (values + scales, fp32 or compact + zero points) stays within the limit.
 
 Hints from other passes (`kiln.passes.quantization`): a weight whose metadata sets
 `kiln.quantize.bits` ("4" or "8") is quantized at those bits (split-table-rows marks a table's
-frequent rows so), and one that sets "32" is left in float (import-source-blocks' offsets); an integer initializer marked `kiln.quantize.index` (the row-rank table of
-a split table, naming the tables it indexes) is counted in the bits per weight and in the
-mixed-precision limit when one of those tables is quantized.
+frequent rows so), and one that sets "32" is left in float (import-source-blocks' minima); an
+integer initializer marked `kiln.quantize.index` (the row-rank table of a split table, naming the
+tables it indexes) is counted in the bits per weight and in the mixed-precision limit when one of
+those tables is quantized. Weights quantized already (read as DequantizeLinear scales) are skipped.
 
 Compact scales (`compact_scales`): each block scale is stored as uint8, a multiple of one fp32
 step per output channel, dequantized by a DequantizeLinear of its own:
