@@ -18,7 +18,9 @@ Batching:
   when it runs alone.
 
 Decoding: greedy by default; temperature / top-k / top-p sampling with a per-request seed;
-beam search (`beam_search`) over the cache, the beams being rows of one batch.
+beam search (`beam_search`) over the cache, the beams being rows of one batch. Speculative
+decoding (several tokens verified per forward through `forward_all`, rejected slots forgotten by
+`truncate`) is kiln.runtime.speculative's `SpeculativeGenerator`.
 """
 
 from __future__ import annotations
