@@ -472,12 +472,13 @@ def bench_cmd(
     if artifact is None:
         raise KilnError("give an artifact directory (or --compare for the benchmark against the peers)")
     from kiln.bench import bench_encoder, bench_llm
+    from kiln.manifest import session_threads
     from kiln.runtime import load
 
     _runtime_only_tvm()
     art = load(artifact, threads=threads, verify=verify)
     result = bench_llm(art, prompt_tokens, new_tokens, repeats) if art.task == "causal-lm" else bench_encoder(art, repeats)
-    result["threads"] = threads or art.manifest["backend"]["session"].get("intra_op_num_threads")
+    result["threads"] = threads or session_threads(art.manifest["backend"]["session"])
     if as_json:
         print(json.dumps(result))
         return

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from pathlib import Path
 
 from kiln.errors import KilnError
@@ -194,6 +195,18 @@ class SessionSettings:
         s = backend.get("session", {})
         return cls(tuple(s.get("providers", cls.providers)), s.get("intra_op_num_threads", 0),
                    s.get("graph_optimization_level", "all"), s.get("chunk"), s.get("padding"))
+
+
+def host_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def session_threads(session: dict) -> int:
+    """The threads to open a manifest's session with: its `intra_op_num_threads` (the compiling
+    machine's choice; 0 lets the engine decide) capped at this host's cores. More threads than cores
+    only make every step wait for descheduled ones, and a manifest must not size a thread pool."""
+    return min(int(session.get("intra_op_num_threads", 0)), host_cores())
 
 
 CLASSIFICATION_PROBLEMS = ("single_label_classification", "multi_label_classification", "regression")

@@ -18,9 +18,9 @@ is recorded in the manifest (`target`).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from kiln.errors import KilnError
+from kiln.manifest import host_cores
 
 
 class TargetError(KilnError):
@@ -43,22 +43,18 @@ class Target:
         return dataclasses.asdict(self)
 
 
-def _host_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 # NPU LLM runtimes (e.g. Qualcomm Genie's "AR-128" graphs) run a causal LM as fixed chunks of
 # tokens over a static KV cache; encoders run at one fixed sequence length. 128 serves both:
 # MiniLM at seq 128, SmolLM2 prefill in chunks of 128 (decode feeds a padded chunk).
 NPU_SHAPES = {"batch": 1, "sequence": 128}
 
 PROFILES = {
-    "cpu": lambda: Target("cpu", "cpu", _host_threads(), "all", ("CPUExecutionProvider",), "fp32", "fp32"),
+    "cpu": lambda: Target("cpu", "cpu", host_cores(), "all", ("CPUExecutionProvider",), "fp32", "fp32"),
     "gpu": lambda: Target("gpu", "cuda", 0, "all", ("CUDAExecutionProvider", "CPUExecutionProvider"), "fp16", "fp32"),
     # Optimizations off: the CPU EP is here to run the graph the NPU receives, as written. ORT's
     # QDQ rewrites (fusions into its integer kernels at "all", folding at "basic") move values
     # across quantization steps: max_rel 0.35 on tiny-llama at "all", 0.04 on MiniLM at "basic".
-    "npu": lambda: Target("npu", "npu", _host_threads(), "disable", ("CPUExecutionProvider",), "int8-qdq", "npu-int8",
+    "npu": lambda: Target("npu", "npu", host_cores(), "disable", ("CPUExecutionProvider",), "int8-qdq", "npu-int8",
                           dict(NPU_SHAPES), "qnn-htp"),
 }
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kiln.backends.static import run_padded, run_rows
-from kiln.manifest import artifact_path
+from kiln.manifest import artifact_path, session_threads
 
 MODEL_FILE = "model.onnx"
 
@@ -36,7 +36,7 @@ def create_session(directory: Path, backend_manifest: dict, threads: int | None 
     settings = backend_manifest["session"]
     opts = ort.SessionOptions()
     opts.graph_optimization_level = _LEVELS[settings.get("graph_optimization_level", "all")]
-    opts.intra_op_num_threads = threads if threads is not None else settings.get("intra_op_num_threads", 0)
+    opts.intra_op_num_threads = threads if threads is not None else session_threads(settings)
     opts.log_severity_level = 3
     providers, missing = available_providers(settings["providers"])
     if missing:

@@ -29,7 +29,7 @@ import numpy as np
 
 from kiln.backends.static import host, pad_chunk, run_padded, run_rows, sequence_length, shape, take
 from kiln.errors import KilnError
-from kiln.manifest import ManifestError, artifact_path, sha256_file
+from kiln.manifest import ManifestError, artifact_path, session_threads, sha256_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,7 @@ class TvmSession:
         # TVM's pool would pin the calling thread to core 0 (for the whole process); its size
         # is set where the backend is imported (TVM_NUM_THREADS), the threads it runs on here.
         os.environ.setdefault("TVM_BIND_THREADS", "0")
-        threads = threads or backend_manifest["session"].get("intra_op_num_threads")
+        threads = threads or session_threads(backend_manifest["session"])
         if threads:
             tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1: kBig, all cores alike
         self._tvm = tvm

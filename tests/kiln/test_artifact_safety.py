@@ -354,3 +354,19 @@ def test_declared_size_of_2_to_the_40(llm, tmp_path):
     proc = run_kiln("run", str(art), "-p", "hi", "-n", "2")
     assert_one_line_error(proc, "the cache the manifest declares", "1099511627776 slots", "more than can be allocated")
 
+
+
+# --- a manifest does not size the runtime's thread pool -------------------------------------------
+
+def test_a_manifest_asking_for_a_million_threads_runs_on_this_hosts_cores(llm, tmp_path):
+    from kiln.manifest import host_cores, session_threads
+
+    art = copy_artifact(llm, tmp_path / "a")
+    manifest = _manifest(art)
+    manifest["backend"]["session"]["intra_op_num_threads"] = 10 ** 6  # found by the manifest fuzzer: a hang
+    _write(art, manifest)
+    assert session_threads(manifest["backend"]["session"]) == host_cores()
+    assert session_threads({"intra_op_num_threads": 1}) == 1 and session_threads({}) == 0
+    proc = run_kiln("run", str(art), "--prompt", "hello", "-n", "2", "--no-check", "--json", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["token_ids"]) == 2

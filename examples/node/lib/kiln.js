@@ -12,6 +12,7 @@
 // (kiln/runtime) for one request at a time: greedy decoding, no batching.
 
 import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -295,7 +296,8 @@ export class Artifact {
     const options = {
       executionProviders: providers,
       graphOptimizationLevel: LEVELS[settings.graph_optimization_level ?? "all"],
-      intraOpNumThreads: threads ?? settings.intra_op_num_threads ?? 0,
+      // the compiling machine's count, capped at this host's cores (a manifest must not size a pool)
+      intraOpNumThreads: threads ?? Math.min(settings.intra_op_num_threads ?? 0, os.availableParallelism()),
       logSeverityLevel: 3,
     };
     let session;
