@@ -46,6 +46,13 @@ class Metrics:
         with self._lock:
             self._values[name][tuple(sorted(labels.items()))] = float(value)
 
+    def declare_histograms(self, **labels) -> None:
+        """Every histogram shows its (empty) buckets for these labels before the first observation."""
+        with self._lock:
+            for name, (kind, _) in HELP.items():
+                if kind == "histogram":
+                    self._hist[name].setdefault(tuple(sorted(labels.items())), [[0] * len(LATENCY_BUCKETS), 0.0, 0])
+
     def observe(self, name: str, value: float, **labels) -> None:
         key = tuple(sorted(labels.items()))
         with self._lock:

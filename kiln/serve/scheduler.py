@@ -65,6 +65,7 @@ class DecodeLoop:
         self._seq = itertools.count()
         self.thread = threading.Thread(target=self._run, name=f"kiln-decode-{name}", daemon=True)
         self._gauges()
+        metrics.declare_histograms(model=name)
 
     # --- called from request handlers --------------------------------------------------
     def start(self) -> None:
