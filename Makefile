@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[compile,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[compile,dev,search]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -136,7 +136,7 @@ def compile_cmd(
         _print_summary(result.path, result.manifest)
 
 
-def _size_mb(text: str | None) -> float | None:
+def _size_mb(text: str | None, option: str = "--target-size") -> float | None:
     if text is None:
         return None
     from kiln.passes.structural import parse_size_mb
@@ -144,7 +144,7 @@ def _size_mb(text: str | None) -> float | None:
     try:
         return parse_size_mb(text)
     except ValueError:
-        raise typer.BadParameter(f"'{text}' is not a size like 60MB", param_hint="--target-size") from None
+        raise typer.BadParameter(f"'{text}' is not a size like 60MB", param_hint=option) from None
 
 
 def _fraction(text: str | None, option: str) -> float | None:
@@ -593,6 +593,43 @@ def serve_cmd(
     serve(artifacts, host=host, port=port, threads=threads, verify=verify, log_level=log_level,
           max_batch=max_batch, max_queue=max_queue, api_key=api_key, max_body=max_body, timeout=timeout,
           prefill_chunk=prefill_chunk or None, aging=priority_aging, grace=grace)
+
+
+@app.command("search")
+def search_cmd(
+    model: str = typer.Argument(..., help="A model name or the path of your model folder, .gguf or .onnx file."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the search: trials, pareto.md, best.toml, best/."),
+    space: Optional[Path] = typer.Option(None, "--space", help="Search space TOML (default: kiln/search/spaces/TASK.toml)."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Size budget of the artifact, e.g. 60MB."),
+    max_ppl_increase: Optional[str] = typer.Option(
+        None, "--max-ppl-increase", help="LLM quality budget against the fp32 compile, e.g. 5%, on the evaluation text."),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Encoder quality budget: mean cosine to the fp32 compile."),
+    objective: str = typer.Option("speed", "--objective", help="What the best trial maximises within the budgets: speed, size or quality."),
+    trials: int = typer.Option(12, "--trials", min=1, help="Trials to run (the fp32 reference not counted)."),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop after this long, e.g. 30m or 2h; running trials are stopped."),
+    trial_timeout: Optional[str] = typer.Option(None, "--trial-timeout", help="A trial running longer fails, e.g. 20m."),
+    address: Optional[str] = typer.Option(None, "--address", help="A running Ray cluster (HOST:PORT, or ray://HOST:10001); default: Ray embedded here."),
+    trial_cpus: Optional[int] = typer.Option(None, "--trial-cpus", min=1, help="CPUs per trial (default: all of a node's, one trial per node)."),
+    corpus: str = typer.Option("lee", "--corpus", help="Evaluation text: lee or newsgroups (kiln's calibration text is disjoint from both)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampler."),
+    task: Optional[str] = typer.Option(None, "--task", help="causal-lm or embedding (default: inferred)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load pickle checkpoints (can run code)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the search in OUTPUT: finished trials are kept, interrupted ones rerun."),
+):
+    """Search recipes for the best artifact within size and quality budgets: each trial (compile,
+    `kiln eval`, `kiln bench`) is a Ray task, Optuna picks the next; writes pareto.md, best.toml and best/."""
+    from kiln.search import search
+
+    result = search(model, output, space=space, max_size_mb=_size_mb(max_size, "--max-size"),
+                    max_ppl_increase=_fraction(max_ppl_increase, "--max-ppl-increase"), min_cosine=min_cosine,
+                    objective=objective, trials=trials, time_budget=time_budget, trial_timeout=trial_timeout,
+                    address=address, trial_cpus=trial_cpus, corpus=corpus, seed=seed, task=task,
+                    allow_pickle=allow_pickle, resume=resume, console=err)
+    best = result["best"]
+    if best is None:
+        raise KilnError(f"no trial met every budget ({len(result['trials'])} trials): see {output / 'pareto.md'}")
+    out.print(f"best: trial {best['number']}: {output / 'best.toml'} (artifact {output / 'best'}); "
+              f"table and plots in {output / 'pareto.md'}", highlight=False, soft_wrap=True)
 
 
 @app.command("inspect")

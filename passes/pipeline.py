@@ -48,6 +48,11 @@ class PipelineError(KilnError):
     pass
 
 
+class BudgetExceeded(PipelineError):
+    """A lossy pass over its own budget or over the compile's quality budget: the recipe asked
+    for more loss than allowed, which is a verdict on the recipe, not a fault."""
+
+
 # An exact pass over its fixed budget passes if it stays within this multiple of the model's
 # own rounding noise (`kiln.passes.numerics.rounding_noise`): reordering float arithmetic moves
 # outputs by about one noise unit, a real change by orders of magnitude more.
@@ -191,7 +196,8 @@ def run_pipeline(
                 if not within_budget(p.metric, value, record["budget"]):
                     kind = "exact pass changed the outputs" if p.exact else "lossy pass exceeded its budget"
                     floor = f" (= {NOISE_MULTIPLE}x this model's float32 rounding noise)" if record["budget"] != p.budget else ""
-                    raise PipelineError(f"{where}: {kind}: {p.metric} {value:.3g} vs budget {record['budget']:.3g}{floor}")
+                    error = PipelineError if p.exact else BudgetExceeded
+                    raise error(f"{where}: {kind}: {p.metric} {value:.3g} vs budget {record['budget']:.3g}{floor}")
                 previous_outputs = outputs
                 if quality is not None and not p.exact:
                     try:
@@ -200,7 +206,7 @@ def run_pipeline(
                         raise PipelineError(f"{where}: the quality check could not run: {_first_line(exc)}") from exc
                     record["quality"] = quality_summary["final"] = values
                     if quality.violated(values):
-                        raise PipelineError(f"{where}: {quality.describe(values)}")
+                        raise BudgetExceeded(f"{where}: {quality.describe(values)}")
             records.append(record)
             trace_rss(f"checks after {name}")
             done.append(name)
