@@ -36,7 +36,7 @@ from kiln.models.sources import SOURCES
 from kiln.parity import parity_gate
 from kiln.passes.numerics import compare
 from kiln.passes.pipeline import run_pipeline
-from kiln.passes.quality import QualityBudget
+from kiln.passes.quality import QualityBudget, budget_problem
 from kiln.recipes import default_recipe, load_recipe
 from kiln.targets import get_target
 
@@ -148,12 +148,8 @@ def compile(  # noqa: A001
     if getattr(be, "static_cache_length", 0):
         plan = dataclasses.replace(plan, steps=[(n, {**p, "static_length": be.static_cache_length}
                                                  if n == "insert-kv-cache" else p) for n, p in plan.steps])
-    if max_ppl_increase is not None and min_cosine is not None:
-        raise CompileError("give one quality budget: --max-ppl-increase (LLMs) or --min-cosine (encoders)")
-    if max_ppl_increase is not None and not max_ppl_increase >= 0:
-        raise CompileError(f"--max-ppl-increase must be a fraction >= 0 (e.g. 0.05 or 5%), not {max_ppl_increase}")
-    if min_cosine is not None and not -1 <= min_cosine <= 1:
-        raise CompileError(f"--min-cosine must lie in [-1, 1], not {min_cosine}")
+    if problem := budget_problem(max_ppl_increase, min_cosine):
+        raise CompileError(problem)
     output = _check_output(Path(output).expanduser(), force)
     remove_stale(Path(tempfile.gettempdir()), "kiln-export-tmp-*")
 

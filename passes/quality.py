@@ -26,6 +26,17 @@ from kiln.passes.numerics import log_softmax, ort_session
 METRICS = ("ppl_increase", "cosine")
 
 
+def budget_problem(max_ppl_increase: float | None, min_cosine: float | None) -> str | None:
+    """What is wrong with the budgets a user gave (`kiln compile`, `kiln search`), or None."""
+    if max_ppl_increase is not None and min_cosine is not None:
+        return "give one quality budget: --max-ppl-increase (LLMs) or --min-cosine (encoders)"
+    if max_ppl_increase is not None and not max_ppl_increase >= 0:
+        return f"--max-ppl-increase must be a fraction >= 0 (e.g. 0.05 or 5%), not {max_ppl_increase}"
+    if min_cosine is not None and not -1 <= min_cosine <= 1:
+        return f"--min-cosine must lie in [-1, 1], not {min_cosine}"
+    return None
+
+
 @dataclasses.dataclass
 class QualityBudget:
     metric: str

@@ -58,12 +58,10 @@ def _require_search_extra():
 def _check_budgets(max_size_mb, max_ppl_increase, min_cosine, objective):
     if objective not in OBJECTIVES:
         raise SearchError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective}")
-    if max_ppl_increase is not None and min_cosine is not None:
-        raise SearchError("give one quality budget: --max-ppl-increase (LLMs) or --min-cosine (encoders)")
-    if max_ppl_increase is not None and not max_ppl_increase >= 0:
-        raise SearchError(f"--max-ppl-increase must be a fraction >= 0 (e.g. 0.05 or 5%), not {max_ppl_increase}")
-    if min_cosine is not None and not -1 <= min_cosine <= 1:
-        raise SearchError(f"--min-cosine must lie in [-1, 1], not {min_cosine}")
+    from kiln.passes.quality import budget_problem
+
+    if problem := budget_problem(max_ppl_increase, min_cosine):
+        raise SearchError(problem)
     if max_size_mb is not None and not max_size_mb > 0:
         raise SearchError(f"--max-size must be above 0 MB, not {max_size_mb}")
 

@@ -39,23 +39,25 @@ def test_force_never_replaces_a_directory_kiln_did_not_make(tmp_path):
     assert not list(tmp_path.glob(".project.*"))
 
 
-def test_force_on_the_working_directory_home_or_root_is_refused(tmp_path):
+def test_force_on_the_working_directory_home_or_root_is_refused(tmp_path, monkeypatch):
     work = tmp_path / "work"
     before = _victim(work)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     for target, fragment in ((".", "the working directory"), ("..", "holds the working directory"),
                              (str(tmp_path / "home"), "your home directory"), ("/", "the root directory")):
         (tmp_path / "home").mkdir(exist_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "kiln.cli", "compile", "tiny-llama", "-o", target, "--force"],
-                              cwd=work, capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path / "home")})
+        proc = run_kiln("compile", "tiny-llama", "-o", target, "--force")
         assert_one_line_error(proc, "refusing to write the artifact", fragment)
         assert _contents(work) == before
 
 
-def test_the_cache_is_refused(tmp_path):
+def test_the_cache_is_refused(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     (cache / "exports").mkdir(parents=True)
+    monkeypatch.setenv("KILN_CACHE", str(cache))
     for target in (cache, cache / "exports", tmp_path):
-        proc = run_kiln("compile", "tiny-llama", "-o", str(target), "--force", env={"KILN_CACHE": str(cache)})
+        proc = run_kiln("compile", "tiny-llama", "-o", str(target), "--force")
         assert_one_line_error(proc, "refusing to write the artifact", "kiln cache")
     assert sorted(p.name for p in cache.iterdir()) == ["exports"]
 

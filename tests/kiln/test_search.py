@@ -171,6 +171,16 @@ def test_two_nodes_share_the_trials_and_a_killed_worker_node_costs_only_its_runn
         for node in nodes:
             if node.poll() is None:
                 os.killpg(node.pid, 9)
+    # The same recipes measured on one node give the same quality (speed may differ).
+    alone = tmp_path / "alone"
+    proc = run_kiln("search", "tiny-llama", "-o", str(alone), "--space", str(_space(tmp_path)), "--trials", "4",
+                    "--objective", "size")
+    assert proc.returncode == 0, proc.stderr
+    quality = {json.dumps(r["params"], sort_keys=True): r["quality"] for r in _records(alone)}
+    common = [r for r in records if json.dumps(r["params"], sort_keys=True) in quality]
+    assert common
+    for r in common:
+        assert r["quality"] == quality[json.dumps(r["params"], sort_keys=True)]
 
 
 def _node_with(resource: str, address: str, env: dict) -> str:

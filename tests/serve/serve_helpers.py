@@ -118,10 +118,6 @@ class InProcess:
 
 
 
-def run_kiln(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory, prepared) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve")

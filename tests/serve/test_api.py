@@ -12,7 +12,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from serve_helpers import Live, run_kiln
+from conftest import run_kiln
+from serve_helpers import Live
 from serve_helpers import artifacts, live  # noqa: F401 (fixtures)
 
 import kiln
