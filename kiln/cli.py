@@ -605,7 +605,7 @@ def search_cmd(
         None, "--max-ppl-increase", help="LLM quality budget against the fp32 compile, e.g. 5%, on the evaluation text."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Encoder quality budget: mean cosine to the fp32 compile."),
     objective: str = typer.Option("speed", "--objective", help="What the best trial maximises within the budgets: speed, size or quality."),
-    trials: int = typer.Option(12, "--trials", min=1, help="Trials to run (the fp32 reference not counted)."),
+    trials: int = typer.Option(12, "--trials", min=1, help="Distinct recipes to measure (the fp32 reference not counted)."),
     time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop after this long, e.g. 30m or 2h; running trials are stopped."),
     trial_timeout: Optional[str] = typer.Option(None, "--trial-timeout", help="A trial running longer fails, e.g. 20m."),
     address: Optional[str] = typer.Option(None, "--address", help="A running Ray cluster (HOST:PORT, or ray://HOST:10001); default: Ray embedded here."),
@@ -753,6 +753,12 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _one_line(text: str) -> str:
+    """An error message as one printable line: control characters from user data (a newline, a
+    record separator in a manifest field) are written as escapes, never as line breaks."""
+    return escape("".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text))
+
+
 def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so temporary artifact directories are removed.
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -766,7 +772,7 @@ def main() -> None:
     except KilnError as exc:
         if debug:
             raise
-        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {_one_line(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[red]error:[/] interrupted; no artifact was written", highlight=False)
@@ -777,17 +783,17 @@ def main() -> None:
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
         missing = missing_extra(exc, f"`kiln {command}`") if isinstance(exc, ModuleNotFoundError) else exc
         if missing is not exc and not debug:  # a compile-only command where only the runtime is installed
-            err.print(f"[red]error:[/] {escape(str(missing))}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/] {_one_line(str(missing))}", highlight=False, soft_wrap=True)
             sys.exit(1)
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             ctx = getattr(exc, "ctx", None)
             where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-            err.print(f"[red]error:[/] {escape(exc.format_message())}{where}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/] {_one_line(exc.format_message())}{where}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         if debug:
             raise
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        err.print(f"[red]error:[/] internal error: {type(exc).__name__}: {escape(text)} (rerun with --debug for the traceback)",
+        err.print(f"[red]error:[/] internal error: {type(exc).__name__}: {_one_line(text)} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
 

@@ -9,7 +9,8 @@
 - Optuna's TPE sampler asks for each trial (seeded; the budgets are its constraints), and each
   trial is one Ray task (`kiln.search.trial.run_trial`): compile, `kiln eval`, `kiln bench`.
   As many run at once as the cluster has slots of `trial_cpus` CPUs. A trial whose recipe an
-  earlier trial already measured reuses that record.
+  earlier trial already measured reuses that record and does not count towards `trials` (the
+  number of distinct recipes measured); 20 such in a row end a search whose space is exhausted.
 - Faults: a trial that fails, runs out of memory or passes `trial_timeout_s` is recorded as
   failed and the search goes on. Ray retries a trial once when its worker or node dies. The study
   lives in `DIR/study.journal`: `resume=True` reruns only the trials that did not finish.
@@ -280,7 +281,7 @@ class _Runner:
         records = [json.loads(p.read_text()) for p in sorted((self.output / "trials").glob("*/record.json"))]
         seen = {json.dumps(r["params"], sort_keys=True): r for r in records}
         pending, duplicates = {}, 0
-        done = len(records)
+        done = sum(r.get("duplicate_of") is None for r in records)  # --trials counts distinct recipes
         while True:
             out_of_time = deadline is not None and time.monotonic() > deadline
             while not out_of_time and len(pending) < self.slots and done + len(pending) < trials \
@@ -293,7 +294,6 @@ class _Runner:
                     record = dict(seen[key], number=trial.number, duplicate_of=seen[key]["number"])
                     self._finish(study, trial, record, tomli_w, plan)
                     records.append(record)
-                    done += 1
                     continue
                 duplicates = 0
                 folder = self.output / "trials" / f"{trial.number:04d}"

@@ -7,6 +7,7 @@ in one. The best trial is the front's best by the objective (ties: better qualit
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from kiln.search.space import describe
@@ -79,7 +80,8 @@ def write_report(output: Path, reference: dict, records: list[dict], settings: d
     for r in rows:
         speed = f"{speed_of(r):g}" if r.get("speed") and r.get("task") else ""
         size = f"{r['size_mb']:.1f}" if r.get("size_mb") is not None else ""
-        what = (r.get("reason") or "") if r["status"] != "ok" else _choices(r)
+        # a pipeline error names every pass before it: the table keeps the pass and the verdict
+        what = re.sub(r" \(after [^)]*\)", "", r.get("reason") or "") if r["status"] != "ok" else _choices(r)
         if r.get("duplicate_of") is not None:
             what = f"same recipe as trial {r['duplicate_of']}"
         mark = "**best**" if best is not None and r is best else "yes" if r["number"] in on_front else ""

@@ -2,7 +2,6 @@
 after the ORT fusions, and refuses what it does not implement by name."""
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 import torch
 

@@ -78,6 +78,14 @@ def test_unknown_manifest_major_version_is_refused(tmp_path):
     assert_one_line_error(run_kiln("run", str(tmp_path), "--prompt", "x"), "schema version 2.0 is not supported")
 
 
+@pytest.mark.parametrize("version", ["\x1e", "1\n2", "\u2028"])
+def test_control_characters_in_an_error_stay_on_one_line(tmp_path, version):
+    """Found by the manifest fuzzer: a record separator in schema_version split the error line."""
+    (tmp_path / "kiln.json").write_text(json.dumps({"schema_version": version}))
+    escaped = version.encode("unicode_escape").decode()
+    assert_one_line_error(run_kiln("run", str(tmp_path), "--prompt", "x"), f"schema version {escaped} is not")
+
+
 @pytest.mark.slow  # compiles the default int4 recipe (scale tuning) through the CLI
 def test_wrong_task_arguments(tmp_path, prepared):
     out = tmp_path / "llm"
