@@ -121,6 +121,9 @@ def compile_cmd(
     draft: bool = typer.Option(
         False, "--draft", help="Also derive a draft for speculative decoding from the model (recipe draft: drop-layers, "
                                "int4) and bundle it in the artifact; `kiln run` then drafts with it."),
+    lora: Optional[Path] = typer.Option(
+        None, "--lora", help="A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to merge "
+                             "into the weights before export (docs/lora.md)."),
 ):
     """Export MODEL (a name, or the path of your model folder, .gguf or .onnx file), run the recipe's
     verified passes, check the result against the PyTorch model, and write the artifact directory."""
@@ -131,7 +134,7 @@ def compile_cmd(
                           calibration=calibration, max_ppl_increase=_fraction(max_ppl_increase, "--max-ppl-increase"),
                           min_cosine=min_cosine, target_params=target_params, tune_minutes=tune_minutes,
                           target_mb=_size_mb(target_size), task=task, allow_pickle=allow_pickle,
-                          progress=not quiet, console=err, draft=draft)
+                          progress=not quiet, console=err, draft=draft, **({"lora": lora} if lora else {}))
     if not quiet:
         _print_summary(result.path, result.manifest)
 

@@ -118,6 +118,7 @@ def compile(  # noqa: A001
     task: str | None = None,
     tokenizer=None,
     allow_pickle: bool = False,
+    lora: str | Path | None = None,
     progress: bool = True,
     console=None,
 ) -> CompileResult:
@@ -133,11 +134,15 @@ def compile(  # noqa: A001
     (default: kiln's calibration corpus, which is disjoint from the evaluation corpus).
     `max_ppl_increase` (LLMs, e.g. 0.05 for +5%) and `min_cosine` (encoders) are quality
     budgets measured on held-out text after every lossy pass; the first pass over budget
-    fails the compile and nothing is written."""
+    fails the compile and nothing is written.
+
+    `lora` is a PEFT LoRA adapter folder merged into the weights before export (docs/lora.md)."""
     start = time.perf_counter()
     # Validate everything cheap before any expensive work.
     profile = get_target(target)
     source, loaded = _resolve(model, task, allow_pickle, tokenizer, example_inputs)
+    if lora is not None:
+        source = _with_lora(source, lora)
     source_task = source.task if source else loaded.meta["task"] if loaded else task
     plan = load_recipe(recipe or default_recipe(profile, backend, source_task))
     if target_params is not None or target_mb is not None:
@@ -313,6 +318,16 @@ def _resolve(model, task, allow_pickle, tokenizer, example_inputs):
     return None, None
 
 
+def _with_lora(source, lora):
+    """The source with the LoRA adapter merged when it loads (models/lora.py)."""
+    if source is None:
+        raise CompileError("--lora needs a model folder, a .gguf file or a kiln model name (its PyTorch weights), "
+                           "not an ONNX file or a model object")
+    from kiln.models.lora import lora_source
+
+    return lora_source(source, lora)[0]
+
+
 def _static_signature(signature: list[dict], static: dict[str, int] | None) -> list[dict]:
     """The signature with the target's fixed dims: sample inputs must already have the shapes
     that the lowering's shape specialisation gives the graph."""
@@ -393,7 +408,7 @@ def _manifest(model, prepared, plan, profile, backend_info, records, before, aft
         "kiln_version": kiln.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "task": prepared.task,
-        "source": {k: v for k, v in meta.items() if k not in ("generation", "task")},
+        "source": {k: v for k, v in meta.items() if k not in ("generation", "task", "lora")},
         "recipe": {**plan.as_dict(), "path": Path(plan.path).name if plan.path else None},
         "target": profile.as_dict(),
         "backend": backend_info,
@@ -407,6 +422,8 @@ def _manifest(model, prepared, plan, profile, backend_info, records, before, aft
         "tokenizer": tokenizer,
         "compile": {"export_seconds": meta.get("export_seconds")},
     }
+    if meta.get("lora"):
+        manifest["lora"] = meta["lora"]
     layout = kv_layout(model)
     if layout is not None:
         limit = meta.get("max_positions")

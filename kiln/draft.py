@@ -45,7 +45,7 @@ def compile_with_draft(model, output: str | Path, *, draft_recipe: str | Path = 
         raise CompileError(f"--draft derives an ORT CPU draft (recipe draft: ORT's CPU lowering); this compile is for "
                            f"target {where[0]}, backend {where[1]}")
     shared = {k: options[k] for k in ("task", "tokenizer", "allow_pickle", "example_inputs", "dynamic_shapes",
-                                      "calibration", "progress", "console", "target", "backend") if k in options}
+                                      "calibration", "progress", "console", "target", "backend", "lora") if k in options}
     with tempfile.TemporaryDirectory(prefix="kiln-draft-") as scratch:
         draft = compile(model, Path(scratch) / DRAFT_DIR, recipe=draft_recipe, **shared)
         if draft.manifest["task"] != "causal-lm":
