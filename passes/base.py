@@ -47,6 +47,11 @@ class KilnPass(ir.passes.InPlacePass):
     # `self.source_blocks` (a `kiln.passes.import_source_blocks.BlockSource`, or None).
     uses_source_blocks: ClassVar[bool] = False
     source_blocks: Any = None
+    # Passes that learn from the source model set this (with uses_calibration); the pipeline then
+    # sets `self.teacher` (a `kiln.passes.scale_tuning.Teacher`: the source's first output on each
+    # calibration feed, computed before the first pass).
+    uses_teacher: ClassVar[bool] = False
+    teacher: Any = None
 
     @classmethod
     def parameter_names(cls) -> list[str]:

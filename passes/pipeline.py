@@ -88,7 +88,8 @@ def run_pipeline(
 
     With `sample_inputs=None` the numeric check is skipped and recorded as such.
     `calibration` (feed dicts of real text) is handed to data-aware passes and adapted
-    through signature-changing passes like the sample inputs. `source_blocks` (the weights the
+    through signature-changing passes like the sample inputs; passes that learn from the
+    source get its outputs on those feeds, computed before the first pass. `source_blocks` (the weights the
     source stores block-quantized, a `BlockSource`) is handed to passes that read them.
     """
     records: list[dict[str, Any]] = []
@@ -102,6 +103,11 @@ def run_pipeline(
         raise PipelineError(f"the source graph does not run in ONNX Runtime, so no pass can be checked: "
                             f"{_first_line(exc)}") from exc
     trace_rss("source outputs")
+    teacher = None
+    if calibration and any(p.uses_teacher for p in passes):
+        from kiln.passes.scale_tuning import Teacher  # loads torch: only when a pass learns from the source
+
+        teacher = Teacher(model, calibration)
     previous_outputs = source_outputs
     done: list[str] = []
     checked: list[Any] = []  # the checkpoint's result, once it has run
@@ -125,6 +131,8 @@ def run_pipeline(
                 p.calibration = calibration
             if p.uses_source_blocks:
                 p.source_blocks = source_blocks
+            if p.uses_teacher:
+                p.teacher = teacher
             start = time.perf_counter()
             try:
                 result = p(model)

@@ -38,6 +38,7 @@ _BUILTIN_MODULES = (
     "kiln.passes.prune_mlp",
     "kiln.passes.prune_heads",
     "kiln.passes.drop_layers",
+    "kiln.passes.distill",
     "kiln.passes.specialize_shapes",
     "kiln.passes.expand_dequantize",
     "kiln.passes.transpose_weights",

@@ -11,7 +11,8 @@ The integers stay fixed, so the format, size and kernels do not change. Layer-wi
 see one projection at a time; this sees how the errors of all layers add up at the output,
 which is where they hurt (cf. EfficientQAT's end-to-end step, which also trains only the
 quantization parameters). The float teacher runs through ONNX Runtime before the rewrite;
-the quantized model runs through `kiln.ir.torch_graph` for gradients.
+the quantized model runs through `kiln.ir.torch_graph` for gradients. The training loop
+(`fit`) is shared with the distill pass, which trains the weights themselves.
 
 Cost: one forward and backward pass of the model per step (SmolLM2-135M, 256 tokens:
 about 4 s on 2 cores). Overfits small calibration sets (SmolLM2 on 4k tokens: training KL
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -70,32 +72,37 @@ def split_feeds(count: int) -> tuple[list[int], list[int]]:
     return [i for i in range(count) if i not in held], held
 
 
-def tune_scales(model: ir.Model, scales: list[ir.Value], feeds: list[dict], teacher: Teacher,
-                train: list[int], held: list[int], steps: int, lr: float, seed: int = 0) -> dict[str, float]:
-    """Train `scales` (initializers of the model) in place on feeds[train], keeping the step
-    with the lowest loss on feeds[held]; returns the losses before and after. Raises
-    UnsupportedOp (before any change) when the graph has an op torch_graph cannot run."""
+def fit(model: ir.Model, trainable: dict[str, torch.Tensor], overrides: Callable[[], dict[str, torch.Tensor]],
+        feeds: list[dict], teacher: Teacher, train: list[int], held: list[int], steps: int, lr: float,
+        seed: int = 0, checks: int = 6, weight_decay: float = 0.0) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train the tensors of `trainable` (leaves with requires_grad) by Adam with a cosine-decayed
+    learning rate, one feed of `feeds[train]` per step; `overrides()` maps them to the
+    initializers they replace. The held-out loss (feeds[held], or the training feeds when none
+    are held out) is measured before training and `checks` times during it; returns the state
+    with the lowest (the start if none is lower) and {"heldout_before", "heldout_after",
+    "train_last", "curve": [[step, train loss, held-out loss], ...]}. Raises UnsupportedOp
+    (before any training) when the graph has an op torch_graph cannot run."""
     graph = TorchGraph(model)
     name = teacher.name
-    base = {v.name: torch.from_numpy(np.asarray(v.const_value.numpy(), dtype=np.float32)) for v in scales}
-    logs = {n: torch.zeros_like(s, requires_grad=True) for n, s in base.items()}
     train = train or held
     check = held or train
 
     def loss_on(i):
-        params = {n: base[n] * torch.exp(logs[n]) for n in base}
-        return teacher.loss(graph(feeds[i], params, [name])[0], teacher(i))
+        return teacher.loss(graph(feeds[i], overrides(), [name])[0], teacher(i))
 
     def evaluate(indices):
         with torch.no_grad():
             return float(np.mean([loss_on(i).item() for i in indices]))
 
+    def snapshot():
+        return {n: t.detach().clone() for n, t in trainable.items()}
+
     first = evaluate(check)
-    best, best_logs = first, {n: t.detach().clone() for n, t in logs.items()}
-    opt = torch.optim.Adam(logs.values(), lr=lr)
+    best, best_state = first, snapshot()
+    opt = torch.optim.AdamW(trainable.values(), lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
-    every = max(steps // 6, 1)
-    train_loss = []
+    every = max(steps // max(checks, 1), 1)
+    train_loss, curve = [], [[0, None, _sig(first)]]
     for step in range(steps):
         for group in opt.param_groups:  # cosine decay to zero
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -106,10 +113,28 @@ def tune_scales(model: ir.Model, scales: list[ir.Value], feeds: list[dict], teac
         train_loss.append(loss.item())
         if (step + 1) % every == 0 or step == steps - 1:
             current = evaluate(check)
+            curve.append([step + 1, _sig(float(np.mean(train_loss[-every:]))), _sig(current)])
             if current < best:
-                best, best_logs = current, {n: t.detach().clone() for n, t in logs.items()}
+                best, best_state = current, snapshot()
+    return best_state, {"heldout_before": _sig(first), "heldout_after": _sig(best),
+                        "train_last": curve[-1][1] if train_loss else _sig(first), "curve": curve}
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.5g}")
+
+
+def tune_scales(model: ir.Model, scales: list[ir.Value], feeds: list[dict], teacher: Teacher,
+                train: list[int], held: list[int], steps: int, lr: float, seed: int = 0) -> dict[str, float]:
+    """Train `scales` (initializers of the model) in place on feeds[train], keeping the step
+    with the lowest loss on feeds[held]; returns the losses before and after. Raises
+    UnsupportedOp (before any change) when the graph has an op torch_graph cannot run."""
+    base = {v.name: torch.from_numpy(np.asarray(v.const_value.numpy(), dtype=np.float32)) for v in scales}
+    logs = {n: torch.zeros_like(s, requires_grad=True) for n, s in base.items()}
+    best, losses = fit(model, logs, lambda: {n: base[n] * torch.exp(logs[n]) for n in base}, feeds, teacher,
+                       train, held, steps, lr, seed)
     for v in scales:
-        tuned = (base[v.name] * torch.exp(best_logs[v.name])).numpy().astype(np.float32)
+        tuned = (base[v.name] * torch.exp(best[v.name])).numpy().astype(np.float32)
         v.const_value = ir.tensor(tuned, name=v.name)
-    return {"tune_heldout_loss_before": round(first, 5), "tune_heldout_loss_after": round(best, 5),
-            "tune_train_loss_last": round(float(np.mean(train_loss[-every:])), 5) if train_loss else first}
+    return {"tune_heldout_loss_before": losses["heldout_before"], "tune_heldout_loss_after": losses["heldout_after"],
+            "tune_train_loss_last": losses["train_last"]}
