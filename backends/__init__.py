@@ -50,7 +50,7 @@ class Session(Protocol):
 
 
 def create_session(directory: Path, backend_manifest: dict, threads: int | None = None,
-                   files: dict | None = None) -> Session:
+                   files: dict | None = None, initializers: dict | None = None) -> Session:
     """A session for the artifact, by the backend named in its manifest. `files` is the
     manifest's `files` record (sizes and sha256): a TVM library loads only if it matches."""
     name = backend_manifest.get("name", "ort")
@@ -61,5 +61,8 @@ def create_session(directory: Path, backend_manifest: dict, threads: int | None 
     else:
         raise BackendError(f"unknown backend '{name}' in the manifest (available: {', '.join(BACKENDS)})")
     if name == "tvm":
+        if initializers:
+            raise BackendError("LoRA adapters are loaded into ORT artifacts' slots; this is a TVM artifact")
         return create(Path(directory), backend_manifest, threads=threads, files=files)
-    return create(Path(directory), backend_manifest, threads=threads)
+    return create(Path(directory), backend_manifest, threads=threads, **({"initializers": initializers}
+                                                                           if initializers else {}))

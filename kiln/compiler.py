@@ -119,6 +119,9 @@ def compile(  # noqa: A001
     tokenizer=None,
     allow_pickle: bool = False,
     lora: str | Path | None = None,
+    lora_slots: int | None = None,
+    lora_rank: int = 16,
+    lora_targets: list[str] | None = None,
     progress: bool = True,
     console=None,
 ) -> CompileResult:
@@ -136,13 +139,16 @@ def compile(  # noqa: A001
     budgets measured on held-out text after every lossy pass; the first pass over budget
     fails the compile and nothing is written.
 
-    `lora` is a PEFT LoRA adapter folder merged into the weights before export (docs/lora.md)."""
+    `lora` is a PEFT LoRA adapter folder merged into the weights before export; `lora_slots` instead
+    compiles the base with that many swappable adapters of rank <= `lora_rank` on the linear layers
+    named in `lora_targets` (default: all but the output head), chosen per row at run time
+    (docs/lora.md)."""
     start = time.perf_counter()
     # Validate everything cheap before any expensive work.
     profile = get_target(target)
     source, loaded = _resolve(model, task, allow_pickle, tokenizer, example_inputs)
-    if lora is not None:
-        source = _with_lora(source, lora)
+    if lora is not None or lora_slots is not None:
+        source = _with_lora(source, lora, lora_slots, lora_rank, lora_targets)
     source_task = source.task if source else loaded.meta["task"] if loaded else task
     plan = load_recipe(recipe or default_recipe(profile, backend, source_task))
     if target_params is not None or target_mb is not None:
@@ -181,6 +187,11 @@ def compile(  # noqa: A001
             verify(ir_model)
         except VerificationError as exc:
             raise CompileError(f"source model is invalid: {exc}") from exc
+        slots = prepared.meta.get("lora", {}).get("mode") == "slots"
+        if slots:
+            from kiln.models.lora import slot_initializers
+
+            prepared.meta["lora"] = slot_initializers(ir_model, prepared.meta["lora"])
         before = summary(ir_model)
         if feeds is None:
             feeds = sample_inputs(prepared.meta, _static_signature(before.inputs, profile.static_shapes),
@@ -202,6 +213,11 @@ def compile(  # noqa: A001
         run = run_pipeline(ir_model, passes, feeds, calibration=calib, source_blocks=blocks, quality=quality,
                            progress=progress, console=console, checkpoint=gate)
         ir_model, records, feeds = run.model, run.records, run.feeds
+        if slots:  # the probe adapters leave: an artifact's slots are empty until a runtime loads adapters
+            from kiln.models.lora import bind_slots
+
+            prepared.meta["lora"] = bind_slots(ir_model, prepared.meta["lora"])
+            feeds = {**feeds, "adapter_index": np.ones(feeds["input_ids"].shape[0], dtype=np.int64)}
         after = summary(ir_model)
 
         try:
@@ -318,14 +334,17 @@ def _resolve(model, task, allow_pickle, tokenizer, example_inputs):
     return None, None
 
 
-def _with_lora(source, lora):
-    """The source with the LoRA adapter merged when it loads (models/lora.py)."""
+def _with_lora(source, lora, slots, rank, targets):
+    """The source with the LoRA adapter merged, or with LoRA slots, when it loads (models/lora.py)."""
+    option = "--lora" if slots is None else "--lora-slots"
+    if lora is not None and slots is not None:
+        raise CompileError("--lora merges one adapter and --lora-slots serves adapters chosen at run time: give one")
     if source is None:
-        raise CompileError("--lora needs a model folder, a .gguf file or a kiln model name (its PyTorch weights), "
+        raise CompileError(f"{option} needs a model folder, a .gguf file or a kiln model name (its PyTorch weights), "
                            "not an ONNX file or a model object")
-    from kiln.models.lora import lora_source
+    from kiln.models.lora import lora_source, slots_source
 
-    return lora_source(source, lora)[0]
+    return lora_source(source, lora)[0] if slots is None else slots_source(source, slots, rank, targets)
 
 
 def _static_signature(signature: list[dict], static: dict[str, int] | None) -> list[dict]:

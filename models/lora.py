@@ -110,3 +110,138 @@ def lora_source(source, folder: str | Path):
     # the GGUF's own quantized blocks are the unmerged weights: import-source-blocks must not use them
     return dataclasses.replace(source, name=f"{source.name}+{adapter.name}"[:96], fingerprint=fp, load=merged,
                                blocks=None), adapter
+
+
+# --- slots (multi-LoRA) ------------------------------------------------------------
+
+INDEX_INPUT = "adapter_index"
+SLOTS_VERSION = 4  # in the export cache key: the slot modules' graph form
+
+
+class SlotLinear(torch.nn.Module):
+    """`base(x) + (x @ A[i]) @ B[i]` for each batch row b, A [slots, in, rank], B [slots, rank, out].
+
+    While compiling, every row uses slot 1, which holds a seeded random probe adapter: the index is
+    a placeholder computed from the batch size, so the graph keeps `input_ids` as its only input
+    through the KV-cache pass, every pass check and the parity gate (which runs rows one at a
+    time) exercise the LoRA path, and PyTorch computes the same. `bind_slots` then makes the
+    index the graph input `adapter_index`."""
+
+    def __init__(self, base: torch.nn.Module, fan_in: int, fan_out: int, slots: int, rank: int):
+        super().__init__()
+        self.base = base
+        self.register_buffer("lora_A", torch.zeros(slots, fan_in, rank))
+        self.register_buffer("lora_B", torch.zeros(slots, rank, fan_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = torch.ones(x.shape[0], dtype=torch.int64, device=x.device)
+        # one Gather each (indexing exports as Transpose + GatherND): [batch, in, rank], [batch, rank, out]
+        a, b = self.lora_A.index_select(0, index), self.lora_B.index_select(0, index)
+        return self.base(x) + torch.matmul(torch.matmul(x, a), b)
+
+
+def default_targets(model: torch.nn.Module) -> list[str]:
+    """The names of every linear layer but the output head: attention and MLP projections."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if m is not head and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")})
+
+
+def insert_slots(model: torch.nn.Module, slots: int, rank: int, targets: list[str] | None, seed: int = 0) -> list[dict]:
+    """Wrap every targeted linear of `model` in a SlotLinear with `slots` + 1 slots (0: the base).
+    Slots 1.. hold a seeded random probe adapter while compiling, so every pass check exercises
+    the LoRA path; the compiler zeroes them before writing. Returns the module records."""
+    wanted = targets or default_targets(model)
+    records = []
+    gen = torch.Generator().manual_seed(seed)
+    for name, module in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] not in wanted or not name:
+            continue
+        target, fan_in, fan_out, _ = _linear(model, name, "--lora-targets")
+        slot = SlotLinear(target, fan_in, fan_out, slots + 1, rank)
+        with torch.no_grad():
+            slot.lora_A[1:] = torch.randn(slots, fan_in, rank, generator=gen) / fan_in ** 0.5
+            slot.lora_B[1:] = torch.randn(slots, rank, fan_out, generator=gen) * (0.2 / rank ** 0.5)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, slot)
+        records.append({"name": name, "in": fan_in, "out": fan_out})
+    missing = sorted(set(wanted) - {r["name"].rsplit(".", 1)[-1] for r in records})
+    if missing:
+        raise LoRAError(f"--lora-targets: the model has no linear layer named {missing[0]} "
+                        f"(its linear layers: {', '.join(default_targets(model)) or 'none'})")
+    return records
+
+
+def slots_source(source, slots: int, rank: int, targets: list[str] | None):
+    """`source` compiled with `slots` swappable LoRA adapters of rank <= `rank` (docs/lora.md)."""
+    if not isinstance(slots, int) or slots < 1 or slots > 64:
+        raise LoRAError(f"--lora-slots must be between 1 and 64, not {slots}")
+    if not isinstance(rank, int) or rank < 1 or rank > 1024:
+        raise LoRAError(f"--lora-rank must be between 1 and 1024, not {rank}")
+    if source.task != "causal-lm":
+        raise LoRAError(f"--lora-slots serves causal LMs; this model's task is {source.task} (merge one adapter "
+                        "with --lora instead)")
+    load, fingerprint = source.load, source.fingerprint
+
+    def slotted():
+        loaded = load()
+        model = loaded.reference
+        records = insert_slots(model, slots, rank, targets)  # in place: loaded.module wraps the same model
+        loaded.meta["lora"] = {"mode": "slots", "slots": slots, "rank": rank, "index_input": INDEX_INPUT,
+                               "modules": records}
+        return loaded
+
+    def fp() -> str:
+        return hashlib.sha256(f"{fingerprint()}+lora-slots:{SLOTS_VERSION}:{slots}:{rank}:{targets}".encode()).hexdigest()
+
+    tag = f"{slots}x{rank}"
+    return dataclasses.replace(source, name=f"{source.name}+lora-slots-{tag}"[:96], fingerprint=fp, load=slotted,
+                               blocks=None)
+
+
+def slot_initializers(model, record: dict) -> dict:
+    """The record with each module's stacked A and B initializer names in the exported graph
+    (torch.export names a buffer by its module path)."""
+    names = list(model.graph.initializers)
+    modules = []
+    for m in record["modules"]:
+        found = {}
+        for part in ("A", "B"):
+            suffix = f"{m['name']}.lora_{part}"
+            hits = [n for n in names if n == suffix or n.endswith("." + suffix)]
+            if len(hits) != 1:
+                raise LoRAError(f"the exported graph has {len(hits)} initializers for {suffix} (expected one)")
+            found[part.lower()] = hits[0]
+        modules.append({**m, **found})
+    return {**record, "modules": modules}
+
+
+def bind_slots(model, record: dict) -> dict:
+    """After the passes: zero every slot (the probe adapters were for the pass checks), and make
+    the stacks' Gather indices (the compile-time placeholder: slot 1 for every row) the graph
+    input `adapter_index` int64 [batch]. The record gains the stacks' dtype. A pass that rewrote a
+    stack is a kiln bug, said in one line."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    graph = model.graph
+    batch = graph.inputs[0].shape[0] if graph.inputs and graph.inputs[0].shape else "batch"
+    index = ir.Value(name=record["index_input"], type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([batch]))
+    dtype = None
+    for m in record["modules"]:
+        for part in ("a", "b"):
+            value = graph.initializers.get(m[part])
+            gathers = [u.node for u in value.uses()] if value is not None else []
+            if value is None or value.const_value is None or not gathers or any(
+                    n.op_type != "Gather" or n.attributes.get_int("axis", 0) != 0 or n.inputs[0] is not value
+                    for n in gathers):
+                raise LoRAError(f"the LoRA slot tensor {m[part]} did not survive the passes as the data of a Gather "
+                                "(a pass rewrote it); nothing was written")
+            value.const_value = ir.tensor(np.zeros_like(value.const_value.numpy()), name=m[part])
+            dtype = value.const_value.dtype.name.lower()
+            for node in gathers:
+                node.replace_input_with(1, index)
+    graph.inputs.append(index)
+    RemoveUnusedNodesPass()(model)
+    return {**record, "dtype": dtype}

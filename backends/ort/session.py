@@ -28,7 +28,8 @@ def available_providers(wanted: list[str]) -> tuple[list[str], list[str]]:
     return [p for p in wanted if p in have], [p for p in wanted if p not in have]
 
 
-def create_session(directory: Path, backend_manifest: dict, threads: int | None = None) -> ort.InferenceSession:
+def create_session(directory: Path, backend_manifest: dict, threads: int | None = None,
+                   initializers: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
     """A session configured as the manifest says (`threads` overrides the thread count).
 
     Providers this ONNX Runtime lacks (CUDA on a CPU-only machine) are skipped with one line
@@ -38,6 +39,11 @@ def create_session(directory: Path, backend_manifest: dict, threads: int | None 
     opts.graph_optimization_level = _LEVELS[settings.get("graph_optimization_level", "all")]
     opts.intra_op_num_threads = threads if threads is not None else session_threads(settings)
     opts.log_severity_level = 3
+    # initializers replaced at load (LoRA slots filled from adapters): ORT reads these buffers, so the
+    # options keep them alive with the session
+    replaced = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in (initializers or {}).values()]
+    for name, value in zip(initializers or {}, replaced):
+        opts.add_initializer(name, value)
     providers, missing = available_providers(settings["providers"])
     if missing:
         print(f"kiln: {', '.join(missing)} not available in this ONNX Runtime; running on "
@@ -47,6 +53,7 @@ def create_session(directory: Path, backend_manifest: dict, threads: int | None 
         artifact_path(directory, backend_manifest["external_data"], "backend.external_data")
     session = ort.InferenceSession(str(model), opts,
                                    providers=providers or ["CPUExecutionProvider"])
+    session._kiln_initializers = replaced
     return PaddedSession(session, settings["padding"]) if "padding" in settings else session
 
 

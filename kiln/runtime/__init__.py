@@ -85,19 +85,24 @@ class Scores:
 
 
 class Artifact:
-    def __init__(self, path: str | Path, threads: int | None = None, verify: bool = False):
+    def __init__(self, path: str | Path, threads: int | None = None, verify: bool = False,
+                 lora: dict[str, str | Path] | None = None):
         """Open the artifact at `path`. Every file its manifest names must be inside the directory,
         and the files its manifest records (`files`) must have their recorded sizes; with `verify`,
-        their sha256 too (an artifact without `files` is then refused: it cannot be verified)."""
+        their sha256 too (an artifact without `files` is then refused: it cannot be verified).
+        `lora`: name -> PEFT adapter folder, loaded into the slots of an artifact compiled with
+        `--lora-slots` (slot 1, 2, ... in order; docs/lora.md); generate with `adapter=name`."""
         self.path = Path(path)
         self.threads = threads  # a draft artifact (`speculation`) opens with the same
         self.manifest = read_manifest(self.path)
         self.task = self.manifest["task"]
         check_paths(self.path, self.manifest)
         verify_files(self.path, self.manifest, hashes=verify)
+        self.adapters, initializers = self._adapters(lora or {})
         try:
             self.session = create_session(self.path, self.manifest["backend"], threads=threads,
-                                          files=self.manifest.get("files"))
+                                          files=self.manifest.get("files"),
+                                          **({"initializers": initializers} if initializers else {}))
         except KilnError:
             raise
         except Exception as exc:
@@ -111,6 +116,28 @@ class Artifact:
         self._model: Model | None = None
         if self.task == "causal-lm":
             self._lm()  # the KV layout checked against the graph now, not mid-generation
+
+    def _adapters(self, lora: dict) -> tuple[dict[str, int], dict]:
+        """(adapter name -> slot, the slot tensors to replace the artifact's empty ones)."""
+        record = self.manifest.get("lora") or {}
+        if record.get("mode") != "slots":
+            if lora:
+                merged = [a.get("name") for a in record.get("adapters", [])]
+                raise ArtifactError(f"{self.path} has no LoRA slots (compile it with --lora-slots N)"
+                                    + (f"; it has the adapter {merged[0]} merged in" if merged else ""))
+            return {}, {}
+        from kiln.runtime.lora import slot_tensors
+
+        return slot_tensors(record, lora, str(self.path)) if lora else ({}, {})
+
+    def adapter_slot(self, adapter: str | None) -> int:
+        """The slot of a loaded adapter (None: 0, the base model); an unknown name is one line."""
+        if adapter is None:
+            return 0
+        if adapter not in self.adapters:
+            known = ", ".join(self.adapters) or "none loaded"
+            raise ArtifactError(f"{self.path}: no LoRA adapter named {adapter!r} (loaded: {known})")
+        return self.adapters[adapter]
 
     def _load_tokenizer(self, name: str) -> Tokenizer:
         file = self.path / name  # inside the artifact: check_paths
@@ -161,34 +188,55 @@ class Artifact:
         return self._lm().max_positions
 
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None,
-                 on_token: Callable[[int], None] | None = None, speculative=None, **sampling) -> Generation:
+                 on_token: Callable[[int], None] | None = None, speculative=None, adapter: str | None = None,
+                 **sampling) -> Generation:
         """Continue one prompt (greedy unless temperature > 0), streaming tokens to `on_token`.
-        `speculative`: "lookup", a draft artifact (its path or `Artifact`) or a `Speculation`."""
+        `speculative`: "lookup", a draft artifact (its path or `Artifact`) or a `Speculation`.
+        `adapter`: the name of a LoRA adapter loaded with `kiln.load(..., lora={name: folder})`."""
         model, prompt_ids = self._lm(), self._ids(prompt)
         params = self._params(max_new_tokens, **sampling)
+        slot = self._slot_for(adapter, speculative)
         batcher = self.generator(speculative)
         new: list[int] = []
-        for token in generate_stream(model, prompt_ids, params, batcher):
+        for token in generate_stream(model, prompt_ids, params, batcher, adapter=slot):
             new.append(token)
             if on_token:
                 on_token(token)
         return self._result(prompt_ids, new, params, batcher)
 
     def generate_batch(self, prompts: list[str | list[int]], max_new_tokens: int | None = None,
-                       **sampling) -> list[Generation]:
-        """Static batching: all prompts padded into one batch."""
+                       adapters: list[str | None] | None = None, **sampling) -> list[Generation]:
+        """Static batching: all prompts padded into one batch; `adapters`: each prompt's LoRA adapter."""
         ids = [self._ids(p) for p in prompts]
         params = self._params(max_new_tokens, **sampling)
-        outs = generate_batch(self._lm(), ids, params)
+        slots = self._slots(adapters, len(ids))
+        outs = generate_batch(self._lm(), ids, params, slots)
         return [self._result(p, o, params) for p, o in zip(ids, outs)]
 
     def generate_continuous(self, prompts: list[str | list[int]], max_new_tokens: int | None = None,
-                            arrivals: list[int] | None = None, speculative=None, **sampling) -> list[Generation]:
-        """Continuous batching: request i joins at decode step arrivals[i]."""
+                            arrivals: list[int] | None = None, speculative=None,
+                            adapters: list[str | None] | None = None, **sampling) -> list[Generation]:
+        """Continuous batching: request i joins at decode step arrivals[i], with LoRA adapter adapters[i]."""
         ids = [self._ids(p) for p in prompts]
         params = self._params(max_new_tokens, **sampling)
-        outs = run_requests(self._lm(), [(p, params) for p in ids], arrivals, batcher=self.generator(speculative))
+        slots = self._slots(adapters, len(ids), speculative)
+        outs = run_requests(self._lm(), [(p, params, a) for p, a in zip(ids, slots or [0] * len(ids))], arrivals,
+                            batcher=self.generator(speculative))
         return [self._result(p, o, params) for p, o in zip(ids, outs)]
+
+    def _slot_for(self, adapter: str | None, speculative=None) -> int:
+        slot = self.adapter_slot(adapter)
+        if slot and speculative is not None:
+            raise ArtifactError("speculative decoding with a LoRA adapter is not supported yet (the draft has no "
+                                "adapter)")
+        return slot
+
+    def _slots(self, adapters: list[str | None] | None, rows: int, speculative=None) -> list[int] | None:
+        if adapters is None:
+            return None
+        if len(adapters) != rows:
+            raise ArtifactError(f"{len(adapters)} adapters for {rows} prompts")
+        return [self._slot_for(a, speculative) for a in adapters]
 
     def beam_search(self, prompt: str | list[int], num_beams: int = 4, max_new_tokens: int | None = None,
                     length_penalty: float = 1.0) -> Generation:
@@ -308,9 +356,11 @@ def class_scores(logits: np.ndarray, problem_type: str) -> np.ndarray:
     return e / e.sum()
 
 
-def load(path: str | Path, threads: int | None = None, verify: bool = False) -> Artifact:
-    """Open an artifact; `verify` also checks every file's sha256 against the manifest."""
-    return Artifact(path, threads=threads, verify=verify)
+def load(path: str | Path, threads: int | None = None, verify: bool = False,
+         lora: dict[str, str | Path] | None = None) -> Artifact:
+    """Open an artifact; `verify` also checks every file's sha256 against the manifest; `lora`: name
+    -> PEFT adapter folder, loaded into the artifact's LoRA slots (docs/lora.md)."""
+    return Artifact(path, threads=threads, verify=verify, lora=lora)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -120,6 +120,9 @@ class Model:
         self.kv = manifest.get("kv_cache")  # the manifest's section as written (a dict)
         self.layout: KVLayout | None = KVLayout.from_manifest(self.kv)
         self.output_names = [o.name for o in session.get_outputs()]
+        lora = manifest.get("lora") or {}
+        # LoRA slots (kiln compile --lora-slots): each row's adapter slot, 0 = the base model
+        self.index_input = lora.get("index_input") if lora.get("mode") == "slots" else None
         if self.layout is not None:
             graph_inputs = len(session.get_inputs())
             if not 0 < self.layout.num_layers <= graph_inputs:  # before 2 x num_layers names are made
@@ -155,6 +158,8 @@ class Model:
             fed = ["input_ids", "attention_mask", "position_ids", *self.past_names]
             fed += ["cache_position"] if self.static else []
             how = "the runtime feeds input_ids, attention_mask, position_ids and the kv_cache's past inputs"
+        if self.index_input:
+            fed, how = [*fed, self.index_input], how + ", and the LoRA slots' index"
         extra = next((n for n in inputs if n not in fed), None)
         if extra is not None:
             raise GenerationError(f"the graph takes an input '{extra}' that the manifest does not account for "
@@ -242,19 +247,20 @@ class Model:
                                   f"x {length} slots) needs {need * np.dtype(dtype).itemsize:,} bytes: more than can "
                                   f"be allocated") from exc
 
-    def forward(self, input_ids, attention_mask, position_ids, cache):
-        """Returns (last-position logits [B, V], new cache).
+    def forward(self, input_ids, attention_mask, position_ids, cache, adapters=None):
+        """Returns (last-position logits [B, V], new cache). `adapters`: each row's LoRA slot
+        (artifacts compiled with --lora-slots; default 0, the base model).
 
         `attention_mask` covers the slots used so far including the new tokens ([B, P + S]);
         for a static cache it is padded to the fixed length and the write slots are added.
         The cache passed in is consumed: a shared-buffer cache is updated in place.
         """
-        logits, present = self._run(input_ids, attention_mask, position_ids, cache)
+        logits, present = self._run(input_ids, attention_mask, position_ids, cache, adapters)
         return logits[:, -1], present
 
-    def forward_all(self, input_ids, attention_mask, position_ids, cache):
+    def forward_all(self, input_ids, attention_mask, position_ids, cache, adapters=None):
         """`forward`, with the logits at every new position ([B, S, V])."""
-        return self._run(input_ids, attention_mask, position_ids, cache)
+        return self._run(input_ids, attention_mask, position_ids, cache, adapters)
 
     def truncate(self, cache, length: int) -> list:
         """A growing cache cut back to its first `length` slots (the later ones are forgotten):
@@ -265,25 +271,37 @@ class Model:
             return cache
         return [host(entry)[:, :, :length] for entry in cache]
 
-    def all_logits(self, input_ids: np.ndarray) -> np.ndarray:
+    def all_logits(self, input_ids: np.ndarray, adapters=None) -> np.ndarray:
         """Logits at every position [B, S, V] for unpadded sequences, from an empty cache."""
         batch, seq = input_ids.shape
         if self.kv is None:
-            return self._run(input_ids, None, None, None)[0]
+            return self._run(input_ids, None, None, None, adapters)[0]
         positions = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
-        return self._run(input_ids, np.ones_like(input_ids), positions, self.empty_cache(batch))[0]
+        return self._run(input_ids, np.ones_like(input_ids), positions, self.empty_cache(batch), adapters)[0]
 
-    def _run(self, input_ids, attention_mask, position_ids, cache):
+    def _run(self, input_ids, attention_mask, position_ids, cache, adapters=None):
         with graph_failures("the model"):
-            return self._run_graph(input_ids, attention_mask, position_ids, cache)
+            return self._run_graph(input_ids, attention_mask, position_ids, cache, adapters)
 
-    def _run_graph(self, input_ids, attention_mask, position_ids, cache):
+    def _index_feed(self, batch: int, adapters) -> dict:
+        if not self.index_input:
+            if adapters is not None and any(adapters):
+                raise GenerationError("this artifact has no LoRA slots (compile it with --lora-slots N)")
+            return {}
+        index = np.zeros(batch, dtype=np.int64) if adapters is None else np.asarray(adapters, dtype=np.int64)
+        if index.shape != (batch,):
+            raise GenerationError(f"{index.size} adapter slots for {batch} rows")
+        return {self.index_input: index}
+
+    def _run_graph(self, input_ids, attention_mask, position_ids, cache, adapters=None):
         if self.kv is None:
-            (logits,) = self.session.run(["logits"], {"input_ids": input_ids})
+            (logits,) = self.session.run(["logits"], {"input_ids": input_ids,
+                                                      **self._index_feed(input_ids.shape[0], adapters)})
             return logits, None
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if self.chunk and input_ids.shape[1] != self.chunk:
-            return self._run_chunks(input_ids, attention_mask, position_ids, cache)
+            return self._run_chunks(input_ids, attention_mask, position_ids, cache, adapters)
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                 **self._index_feed(input_ids.shape[0], adapters)}
         if self.static:
             used, new, length = attention_mask.shape[1], input_ids.shape[1], self.layout.max_length
             if used > length:
@@ -359,7 +377,7 @@ class Model:
         limit = self.max_positions
         return max(total, min(capacity, limit)) if limit else capacity
 
-    def _run_chunks(self, input_ids, attention_mask, position_ids, cache):
+    def _run_chunks(self, input_ids, attention_mask, position_ids, cache, adapters=None):
         """Tokens in fixed chunks through the static cache: the last chunk is padded, its padding
         written to the free slots after the real tokens (masked out, overwritten later), so a
         call needs `chunk` free slots and only the real positions' logits are returned."""
@@ -379,7 +397,7 @@ class Model:
                              {"input_ids": 1, "position_ids": 1}, chunk, start + begin + real)
             mask = attention_mask[:, :start + begin + real]
             padded = np.concatenate([mask, np.zeros((batch, chunk - real), dtype=np.int64)], axis=1)
-            out, cache = self._run(step["input_ids"], padded, step["position_ids"], cache)
+            out, cache = self._run(step["input_ids"], padded, step["position_ids"], cache, adapters)
             logits.append(out[:, :real])
         return np.concatenate(logits, axis=1), cache
 
@@ -396,10 +414,10 @@ def left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray
 
 
 def generate_stream(model: Model, prompt: list[int], params: SamplingParams,
-                    batcher: Generator | None = None) -> Iterator[int]:
-    """One request, token by token (through `batcher`, default a new `Generator`)."""
+                    batcher: Generator | None = None, adapter: int = 0) -> Iterator[int]:
+    """One request, token by token (through `batcher`, default a new `Generator`), with LoRA slot `adapter`."""
     batcher = batcher or Generator(model)
-    rid = batcher.submit(prompt, params)
+    rid = batcher.submit(prompt, params, adapter) if adapter else batcher.submit(prompt, params)
     while batcher.busy:
         for req_id, token in batcher.step():
             if req_id == rid:
@@ -408,17 +426,19 @@ def generate_stream(model: Model, prompt: list[int], params: SamplingParams,
             raise batcher.failed[0][1]
 
 
-def generate_batch(model: Model, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    """Static batching: all prompts left-padded and decoded together."""
+def generate_batch(model: Model, prompts: list[list[int]], params: SamplingParams,
+                   adapters: list[int] | None = None) -> list[list[int]]:
+    """Static batching: all prompts left-padded and decoded together (`adapters`: each prompt's
+    LoRA slot, default 0)."""
     if model.layout is None or not model.layout.padded_prefill:
         # Prefill each prompt alone, decode together (the layout forbids padded prefill).
-        return run_requests(model, [(p, params) for p in prompts])
+        return run_requests(model, [(p, params, a) for p, a in zip(prompts, adapters or [0] * len(prompts))])
     for p in prompts:
         model.check_prompt(len(p))
     stops = set(params.stop_token_ids if params.stop_token_ids is not None else model.eos)
     rngs = [np.random.default_rng(params.seed) for _ in prompts]
     ids, mask, positions = left_pad(prompts, model.pad)
-    logits, cache = model.forward(ids, mask, positions, model.empty_cache(len(prompts)))
+    logits, cache = model.forward(ids, mask, positions, model.empty_cache(len(prompts)), adapters)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     next_pos = positions[:, -1] + 1
@@ -434,7 +454,8 @@ def generate_batch(model: Model, prompts: list[list[int]], params: SamplingParam
         if all(done):
             break
         mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
-        logits, cache = model.forward(np.array(tokens, dtype=np.int64)[:, None], mask, next_pos[:, None], cache)
+        logits, cache = model.forward(np.array(tokens, dtype=np.int64)[:, None], mask, next_pos[:, None], cache,
+                                      adapters)
         next_pos = next_pos + 1
     return outputs
 
@@ -451,6 +472,7 @@ class Row:
     next_position: int = 0
     prefilled: int = 0  # prompt tokens in `cache` so far (chunked prefill)
     cache: list | None = None  # the row's own cache while it is prefilled in chunks
+    adapter: int = 0  # its LoRA slot (artifacts compiled with --lora-slots; 0 = the base model)
 
 
 class Generator:
@@ -481,14 +503,16 @@ class Generator:
         """Ids of the requests still waiting, prefilling or decoding."""
         return {r.rid for r in self.waiting} | {r.rid for r in self.rows}
 
-    def submit(self, prompt: list[int], params: SamplingParams | None = None) -> int:
+    def submit(self, prompt: list[int], params: SamplingParams | None = None, adapter: int = 0) -> int:
+        """Queue a request; `adapter` is its LoRA slot (Artifact.adapters maps names to slots)."""
         if not prompt:
             raise GenerationError("empty prompt")
+        self.model._index_feed(1, [adapter])  # an artifact without slots refuses an adapter now
         self.model.check_prompt(len(prompt))
         params = params or SamplingParams()
         rid = self._next_id
         self._next_id += 1
-        self.waiting.append(Row(rid, params, np.random.default_rng(params.seed), list(prompt)))
+        self.waiting.append(Row(rid, params, np.random.default_rng(params.seed), list(prompt), adapter=adapter))
         return rid
 
     def cancel(self, rid: int) -> None:
@@ -510,7 +534,7 @@ class Generator:
         ids = np.array([row.tokens[start:end]], dtype=np.int64)
         positions = np.arange(start, end, dtype=np.int64)[None]
         logits, row.cache = m.forward(ids, np.ones((1, end), dtype=np.int64), positions,
-                                      row.cache if start else m.empty_cache(1))
+                                      row.cache if start else m.empty_cache(1), [row.adapter])
         row.prefilled = end
         if end == len(row.tokens):
             cache, row.cache = row.cache, None
@@ -521,13 +545,13 @@ class Generator:
         m = self.model
         ids = np.array([row.tokens], dtype=np.int64)
         if m.kv is None:
-            logits, _ = m.forward(ids, None, None, None)
+            logits, _ = m.forward(ids, None, None, None, [row.adapter])
             self.rows.append(row)
             self.logits = logits if self.logits is None else np.concatenate([self.logits, logits])
             return
         mask = np.ones_like(ids)
         positions = np.arange(ids.shape[1], dtype=np.int64)[None]
-        logits, cache = m.forward(ids, mask, positions, m.empty_cache(1))
+        logits, cache = m.forward(ids, mask, positions, m.empty_cache(1), [row.adapter])
         self._join(row, logits, cache)
 
     def _join(self, row: Row, logits: np.ndarray, cache) -> None:
@@ -616,13 +640,13 @@ class Generator:
     def _decode(self) -> None:
         m = self.model
         if m.kv is None:
-            self.logits = np.concatenate([m.forward(np.array([r.tokens], dtype=np.int64), None, None, None)[0]
-                                          for r in self.rows])
+            self.logits = np.concatenate([m.forward(np.array([r.tokens], dtype=np.int64), None, None, None,
+                                                    [r.adapter])[0] for r in self.rows])
             return
         ids = np.array([[r.tokens[-1]] for r in self.rows], dtype=np.int64)
         positions = np.array([[r.next_position] for r in self.rows], dtype=np.int64)
         self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), dtype=np.int64)], axis=1)
-        self.logits, self.cache = m.forward(ids, self.mask, positions, self.cache)
+        self.logits, self.cache = m.forward(ids, self.mask, positions, self.cache, [r.adapter for r in self.rows])
         for r in self.rows:
             r.next_position += 1
 

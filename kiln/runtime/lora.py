@@ -231,3 +231,37 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     if end != len(body):
         raise LoRAError(f"{path}: truncated safetensors file ({len(data)} bytes, its header describes {8 + n + end})")
     return out
+
+
+def slot_tensors(record: dict, adapters: dict[str, str | Path], where: str) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    """The LoRA slots of an artifact (manifest `lora`, mode `slots`) filled with `adapters` (name ->
+    PEFT folder), in order from slot 1: (name -> slot, initializer name -> stacked tensor). Slot 0
+    and unused slots stay zero. Each adapter's A goes in as Aᵀ [in, r] and its B as scale·Bᵀ
+    [r, out], zero-padded to the compiled rank."""
+    slots, rank = int(record["slots"]), int(record["rank"])
+    if len(adapters) > slots:
+        raise LoRAError(f"{where}: {len(adapters)} adapters for {slots} LoRA slots (compiled with --lora-slots {slots})")
+    dtype = np.float16 if record.get("dtype") == "float16" else np.float32
+    modules = {m["name"]: m for m in record["modules"]}
+    tensors = {}
+    for m in record["modules"]:
+        tensors[m["a"]] = np.zeros((slots + 1, m["in"], rank), dtype=dtype)
+        tensors[m["b"]] = np.zeros((slots + 1, rank, m["out"]), dtype=dtype)
+    names: dict[str, int] = {}
+    for slot, (name, folder) in enumerate(adapters.items(), start=1):
+        adapter = read_adapter(folder, name)
+        if adapter.r > rank:
+            raise LoRAError(f"{adapter.path}: rank {adapter.r} is above the artifact's LoRA rank {rank} "
+                            f"(compile with --lora-rank {adapter.r} or more)")
+        for module, (a, b) in adapter.weights.items():
+            m = modules.get(module)
+            if m is None:
+                raise LoRAError(f"{adapter.path}: the adapter adapts {module}, which the artifact's LoRA slots do not "
+                                f"cover (compiled for {', '.join(sorted({n.rsplit('.', 1)[-1] for n in modules}))})")
+            if a.shape[1] != m["in"] or b.shape[0] != m["out"]:
+                raise LoRAError(f"{adapter.path}: the adapter does not fit the model: {module} is {m['in']} -> "
+                                f"{m['out']}, the adapter's lora_A {list(a.shape)} and lora_B {list(b.shape)}")
+            tensors[m["a"]][slot, :, :adapter.r] = a.T
+            tensors[m["b"]][slot, :adapter.r, :] = adapter.scale * b.T
+        names[name] = slot
+    return names, tensors
