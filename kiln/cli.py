@@ -124,6 +124,15 @@ def compile_cmd(
     lora: Optional[Path] = typer.Option(
         None, "--lora", help="A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to merge "
                              "into the weights before export (docs/lora.md)."),
+    lora_slots: Optional[int] = typer.Option(
+        None, "--lora-slots", help="Instead of merging: compile the base with N swappable LoRA adapters, loaded at run "
+                                   "time (`kiln run --lora NAME=DIR --adapter NAME`) and chosen per request."),
+    lora_rank: int = typer.Option(16, "--lora-rank", help="With --lora-slots: the highest adapter rank (smaller ones "
+                                                          "are zero-padded)."),
+    lora_targets: Optional[str] = typer.Option(
+        None, "--lora-targets", help="With --lora-slots: comma-separated linear layer names (default: every linear "
+                                     "layer but the output head, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                                     "down_proj)."),
 ):
     """Export MODEL (a name, or the path of your model folder, .gguf or .onnx file), run the recipe's
     verified passes, check the result against the PyTorch model, and write the artifact directory."""
@@ -134,9 +143,35 @@ def compile_cmd(
                           calibration=calibration, max_ppl_increase=_fraction(max_ppl_increase, "--max-ppl-increase"),
                           min_cosine=min_cosine, target_params=target_params, tune_minutes=tune_minutes,
                           target_mb=_size_mb(target_size), task=task, allow_pickle=allow_pickle,
-                          progress=not quiet, console=err, draft=draft, **({"lora": lora} if lora else {}))
+                          progress=not quiet, console=err, draft=draft, **_lora_options(lora, lora_slots, lora_rank,
+                                                                                        lora_targets))
     if not quiet:
         _print_summary(result.path, result.manifest)
+
+
+def _lora_options(lora, slots, rank, targets) -> dict:
+    options = {"lora": lora} if lora else {}
+    if slots is not None:
+        options.update(lora_slots=slots, lora_rank=rank,
+                       lora_targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None)
+    elif targets is not None or rank != 16:
+        raise typer.BadParameter("--lora-rank and --lora-targets go with --lora-slots", param_hint="--lora-slots")
+    return options
+
+
+def _named_adapters(specs: list[str] | None) -> dict[str, Path] | None:
+    """`--lora NAME=ADAPTER_DIR` options as {name: folder}."""
+    if not specs:
+        return None
+    named: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise typer.BadParameter(f"'{spec}' is not NAME=ADAPTER_DIR", param_hint="--lora")
+        if name in named:
+            raise typer.BadParameter(f"the adapter name '{name}' is given twice", param_hint="--lora")
+        named[name] = Path(folder)
+    return named
 
 
 def _size_mb(text: str | None, option: str = "--target-size") -> float | None:
@@ -275,13 +310,19 @@ def run_cmd(
         None, "--source", help="With --check: the folder or file the artifact was compiled from by path."),
     verify: bool = typer.Option(False, "--verify", help="Check every file's sha256 against the manifest before loading "
                                                         "(sizes are always checked)."),
+    lora: Optional[list[str]] = typer.Option(
+        None, "--lora", metavar="NAME=ADAPTER_DIR", help="Load a PEFT LoRA adapter into the artifact's LoRA slots "
+                                                         "(compiled with --lora-slots); repeat for several."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Generate with this loaded LoRA adapter (--lora NAME=...)."),
 ):
     """Generate a continuation (LLM: streamed, greedy unless --temperature), print embeddings (encoder)
     or a classifier's scores per label."""
     from kiln.runtime import check_text, load
 
     _runtime_only_tvm()
-    art = load(artifact, threads=threads, verify=verify)
+    art = load(artifact, threads=threads, verify=verify, lora=_named_adapters(lora))
+    if adapter is not None:
+        art.adapter_slot(adapter)  # an unknown name: one line, before anything runs
     for value, what in ((prompt, "the prompt"), *((t, "a --text") for t in text or ()), *((t, "a --pair") for t in pair or ())):
         if value is not None:
             check_text(value, what)  # before anything is printed
@@ -307,9 +348,15 @@ def run_cmd(
             if num_beams > 1:
                 raise KilnError("--speculative and --num-beams cannot be combined")
             sampling["speculative"] = art.speculation(speculative, **options)
-        elif speculative is None and num_beams == 1 and _bundled_draft_helps(art):
+        elif speculative is None and num_beams == 1 and adapter is None and _bundled_draft_helps(art):
             speculative = "draft"
             sampling["speculative"] = _bundled_draft(art, options)
+        if adapter is not None:
+            if num_beams > 1:
+                raise KilnError("--adapter and --num-beams cannot be combined yet")
+            if check:
+                raise KilnError("--check compares with the source model, which has no adapter: drop --check")
+            sampling["adapter"] = adapter
         if num_beams > 1:
             if temperature > 0:
                 raise KilnError("--num-beams and --temperature cannot be combined")

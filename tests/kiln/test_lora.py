@@ -207,3 +207,101 @@ def test_refuses_lora_on_an_onnx_file(adapters, tmp_path):
     onnx.write_bytes(b"")
     proc = run_kiln("compile", str(onnx), "-o", str(tmp_path / "out"), "--lora", str(adapters["a"]), "-q")
     assert_one_line_error(proc, "--lora needs a model folder")
+
+
+# --- slots: several adapters served from one artifact -------------------------------
+
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def peft_model(adapter):
+    return peft.PeftModel.from_pretrained(tiny.build("tiny-llama"), str(adapter)).merge_and_unload().eval()
+
+
+@pytest.fixture(scope="module")
+def slots_artifact(llama_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("slots") / "art"
+    kiln.compile(llama_folder, out, recipe="fp32", lora_slots=2, lora_rank=8, progress=False)
+    return out
+
+
+def test_slots_manifest_and_graph(slots_artifact):
+    manifest = json.loads((slots_artifact / "kiln.json").read_text())
+    record = manifest["lora"]
+    assert record["mode"] == "slots" and record["slots"] == 2 and record["rank"] == 8
+    assert record["index_input"] == "adapter_index" and record["dtype"] == "float"
+    assert {m["name"].rsplit(".", 1)[-1] for m in record["modules"]} == set(LLAMA_TARGETS)
+    assert manifest["io"]["inputs"][-1] == {"name": "adapter_index", "dtype": "int64", "shape": ["batch"]}
+    assert "kv_cache" in manifest  # the KV cache pass and the attention fusion still apply
+    assert manifest["summary"]["artifact"]["ops"].get("com.microsoft::GroupQueryAttention") == 2
+
+
+def test_two_adapters_from_one_artifact_give_each_adapters_tokens(slots_artifact, adapters):
+    art = kiln.load(slots_artifact, lora={"a": adapters["a"], "b": adapters["b"]})
+    assert art.adapters == {"a": 1, "b": 2}
+    prompt = IDS[0].tolist()
+    want = {"a": greedy(peft_model(adapters["a"]), prompt, 12), "b": greedy(peft_model(adapters["b"]), prompt, 12),
+            None: greedy(tiny.build("tiny-llama"), prompt, 12)}
+    assert len({tuple(v) for v in want.values()}) == 3  # the adapters do change the tokens
+    for name, tokens in want.items():
+        assert art.generate(prompt, max_new_tokens=12, adapter=name).token_ids == tokens, name
+    # logits: each slot against PEFT's merged model, rank 4 zero-padded to the compiled 8, rslora
+    model = art._lm()
+    for name, slot in (("a", 1), ("b", 2)):
+        got = model.all_logits(IDS, [slot, slot])
+        assert max_rel(got, peft_logits("tiny-llama", adapters[name], IDS)) <= 1e-4
+    # mixed adapters in one batch: static and continuous batching
+    prompts = [prompt, IDS[1].tolist(), prompt]
+    names = ["a", "b", None]
+    expect = [greedy(peft_model(adapters[n]) if n else tiny.build("tiny-llama"), p, 8) for p, n in zip(prompts, names)]
+    assert [g.token_ids for g in art.generate_batch(prompts, max_new_tokens=8, adapters=names)] == expect
+    got = art.generate_continuous(prompts, max_new_tokens=8, arrivals=[0, 2, 3], adapters=names)
+    assert [g.token_ids for g in got] == expect
+
+
+def test_kiln_run_with_adapters(slots_artifact, adapters):
+    proc = run_kiln("run", str(slots_artifact), "--lora", f"a={adapters['a']}", "--lora", f"b={adapters['b']}",
+                    "--adapter", "b", "--prompt", "The capital", "-n", "6", "--json")
+    assert proc.returncode == 0, proc.stderr
+    ids = kiln.load(slots_artifact).encode("The capital")
+    assert json.loads(proc.stdout)["token_ids"] == greedy(peft_model(adapters["b"]), ids, 6)
+
+
+def test_slot_refusals(slots_artifact, adapters, llama_folder, tmp_path):
+    big = save_adapter("tiny-llama", tmp_path / "big", seed=7, r=16)
+    proc = run_kiln("run", str(slots_artifact), "--lora", f"big={big}", "--adapter", "big", "--prompt", "x", "-n", "1")
+    assert_one_line_error(proc, "rank 16 is above the artifact's LoRA rank 8")
+    proc = run_kiln("run", str(slots_artifact), "--lora", f"a={adapters['a']}", "--adapter", "c", "--prompt", "x")
+    assert_one_line_error(proc, "no LoRA adapter named 'c'")
+    proc = run_kiln("run", str(slots_artifact), "--lora", f"a={adapters['a']}", "--lora", f"b={adapters['b']}",
+                    "--lora", f"c={adapters['a']}", "--prompt", "x")
+    assert_one_line_error(proc, "3 adapters for 2 LoRA slots")
+    proc = run_kiln("run", str(slots_artifact), "--lora", f"{adapters['a']}", "--prompt", "x")
+    assert proc.returncode != 0 and "NAME=ADAPTER_DIR" in proc.stderr
+    partial = tmp_path / "partial"
+    kiln.compile(llama_folder, partial, recipe="fp32", lora_slots=1, lora_rank=4, lora_targets=["q_proj"],
+                 progress=False)
+    proc = run_kiln("run", str(partial), "--lora", f"a={adapters['a']}", "--prompt", "x")
+    assert_one_line_error(proc, "which the artifact's LoRA slots do not cover", "compiled for q_proj")
+    merged = tmp_path / "merged"
+    kiln.compile(llama_folder, merged, recipe="fp32", lora=adapters["a"], progress=False)
+    proc = run_kiln("run", str(merged), "--lora", f"a={adapters['a']}", "--prompt", "x")
+    assert_one_line_error(proc, "has no LoRA slots", "adapter-a merged in")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--lora-slots", "2", "--lora", "ADAPTER"], "give one"),
+    (["--lora-slots", "0"], "--lora-slots must be between 1 and 64"),
+    (["--lora-slots", "2", "--lora-targets", "qq_proj"], "no linear layer named qq_proj"),
+    (["--lora-slots", "2", "--task", "embedding"], "serves causal LMs"),
+])
+def test_slots_compile_refusals(llama_folder, adapters, tmp_path, args, fragment):
+    args = [str(adapters["a"]) if a == "ADAPTER" else a for a in args]
+    proc = run_kiln("compile", str(llama_folder), "-o", str(tmp_path / "out"), "-q", *args)
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "out").exists()
