@@ -629,9 +629,15 @@ def serve_cmd(
     max_body: int = typer.Option(1 << 20, "--max-body", min=1, help="Largest request body in bytes (then 413)."),
     grace: float = typer.Option(10.0, "--grace", min=0.0, help="Seconds in-flight requests get after SIGTERM."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn's and kiln.serve's log level."),
+    lora: Optional[list[str]] = typer.Option(
+        None, "--lora", metavar="[MODEL:]NAME=ADAPTER_DIR",
+        help="Load a PEFT LoRA adapter into the LoRA slots of an artifact compiled with --lora-slots and serve it as "
+             "the model MODEL:NAME (same batch as the base); repeat for several. NAME=DIR when one artifact is "
+             "served, MODEL:NAME=DIR (MODEL: its served name) when several are. docs/lora.md."),
 ):
     """Serve artifacts over an OpenAI-compatible HTTP API (docs/serve.md): /v1/completions,
-    /v1/chat/completions, /v1/embeddings, /v1/models, /health, /metrics."""
+    /v1/chat/completions, /v1/embeddings, /v1/models, /health, /metrics. LoRA adapters (--lora)
+    are models of their own, MODEL:NAME, batched with their base."""
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -640,7 +646,7 @@ def serve_cmd(
     except ModuleNotFoundError as exc:
         raise KilnError(f"`kiln serve` needs the serve extra (no module '{exc.name}'): pip install 'kiln[serve]'") from None
     _runtime_only_tvm()
-    serve(artifacts, host=host, port=port, threads=threads, verify=verify, log_level=log_level,
+    serve(artifacts, host=host, port=port, threads=threads, verify=verify, log_level=log_level, lora=lora,
           max_batch=max_batch, max_queue=max_queue, api_key=api_key, max_body=max_body, timeout=timeout,
           prefill_chunk=prefill_chunk or None, aging=priority_aging, grace=grace)
 

@@ -14,19 +14,21 @@ import sys
 
 
 def serve(specs: list[str], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
-          verify: bool = True, log_level: str = "warning", **settings) -> None:
-    """Load the artifacts and serve them until SIGTERM / SIGINT (then exit normally)."""
+          verify: bool = True, log_level: str = "warning", lora: list[str] | None = None, **settings) -> None:
+    """Load the artifacts (and `lora`: `[MODEL:]NAME=ADAPTER_DIR` adapters into their LoRA slots)
+    and serve them until SIGTERM / SIGINT (then exit normally)."""
     import uvicorn
 
     from kiln.serve.app import Settings, create_app
     from kiln.serve.models import load_all
 
-    served = load_all(specs, threads, verify)
+    served = load_all(specs, threads, verify, lora)
     config = Settings(**settings)
     app, _ = create_app(served, config)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for name, s in served.items():
-        print(f"kiln serve: {name} ({s.task}) from {s.art.path}", file=sys.stderr, flush=True)
+        what = f"LoRA adapter in slot {s.slot} of {s.base.name}" if s.base is not None else f"from {s.art.path}"
+        print(f"kiln serve: {name} ({s.task}) {what}", file=sys.stderr, flush=True)
     print(f"kiln serve: listening on http://{host}:{port}", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                            timeout_graceful_shutdown=config.grace, lifespan="on"))

@@ -49,15 +49,19 @@ def create_app(served: dict[str, Served], settings: Settings, metrics: Metrics |
     @contextlib.asynccontextmanager
     async def lifespan(app):
         for s in served.values():
-            if s.task == "causal-lm":
+            if s.task == "causal-lm" and s.base is None:
                 model = s.art._lm()
                 batch = 1 if model.static else settings.max_batch  # a static cache batches nothing
                 s.loop = DecodeLoop(s.name, model, metrics, batch, settings.max_queue, settings.prefill_chunk,
                                     settings.aging)
                 s.loop.start()
+        for s in served.values():
+            if s.base is not None:  # a LoRA adapter: its rows join the artifact's batch
+                s.loop = s.base.loop
         yield
         state["stopping"] = True
-        await asyncio.gather(*(run_in_threadpool(s.loop.stop, 0.0) for s in served.values() if s.loop))
+        await asyncio.gather(*(run_in_threadpool(s.loop.stop, 0.0) for s in served.values()
+                               if s.loop and s.base is None))
 
     app = FastAPI(title="kiln serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -95,10 +99,15 @@ def create_app(served: dict[str, Served], settings: Settings, metrics: Metrics |
     async def metrics_text():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_card(s: Served) -> dict:
+        card = {"id": s.name, "object": "model", "created": created, "owned_by": "kiln", "task": s.task}
+        if s.base is not None:  # a LoRA adapter in the artifact's slots (vLLM's `parent`)
+            card.update(parent=s.base.name, adapter=s.adapter)
+        return card
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "kiln",
-                                            "task": s.task} for n, s in served.items()]}
+        return {"object": "list", "data": [model_card(s) for s in served.values()]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -160,7 +169,8 @@ def create_app(served: dict[str, Served], settings: Settings, metrics: Metrics |
             with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown)
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        job = Job(ids, sp, emit, priority=sampling.priority, deadline=time.monotonic() + settings.timeout)
+        job = Job(ids, sp, emit, priority=sampling.priority, deadline=time.monotonic() + settings.timeout,
+                  adapter=s.slot, model=s.name)
         s.loop.submit(job)
         reply = Reply(s, job, queue, request, TextStream(s.art.tokenizer, sampling.stop), sampling, chat, len(ids))
         first = await reply.next_event()  # before any header: an error here is still its own status

@@ -40,6 +40,8 @@ class Job:
     generated: int = 0
     last_token_at: float | None = None
     last_token: int | None = None
+    adapter: int = 0  # LoRA slot (0: the base model); rows of different slots share the batch
+    model: str | None = None  # the served model id it asked for (metrics); None: the loop's own
 
 
 def effective_priority(job: Job, now: float, aging: float) -> float:
@@ -144,12 +146,12 @@ class DecodeLoop:
                     self._withdraw(job, job.cancelled or "deadline")
             for job in admit:
                 try:
-                    job.rid = self.gen.submit(job.prompt, job.params)
+                    job.rid = self.gen.submit(job.prompt, job.params, job.adapter)
                 except Exception as exc:  # checked before queueing; a safety net
                     job.emit(("error", APIError(400, str(exc).splitlines()[0], param="prompt")))
                     continue
                 self.running[job.rid] = job
-                self.metrics.inc("kiln_prompt_tokens_total", len(job.prompt), model=self.name)
+                self.metrics.inc("kiln_prompt_tokens_total", len(job.prompt), model=job.model or self.name)
             with self.cond:
                 self._gauges()
             if self.running:
@@ -178,8 +180,11 @@ class DecodeLoop:
             if job is not None:
                 job.emit(("error", internal(f"decoding failed: {type(exc).__name__}")))
         self.gen.failed.clear()
+        counts: dict[str, int] = {}
         for rid, token in emitted:
             job = self.running.get(rid)
+            model = (job.model if job is not None else None) or self.name
+            counts[model] = counts.get(model, 0) + 1
             if job is None:
                 continue
             if job.last_token_at is None:
@@ -188,7 +193,8 @@ class DecodeLoop:
                 self.metrics.observe("kiln_inter_token_seconds", now - job.last_token_at, model=self.name)
             job.last_token_at, job.last_token, job.generated = now, token, job.generated + 1
             job.emit(("token", token))
-        self.metrics.inc("kiln_generated_tokens_total", len(emitted), model=self.name)
+        for model, n in counts.items():  # by the model id asked for: an adapter's tokens under MODEL:NAME
+            self.metrics.inc("kiln_generated_tokens_total", n, model=model)
         active = self.gen.active
         for rid in [r for r in self.running if r not in active]:
             job = self.running.pop(rid)
