@@ -58,11 +58,15 @@ def test_wikipedia_leads_keep_the_prose_and_drop_the_markup(tmp_path):
     assert leads == ["Kilns are thermally insulated chambers used in pottery and brick making.\n"
                      "Early kilns were pits in the ground, and the temperature rose slowly\u00a0over many hours of firing."]
     assert wikipedia_leads(dump, chars=50) == [leads[0].split("\n")[0]]  # whole paragraphs up to the limit
+    from kiln.corpus import wikipedia_articles
+
+    assert wikipedia_articles(dump, chars=50) == [tuple(leads[0].split("\n"))]  # the rest follows
 
 
 @pytest.mark.slow  # the gensim wheel
 def test_the_default_calibration_text_is_lee_then_wikipedia_and_disjoint_from_evaluation():
-    from kiln.corpus import CALIBRATION_TEXT, GENSIM_WHEEL, calibration_corpus, default_corpus, read_text
+    from kiln.corpus import (CALIBRATION_TEXT, GENSIM_WHEEL, calibration_corpus, default_corpus, newsgroups_corpus,
+                             read_text)
     from kiln.models.fetch import fetch_wheel
 
     text = read_text(calibration_corpus())
@@ -71,6 +75,9 @@ def test_the_default_calibration_text_is_lee_then_wikipedia_and_disjoint_from_ev
     assert "Anarchism is a political philosophy" in text and "[[" not in text and "{{" not in text
     evaluation = read_text(default_corpus())
     assert not any(line in evaluation for line in text.splitlines() if len(line) > 80)
+    newsgroups = read_text(newsgroups_corpus())
+    assert not any(line in newsgroups for line in text.splitlines() if len(line) > 80)
+    assert len(text) > 2_000_000  # whole articles after the leads: text for passes that train
 
 
 @pytest.mark.slow  # the gensim wheel
