@@ -54,8 +54,10 @@ def _toml_value(v) -> str:
     return repr(v)
 
 
-def write_recipe(path: Path, name: str, steps: list[tuple[str, dict]]) -> Path:
-    lines = [f'name = "{name}"', f'description = "benchmarks.compression: {name}"', ""]
+def write_recipe(path: Path, name: str, steps: list[tuple[str, dict]], top: dict | None = None) -> Path:
+    """A recipe file: `top` holds recipe-level keys (calibration_windows), `steps` the passes."""
+    lines = [f'name = "{name}"', f'description = "benchmarks.compression: {name}"']
+    lines += [f"{k} = {_toml_value(v)}" for k, v in (top or {}).items()] + [""]
     for pass_name, params in steps:
         lines.append("[[passes]]")
         lines.append(f'name = "{pass_name}"')

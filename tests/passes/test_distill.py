@@ -109,3 +109,19 @@ def test_errors(cleaned):
         p(model)
     with pytest.raises(KilnError, match="loss must be one of"):
         create_pass("distill", {"loss": "l1"})
+
+
+@pytest.mark.slow  # 300 steps and 256 windows of calibration: about a minute even on tiny-llama
+def test_a_distill_preset_compiles_by_the_cli_and_records_its_training(tmp_path):
+    import json
+
+    from conftest import run_kiln
+
+    out = tmp_path / "out"
+    proc = run_kiln("compile", "tiny-llama", "-r", "prune-mlp-distill", "-o", str(out), "-q")
+    assert proc.returncode == 0, proc.stderr
+    record = next(r for r in json.loads((out / "kiln.json").read_text())["passes"] if r["name"] == "distill")
+    stats = record["stats"]
+    assert stats["steps"] == 300 and stats["feeds_train"] + stats["feeds_held_out"] > 8
+    assert record["modified"] == (stats["loss_heldout_after"] < stats["loss_heldout_before"])
+    assert [c[0] for c in stats["loss_curve"]][::len(stats["loss_curve"]) - 1] == [0, 300]
