@@ -25,6 +25,7 @@ FAST_TIER = ("llama", "mistral-swa16")
 
 @pytest.mark.parametrize("name", [n if n in FAST_TIER else pytest.param(n, marks=pytest.mark.slow)
                                   for n in compat.FAST])
+@pytest.mark.slow  # the compatibility matrix's CI subset: compiles per family
 def test_fast_family(name, tmp_path):
     import kiln
 

@@ -92,6 +92,7 @@ def test_merged_adapter_equals_peft_merge_and_unload(llama_folder, adapters, whi
     assert result.manifest["compile"]["parity"]["max_rel"] <= 1e-4  # the gate compared with the merged model
 
 
+@pytest.mark.slow  # a second model family
 def test_merged_conv1d_fan_in_fan_out_gpt2(tmp_path):
     folder = save_model("tiny-gpt2", tmp_path / "gpt2")
     adapter = save_adapter("tiny-gpt2", tmp_path / "gpt2-adapter", seed=3, target_modules=["c_attn", "c_fc"],
@@ -101,6 +102,7 @@ def test_merged_conv1d_fan_in_fan_out_gpt2(tmp_path):
     assert max_rel(got, peft_logits("tiny-gpt2", adapter, IDS)) <= 1e-4
 
 
+@pytest.mark.slow  # the int4 recipe through the CLI
 def test_cli_lora_runs_and_the_int4_recipe_takes_it(llama_folder, adapters, tmp_path):
     out = tmp_path / "cli"
     proc = run_kiln("compile", str(llama_folder), "-o", str(out), "--lora", str(adapters["a"]), "-q")
@@ -272,6 +274,7 @@ def test_kiln_run_with_adapters(slots_artifact, adapters):
     assert json.loads(proc.stdout)["token_ids"] == greedy(peft_model(adapters["b"]), ids, 6)
 
 
+@pytest.mark.slow  # several compiles
 def test_slot_refusals(slots_artifact, adapters, llama_folder, tmp_path):
     big = save_adapter("tiny-llama", tmp_path / "big", seed=7, r=16)
     proc = run_kiln("run", str(slots_artifact), "--lora", f"big={big}", "--adapter", "big", "--prompt", "x", "-n", "1")

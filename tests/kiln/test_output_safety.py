@@ -166,6 +166,7 @@ def _writer(final: str, tag: str, rounds: int, failures) -> None:
             failures.value += 1
 
 
+@pytest.mark.slow  # 2 writers x 200 replacements
 def test_atomic_replace_race(tmp_path):
     """2 writers x 200 replacements, a reader in a loop: no failed replacement, and the reader
     always finds the directory, whole (three files written by the same replacement)."""

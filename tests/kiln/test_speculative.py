@@ -122,6 +122,7 @@ class FixedDraft:
         return drafts, [self.q] * k
 
 
+@pytest.mark.slow  # statistical: thousands of samples
 def test_sampled_tokens_have_the_targets_distribution(arts):
     """The second token's distribution, exactly: sum over the first token t of p(t) p(. | t), from
     the target's own logits; the sampled speculative runs must be within sampling noise of it

@@ -13,6 +13,9 @@ import kiln
 from kiln.runtime.speculative import SpeculationError
 
 
+pytestmark = pytest.mark.slow  # compiles a target and a bundled draft
+
+
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory, prepared):
     """tiny-llama fp32 with a draft of one of its two layers (the draft recipe, with `layers = 1`

@@ -9,6 +9,7 @@ from conftest import run_kiln
 from test_cli_errors import assert_nothing_left, assert_one_line_error
 
 
+@pytest.mark.slow  # structural passes through the CLI
 def test_target_params_reaches_the_structural_pass(tmp_path):
     proc = run_kiln("compile", "tiny-llama", "-r", "prune-mlp", "-o", str(tmp_path / "a"), "-q",
                     "--target-params", "0.9")
@@ -40,6 +41,7 @@ def test_profiles():
         get_target("tpu")
 
 
+@pytest.mark.slow  # the npu recipe's calibration
 def test_npu_gets_its_recipe_by_default(tmp_path):
     proc = run_kiln("compile", "tiny-bert", "-t", "npu", "-o", str(tmp_path / "a"), "-q")
     assert proc.returncode == 0, proc.stderr

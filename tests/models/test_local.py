@@ -38,6 +38,7 @@ def llama_dir(tmp_path_factory):
     return save(tmp_path_factory.mktemp("llama") / "my-llama", build("LlamaForCausalLM", "LlamaConfig", **LLAMA))
 
 
+@pytest.mark.slow  # a full compile by path with the parity gate
 def test_a_causal_lm_folder_compiles_by_path_and_matches_transformers(llama_dir, tmp_path):
     result = kiln.compile(str(llama_dir), tmp_path / "out", recipe="fp32", progress=False)
     m = result.manifest

@@ -153,6 +153,7 @@ def _int4_kl(prepared, outlier: float, rotate: bool) -> float:
     return compare(reference, run_ort(model, feeds))["kl"]
 
 
+@pytest.mark.slow  # int4 twice
 def test_rotation_makes_int4_error_independent_of_channel_scaling(prepared):
     """Without rotation the outlier channel's small weights round away (KL 0.20 -> 0.38); with it,
     γ folds into the weights before they are rotated, so the int4 model is the same either way."""

@@ -23,7 +23,7 @@ import kiln
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # live servers over compiled slots artifacts
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = ["Hello, world", "The quick brown fox jumps over"]
