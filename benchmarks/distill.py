@@ -66,7 +66,8 @@ def measure(path: Path, reference, corpus: Path, windows: int, threads: int) -> 
     art = kiln.load(path, threads=threads)
     report = evaluate_lm(art, corpus, max_windows=windows, reference=reference)
     speed = bench_llm(art, prompt_tokens=64, new_tokens=64, repeats=3)
-    return {"ppl": round(report.perplexity, 3), "kl": round(report.kl, 4), "top1": round(report.top1_agreement, 4),
+    return {"ppl": round(report.perplexity, 3), "kl": round(report.kl or 0.0, 4),
+            "top1": round(report.top1_agreement if report.top1_agreement is not None else 1.0, 4),
             "decode_tok_s": speed["decode_tok_s"], "size_mb": size_mb(path)}
 
 
@@ -120,7 +121,6 @@ def main(argv=None) -> int:
     reference = kiln.load(fp32_dir, threads=args.threads)
     results["fp32"] = {**measure(fp32_dir, None, corpus, args.windows, args.threads),
                        "params": fp32["manifest"]["summary"]["artifact"]["parameters"]}
-    results["fp32"]["kl"], results["fp32"]["top1"] = 0.0, 1.0
     log(f"fp32: {results['fp32']}")
     save()
     distill = ("distill", {"steps": args.steps, "lr": args.lr, "rank": args.rank})

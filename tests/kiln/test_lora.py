@@ -232,6 +232,7 @@ def slots_artifact(llama_folder, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # the slots artifact: a compile with a probe adapter and the parity gate
 def test_slots_manifest_and_graph(slots_artifact):
     manifest = json.loads((slots_artifact / "kiln.json").read_text())
     record = manifest["lora"]
@@ -243,6 +244,7 @@ def test_slots_manifest_and_graph(slots_artifact):
     assert manifest["summary"]["artifact"]["ops"].get("com.microsoft::GroupQueryAttention") == 2
 
 
+@pytest.mark.slow  # the slots artifact: a compile with a probe adapter and the parity gate
 def test_two_adapters_from_one_artifact_give_each_adapters_tokens(slots_artifact, adapters):
     art = kiln.load(slots_artifact, lora={"a": adapters["a"], "b": adapters["b"]})
     assert art.adapters == {"a": 1, "b": 2}
@@ -266,6 +268,7 @@ def test_two_adapters_from_one_artifact_give_each_adapters_tokens(slots_artifact
     assert [g.token_ids for g in got] == expect
 
 
+@pytest.mark.slow  # the slots artifact: a compile with a probe adapter and the parity gate
 def test_kiln_run_with_adapters(slots_artifact, adapters):
     proc = run_kiln("run", str(slots_artifact), "--lora", f"a={adapters['a']}", "--lora", f"b={adapters['b']}",
                     "--adapter", "b", "--prompt", "The capital", "-n", "6", "--json")

@@ -25,6 +25,9 @@ from kiln.runtime.speculative import (
 )
 
 
+pytestmark = pytest.mark.slow  # a module of compiled targets and drafts, 20 prompts x 128 tokens per draft kind
+
+
 @pytest.fixture(scope="module")
 def arts(tmp_path_factory, prepared):
     """The target (tiny-llama fp32: fused GQA, shared buffer, padded_prefill false) and two
@@ -122,7 +125,6 @@ class FixedDraft:
         return drafts, [self.q] * k
 
 
-@pytest.mark.slow  # statistical: thousands of samples
 def test_sampled_tokens_have_the_targets_distribution(arts):
     """The second token's distribution, exactly: sum over the first token t of p(t) p(. | t), from
     the target's own logits; the sampled speculative runs must be within sampling noise of it
