@@ -89,6 +89,7 @@ class _Weight:
     uses: list[tuple[ir.Node, int]]  # (reader, input index) to re-point at the dequantized weight
     inputs: list[ir.Value]  # the MatMuls' activations (for calibration)
     kinds: set[str]
+    block: int = 0  # the block size along K (the pass's, or smaller for a table: see _candidate)
     bits: int = 0
     error: float = 0.0
 
@@ -229,7 +230,19 @@ class QuantizeWeightsPass(KilnPass):
         if len(orient) > 1:
             rejected.append(f"{value.name}: read both as [K, N] and transposed; left in float")
             return None
-        return _Weight(value, orient.pop(), uses, inputs, kinds)
+        transposed = orient.pop()
+        block = self.block_size
+        width = tensor.shape[1] if transposed else tensor.shape[0]
+        if "gather" in kinds and block and width % block:
+            # a table's rows are read whole (GatherBlockQuantized wants whole blocks along H): the
+            # largest block that divides H, else a tied table would be stored twice, packed for the
+            # head and expanded for the Gather (SmolLM2, H = 576, blocks of 128: 23 MB more)
+            fits = [b for b in (256, 128, 64, 32, 16) if b <= block and width % b == 0]
+            if fits:
+                block = fits[0]
+                rejected.append(f"{value.name}: blocks of {block}, not {self.block_size}: the table's width {width} "
+                                f"is not a whole number of blocks of {self.block_size}")
+        return _Weight(value, transposed, uses, inputs, kinds, block)
 
     def _grams(self, model: ir.Model, weights: list[_Weight]) -> calib.Grams:
         feeds = calib.require(self.calibration, f"quantize-weights (method={self.method})")
@@ -251,14 +264,14 @@ class QuantizeWeightsPass(KilnPass):
         the relative output error."""
         array = w.value.const_value.numpy().astype(np.float32, copy=False)
         kn = array.T if w.transposed else array
-        step = compact_step(kn, bits, self.block_size, self.symmetric) if self.compact_scales else None
+        step = compact_step(kn, bits, w.block, self.symmetric) if self.compact_scales else None
         if self.method == "gptq" and gram is not None:
-            q, scale, zero = gptq(kn, gram, bits, self.block_size, self.symmetric, self.damp, self.act_order,
+            q, scale, zero = gptq(kn, gram, bits, w.block, self.symmetric, self.damp, self.act_order,
                                   scale_step=step)
         else:
-            q, scale, zero = rtn(kn, bits, self.block_size, self.symmetric, scale_step=step)
+            q, scale, zero = rtn(kn, bits, w.block, self.symmetric, scale_step=step)
         w.bits = bits
-        w.error = _output_error(kn, q, scale, zero, self.block_size, gram)
+        w.error = _output_error(kn, q, scale, zero, w.block, gram)
         return q, scale, zero, step
 
     def _hinted_bits(self, w: _Weight, rejected: list[str]) -> int:
@@ -277,7 +290,7 @@ class QuantizeWeightsPass(KilnPass):
         """Move the most sensitive weights to 8 bits while the average bits per weight allows."""
         def bpw(w, bits):
             k = (w.value.const_value.shape[1] if w.transposed else w.value.const_value.shape[0])
-            return bits_per_weight(bits, self.block_size, k, self.symmetric, self.compact_scales)
+            return bits_per_weight(bits, w.block, k, self.symmetric, self.compact_scales)
 
         sizes = {id(w): w.value.const_value.size for w in weights}
         total = sum(sizes.values())
@@ -321,7 +334,7 @@ class QuantizeWeightsPass(KilnPass):
         if zero is not None:
             inputs.append(new_initializer(graph, f"{base}.zero_point", zero, dtype))
         k = q.shape[1] if w.transposed else q.shape[0]
-        attrs = {"axis": 1 if w.transposed else 0, "block_size": self.block_size or k}
+        attrs = {"axis": 1 if w.transposed else 0, "block_size": w.block or k}
         dq = ir.node("DequantizeLinear", inputs, attributes=attrs, num_outputs=1)
         dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(q.shape))
         dq.outputs[0].name = unique_name(graph, f"{base}.dequantized")

@@ -55,6 +55,21 @@ def test_lowering_to_matmul_nbits_is_exact(pipelined):
     assert not LowerMatMulNBitsPass()(model).modified
 
 
+def test_a_table_narrower_than_a_block_takes_blocks_that_divide_it_and_is_stored_once(pipelined):
+    """tiny-llama's H = 64 with blocks of 128 (SmolLM2: 576 with 128): the table gets blocks of 64,
+    so GatherBlockQuantized reads the bytes the head's MatMulNBits packs; the projections keep 128."""
+    _, model, feeds = pipelined("tiny-llama", ["insert-kv-cache"])
+    result = QuantizeWeightsPass(bits=4, block_size=128, min_elements=0, symmetric=False)(model)
+    assert any("blocks of 64, not 128" in r for r in result.rejected)
+    blocks = sorted({n.attributes.get_int("block_size") for n in model.graph if n.op_type == "DequantizeLinear"})
+    assert blocks == [64, 128]
+    before = run_ort(model, feeds)
+    lowered = LowerMatMulNBitsPass()(model)
+    assert lowered.stats["tables_lowered"] == lowered.stats["tables_seen"] == 1
+    assert "DequantizeLinear" not in summary(model).ops
+    assert compare(before, run_ort(model, feeds))["max_rel"] < 1e-4
+
+
 def _wide_matmul(k: int) -> ir.Model:
     x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["N", k]))
     w = ir.val("W", const_value=ir.tensor(np.random.default_rng(1).standard_normal((k, 8)).astype(np.float32)))
