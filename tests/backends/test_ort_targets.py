@@ -37,6 +37,7 @@ def _ops(m):
     return m["summary"]["artifact"]["ops"]
 
 
+@pytest.mark.slow  # the npu recipe's calibrated QDQ
 def test_npu_llm_is_static_qdq_within_the_allowlist(artifacts):
     m = _manifest(artifacts("tiny-llama", "npu"))
     assert m["recipe"]["name"] == "npu-int8" and m["target"]["name"] == "npu"

@@ -111,6 +111,7 @@ def test_pareto_front():
     assert "int8" not in got
 
 
+@pytest.mark.slow  # matplotlib
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     written = plots.make_plots(_data(static=True), tmp_path / "plots", quality=tmp_path / "none.json", compression=tmp_path / "none.json")

@@ -39,7 +39,7 @@ from hypothesis import strategies as st  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
 from kiln.recipes import load_recipe, presets  # noqa: E402
 
-FAST = int(os.environ.get("KILN_FUZZ_FAST", "100"))
+FAST = int(os.environ.get("KILN_FUZZ_FAST", "50"))
 SLOW = int(os.environ.get("KILN_FUZZ_SLOW", "2000"))
 CASE_SECONDS = 30  # per case: a hang fails the test
 

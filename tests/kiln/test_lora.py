@@ -72,7 +72,7 @@ def adapters(tmp_path_factory):
                               target_modules=["q_proj", "v_proj", "down_proj"])}
 
 
-@pytest.mark.parametrize("which", ["a", "b"])
+@pytest.mark.parametrize("which", ["a", pytest.param("b", marks=pytest.mark.slow)])  # b: rslora, other targets
 def test_merged_adapter_equals_peft_merge_and_unload(llama_folder, adapters, which, tmp_path):
     out = tmp_path / "merged"
     result = kiln.compile(llama_folder, out, recipe="fp32", lora=adapters[which], progress=False)

@@ -96,6 +96,7 @@ def test_force_replaces_an_artifact_or_an_empty_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder, no lock file
 
 
+@pytest.mark.slow  # replaces an artifact under a reader, repeatedly
 def test_a_loaded_artifact_finishes_on_the_old_one_while_it_is_replaced(tmp_path):
     out = tmp_path / "out"
     kiln.compile("tiny-llama", out, recipe="fp32", progress=False)

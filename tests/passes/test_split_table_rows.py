@@ -154,6 +154,7 @@ def test_bad_parameters_are_refused(kwargs, message):
         SplitTableRowsPass(**kwargs)
 
 
+@pytest.mark.slow  # two calibrated compiles
 def test_recipe_sets_the_calibration_windows_and_a_derived_recipe_inherits_them(tmp_path):
     """int4-quality calibrates on 128 windows; a recipe based on it keeps them, unless it sets its own."""
     import kiln
