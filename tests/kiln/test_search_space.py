@@ -4,6 +4,7 @@ before a trial starts (the searches themselves are in test_search.py, slow)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -24,9 +25,13 @@ def assert_one_line_error(proc, *fragments, code=1):
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("task", ["causal-lm", "embedding"])
-def test_every_recipe_of_a_default_space_is_a_valid_recipe(task, tmp_path):
-    space = load_space(SPACES_DIR / f"{task}.toml")
+BENCHMARK_SPACES = sorted((Path(__file__).parents[2] / "benchmarks" / "spaces").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", [SPACES_DIR / "causal-lm.toml", SPACES_DIR / "embedding.toml", *BENCHMARK_SPACES],
+                         ids=lambda p: p.stem)
+def test_every_recipe_of_a_shipped_space_is_a_valid_recipe(path, tmp_path):
+    space = load_space(path)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for n in range(12):
