@@ -15,15 +15,16 @@ end: fewer trained numbers, less overfitting; the graph and its size do not chan
 
 The teacher is the source model before the first pass (the pipeline runs it once on the
 calibration feeds, `KilnPass.uses_teacher`), so distillation heals what every earlier lossy pass
-removed: pruned MLP channels or heads, dropped layers, low-rank factors. One calibration feed in
-eight is held out: the held-out loss is measured before training and `checks` times during it,
+removed: pruned MLP channels or heads, dropped layers, low-rank factors. Its outputs wait on disk
+(windows × tokens × vocabulary × 4 bytes: SmolLM2 on 256 windows of 256 tokens, 13 GB in the
+temporary directory). One calibration feed in eight (at most 16) is held out: the held-out loss is measured before training and `checks` times during it,
 and the weights of the lowest held-out loss are kept (the given ones if none is lower, then the
 pass changes nothing and says so). The record gives the steps, the loss curve (step, training
 loss, held-out loss) and the held-out loss before and after.
 
 Runs the graph in torch (`kiln.ir.torch_graph`): place it before insert-kv-cache and before
 quantize-weights (int4 then rounds the healed weights). Cost per step: one forward and backward
-pass over one feed (SmolLM2-135M at 256 tokens: about 2 s on 2 cores). Not handled: weights read
+pass over one feed (SmolLM2-135M at 256 tokens: about 3 s on 2 cores, checks included). Not handled: weights read
 by a Gather (embedding tables) or by the LM head (a tied table would be untied and stored twice),
 weights stored in a type other than float32, hidden-state matching at layer boundaries.
 """
