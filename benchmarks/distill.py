@@ -30,11 +30,11 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.compression import CLEANUP, METHODS, TAIL, size_mb, write_recipe
+from benchmarks.compression import CLEANUP, METHODS, TAIL, _cell, size_mb, write_recipe
+from benchmarks.report import write_section
 from kiln.recipes import PRESETS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- distill:begin -->", "<!-- distill:end -->"
 
 
 def compile_timed(model: str, out: Path, recipe: Path, log) -> dict:
@@ -203,7 +203,7 @@ def _recovered(fp: float, cut: float, healed: float) -> str:
 def write_table(results: dict, path: Path) -> None:
     fp, s = results["fp32"], results["settings"]
     trained = "whole weights" if not s["rank"] else f"rank-{s['rank']} deltas"
-    lines = [BEGIN, "## Distillation after structural compression (SmolLM2-135M, MiniLM-L6)", "",
+    lines = ["## Distillation after structural compression (SmolLM2-135M, MiniLM-L6)", "",
              (f"Produced by `python -m benchmarks.distill --steps {s['steps']} --lr {s['lr']} --rank {s['rank']} "
               f"--calibration-windows {s['calibration_windows']}` on {results.get('date')}; raw numbers in "
               "`benchmarks/distill.json`. Each pair: the same cut (one structural pass, same calibration text), then "
@@ -243,19 +243,8 @@ def write_table(results: dict, path: Path) -> None:
                        f"{dist['cosine_mean']} (min {cut['cosine_min']} → {dist['cosine_min']}), nearest-neighbour "
                        f"agreement {cut['nn_agreement']} → {dist['nn_agreement']}, compile {cut['compile_s']:.0f} → "
                        f"{dist['compile_s']:.0f} s.")]
-    lines.append(END)
-    text = path.read_text() if path.is_file() else ""
-    block = "\n".join(lines)
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-    print(block)
-
-
-def _cell(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)[1:-1].replace("|", "\\|")
+    write_section("distill", "\n".join(lines), path)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

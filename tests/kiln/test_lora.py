@@ -14,11 +14,11 @@ import torch
 
 import kiln
 from kiln.models import tiny
-from tests.conftest import assert_one_line_error, run_kiln
+from conftest import assert_one_line_error, run_kiln
+from lora_adapters import LLAMA_TARGETS, save_adapter
 
 peft = pytest.importorskip("peft")
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = np.array([[5, 72, 101, 32, 99, 97, 112, 105, 116, 97, 108, 32, 111, 102],
                 [84, 104, 101, 32, 109, 111, 111, 110, 32, 105, 115, 32, 97, 32]], dtype=np.int64)
 
@@ -27,20 +27,6 @@ def save_model(name: str, folder):
     model = tiny.build(name)
     model.save_pretrained(folder)
     (folder / "tokenizer.json").write_text(tiny.byte_tokenizer(bert_style=False).to_str())
-    return folder
-
-
-def save_adapter(model_name: str, folder, seed: int, **config):
-    """A PEFT adapter with random A and B (B nonzero), saved with save_pretrained."""
-    model = tiny.build(model_name)
-    torch.manual_seed(seed)
-    config = {"r": 4, "lora_alpha": 16, "target_modules": LLAMA_TARGETS, "init_lora_weights": False, **config}
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(**config))
-    with torch.no_grad():  # PEFT's non-zero init is small; make the adapter change the tokens
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    peft_model.save_pretrained(folder)
     return folder
 
 

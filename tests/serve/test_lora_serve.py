@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 from conftest import assert_one_line_error, run_kiln
+from lora_adapters import save_adapter
 from serve_helpers import InProcess, Live
 
 import kiln
@@ -25,25 +26,8 @@ torch = pytest.importorskip("torch")
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # live servers over compiled slots artifacts
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = ["Hello, world", "The quick brown fox jumps over"]
 N = 24
-
-
-def save_adapter(folder, seed: int, **config):
-    """A PEFT adapter on tiny-llama with random A and B (B nonzero), saved with save_pretrained."""
-    from kiln.models import tiny
-
-    model = tiny.build("tiny-llama")
-    torch.manual_seed(seed)
-    config = {"r": 4, "lora_alpha": 16, "target_modules": LLAMA_TARGETS, "init_lora_weights": False, **config}
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(**config))
-    with torch.no_grad():  # PEFT's non-zero init is small; make the adapter change the tokens
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    peft_model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +42,10 @@ def lora(tmp_path_factory) -> dict:
     slots = kiln.compile(folder, root / "slots", recipe="fp32", lora_slots=2, lora_rank=8, progress=False).path
     plain = kiln.compile(folder, root / "plain", recipe="fp32", progress=False).path
     return {"slots": slots, "plain": plain,
-            "a": save_adapter(root / "adapter-a", seed=1),
-            "b": save_adapter(root / "adapter-b", seed=2, r=8, lora_alpha=8, use_rslora=True,
+            "a": save_adapter("tiny-llama", root / "adapter-a", seed=1),
+            "b": save_adapter("tiny-llama", root / "adapter-b", seed=2, r=8, lora_alpha=8, use_rslora=True,
                               target_modules=["q_proj", "v_proj", "down_proj"]),
-            "c": save_adapter(root / "adapter-c", seed=3)}
+            "c": save_adapter("tiny-llama", root / "adapter-c", seed=3)}
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +201,7 @@ def test_start_up_refusals(lora, no_listen, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_line_error(_serve(slots, "--lora", f"a={empty}"), "no adapter_config.json")
-    big = save_adapter(tmp_path / "big", seed=4, r=16)
+    big = save_adapter("tiny-llama", tmp_path / "big", seed=4, r=16)
     assert_one_line_error(_serve(slots, "--lora", f"a={big}"), "rank 16 is above the artifact's LoRA rank 8")
     # which artifact: NAME=DIR needs one served artifact; MODEL:NAME=DIR names it among several
     assert_one_line_error(_serve(f"x={slots}", f"y={plain}", "--lora", f"a={a}"), "2 models are served",
