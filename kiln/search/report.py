@@ -65,11 +65,14 @@ def write_report(output: Path, reference: dict, records: list[dict], settings: d
         budgets.append(f"perplexity increase <= {100 * settings['max_ppl_increase']:g}%")
     if settings["min_cosine"] is not None:
         budgets.append(f"mean cosine >= {settings['min_cosine']:g}")
-    counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "pruned", "failed")}
+    distinct = [r for r in records if r.get("duplicate_of") is None]
+    counts = {s: sum(r["status"] == s for r in distinct) for s in ("ok", "pruned", "failed")}
+    repeats = len(records) - len(distinct)
     lines = [f"# kiln search: {Path(settings['model']).name}", "",
              f"Space `{space_name}`, objective **{settings['objective']}**, budgets: {', '.join(budgets) or 'none'}; "
-             f"evaluated on the {settings['corpus']} text. {len(records)} trials: {counts['ok']} within budget, "
-             f"{counts['pruned']} over a budget, {counts['failed']} failed.", ""]
+             f"evaluated on the {settings['corpus']} text. {len(distinct)} recipes measured: {counts['ok']} within "
+             f"budget, {counts['pruned']} over a budget, {counts['failed']} failed"
+             + (f" ({repeats} repeated recipes reused their records)." if repeats else "."), ""]
     if best is not None:
         lines += [f"Best: trial {best['number']} (`best.toml`, artifact in `best/`).", ""]
     else:
