@@ -67,21 +67,28 @@ def write_recipe(path: Path, name: str, steps: list[tuple[str, dict]], top: dict
     return path
 
 
-def compile_once(model: str, out: Path, recipe: Path, log) -> dict:
+def compile_once(model: str, out: Path, recipe: Path, log, timed: bool = False) -> dict:
+    """Compile unless the artifact exists: {"manifest", "reused", "seconds"} or {"error"}. The wall
+    time is kept beside the artifact (`<out>.seconds`); with `timed`, an artifact without one is
+    compiled again, so that every result has its compile time."""
     import kiln
     from kiln.errors import KilnError
     from kiln.manifest import read_manifest
 
-    if (out / "kiln.json").is_file():
-        return {"manifest": read_manifest(out), "reused": True}
+    times = out.with_name(out.name + ".seconds")
+    if (out / "kiln.json").is_file() and (times.is_file() or not timed):
+        seconds = float(times.read_text()) if times.is_file() else None
+        return {"manifest": read_manifest(out), "reused": True, "seconds": seconds}
     start = time.perf_counter()
     try:
         kiln.compile(model, out, recipe=recipe, progress=False, force=True)
     except KilnError as exc:
         log(f"  {out.name}: {exc}")
         return {"error": str(exc)}
-    log(f"  {out.name}: compiled in {time.perf_counter() - start:.0f} s")
-    return {"manifest": read_manifest(out), "reused": False}
+    seconds = round(time.perf_counter() - start, 1)
+    times.write_text(str(seconds))
+    log(f"  {out.name}: compiled in {seconds:.0f} s")
+    return {"manifest": read_manifest(out), "reused": False, "seconds": seconds}
 
 
 def size_mb(path: Path) -> float:

@@ -27,35 +27,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import time
 from pathlib import Path
 
-from benchmarks.compression import CLEANUP, METHODS, TAIL, _cell, size_mb, write_recipe
+from benchmarks.compression import CLEANUP, METHODS, TAIL, _cell, compile_once, size_mb, write_recipe
 from benchmarks.report import write_section
 from kiln.recipes import PRESETS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def compile_timed(model: str, out: Path, recipe: Path, log) -> dict:
-    """Compile once (reused when the artifact exists); the manifest and the wall time."""
-    import kiln
-    from kiln.errors import KilnError
-    from kiln.manifest import read_manifest
-
-    times = out.with_name(out.name + ".seconds")
-    if (out / "kiln.json").is_file() and times.is_file():
-        return {"manifest": read_manifest(out), "seconds": float(times.read_text())}
-    start = time.perf_counter()
-    try:
-        kiln.compile(model, out, recipe=recipe, progress=False, force=True)
-    except KilnError as exc:
-        log(f"  {out.name}: {exc}")
-        return {"error": str(exc)}
-    seconds = round(time.perf_counter() - start, 1)
-    times.write_text(str(seconds))
-    log(f"  {out.name}: compiled in {seconds:.0f} s")
-    return {"manifest": read_manifest(out), "seconds": seconds}
 
 
 def measure(path: Path, reference, corpus: Path, windows: int, threads: int) -> dict:
@@ -115,7 +93,7 @@ def main(argv=None) -> int:
         results_path.write_text(json.dumps(results, indent=2) + "\n")
 
     fp32_dir = work / "smollm2-fp32"
-    fp32 = compile_timed("smollm2-135m", fp32_dir, PRESETS_DIR / "fp32.toml", log)
+    fp32 = compile_once("smollm2-135m", fp32_dir, PRESETS_DIR / "fp32.toml", log, timed=True)
     if "error" in fp32:
         raise SystemExit(f"fp32 reference failed: {fp32['error']}")
     reference = kiln.load(fp32_dir, threads=args.threads)
@@ -137,7 +115,7 @@ def main(argv=None) -> int:
                 name = f"{key}-{variant}"
                 recipe = write_recipe(work / "recipes" / f"{name}.toml", name, [(n, {}) for n in CLEANUP] + steps + TAIL,
                                       top=windows)
-                got = compile_timed("smollm2-135m", work / f"smollm2-{name}", recipe, log)
+                got = compile_once("smollm2-135m", work / f"smollm2-{name}", recipe, log, timed=True)
                 if "error" in got:
                     entry[variant] = {"error": got["error"]}
                     continue
@@ -151,7 +129,7 @@ def main(argv=None) -> int:
     if args.pruned_int4:
         entry = {}
         for variant, preset in (("cut", "pruned-int4"), ("distilled", "pruned-int4-distill")):
-            got = compile_timed("smollm2-135m", work / f"smollm2-{preset}", PRESETS_DIR / f"{preset}.toml", log)
+            got = compile_once("smollm2-135m", work / f"smollm2-{preset}", PRESETS_DIR / f"{preset}.toml", log, timed=True)
             entry[variant] = {"error": got["error"]} if "error" in got else {
                 "compile_s": got["seconds"], "distill": distill_record(got["manifest"]),
                 **measure(work / f"smollm2-{preset}", reference, corpus, args.windows, args.threads)}
@@ -170,7 +148,7 @@ def minilm(work: Path, args, log) -> dict:
     from kiln.evaluate import evaluate_encoder
 
     ref_dir = work / "minilm-fp32"
-    got = compile_timed("minilm-l6", ref_dir, PRESETS_DIR / "fp32.toml", log)
+    got = compile_once("minilm-l6", ref_dir, PRESETS_DIR / "fp32.toml", log, timed=True)
     if "error" in got:
         return {"error": got["error"]}
     ref = kiln.load(ref_dir)
@@ -181,7 +159,7 @@ def minilm(work: Path, args, log) -> dict:
         name = f"minilm-lowrank-25-{variant}"
         recipe = write_recipe(work / "recipes" / f"{name}.toml", name, [(n, {}) for n in CLEANUP] + steps + TAIL,
                               top={"calibration_windows": args.calibration_windows})
-        got = compile_timed("minilm-l6", work / name, recipe, log)
+        got = compile_once("minilm-l6", work / name, recipe, log, timed=True)
         if "error" in got:
             out[variant] = {"error": got["error"]}
             continue
