@@ -151,8 +151,12 @@ class _WithLoss:
     def loss(self, y, target):
         import torch
 
+        from kiln.passes.scale_tuning import relative_mse
+
         if self.kind == "kl":
-            return self.teacher.loss(y, target)  # target: the source's log-probabilities
+            return self.teacher.loss(y, target)
+        if self.name == "logits":  # the target is the source's log-probabilities: compare like with like
+            y = torch.log_softmax(y, -1)
         if self.kind == "cosine":
             return (1 - torch.nn.functional.cosine_similarity(y, target, dim=-1)).mean()
-        return (y - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
+        return relative_mse(y, target)

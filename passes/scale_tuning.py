@@ -63,7 +63,11 @@ class Teacher:
     def loss(self, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.name == "logits":
             return (target.exp() * (target - torch.log_softmax(y, -1))).sum(-1).mean()
-        return (y - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
+        return relative_mse(y, target)
+
+
+def relative_mse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (y - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
 
 
 def split_feeds(count: int, most: int = 16) -> tuple[list[int], list[int]]:

@@ -88,6 +88,20 @@ def test_an_encoder_learns_its_source_embeddings_by_cosine(cleaned):
     assert run.records[-1]["delta_total"]["max_rel"] < run.records[-2]["delta_total"]["max_rel"]
 
 
+@pytest.mark.parametrize("loss", ["mse", "cosine"])
+def test_other_losses_on_logits_compare_log_probabilities(cleaned, loss):
+    """The teacher of a causal LM gives log-probabilities: mse and cosine compare the model's own
+    log-probabilities with them (not its raw logits), so training still heals."""
+    meta, model, feeds, _ = cleaned("tiny-llama")
+    calib = _text_feeds(feeds, meta.get("vocab_size", 256), 16, 0)
+    run = run_pipeline(model, [_Perturb(), create_pass("distill", {"steps": 30, "rank": 4, "lr": 1e-2, "loss": loss})],
+                       feeds, calibration=calib, progress=False)
+    stats = run.records[-1]["stats"]
+    assert stats["loss"] == loss and run.records[-1]["modified"]
+    assert stats["loss_heldout_after"] < 0.8 * stats["loss_heldout_before"], stats
+    assert run.records[-1]["delta_total"]["kl"] < run.records[0]["delta_total"]["kl"]
+
+
 def test_nothing_to_gain_changes_nothing(cleaned):
     """Distilling the source into itself: the held-out loss is already 0, the weights stay."""
     meta, model, feeds, _ = cleaned("tiny-llama")
