@@ -23,6 +23,28 @@ from kiln.passes.numerics import compare, run_ort
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _one_thread_per_worker() -> None:
+    """Under `pytest -n N`, torch in each worker computes on one thread: N workers that each spread
+    torch over every core only make each other wait."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+_one_thread_per_worker()
+
+
+def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
+    """`-m "not slow"` does not import a module marked slow as a whole (TVM, Node, peft imports)."""
+    if config.option.markexpr == "not slow" and collection_path.suffix == ".py":
+        head = collection_path.read_text()[:4000]
+        if "\npytestmark = pytest.mark.slow" in head:
+            return True
+    return None
+
+
 @pytest.fixture(scope="session")
 def prepared():
     cache: dict = {}
@@ -31,6 +53,39 @@ def prepared():
         if name not in cache:
             cache[name] = prepare(get_source(name), progress=False)
         return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory, prepared):
+    """(model, recipe=None, target=None) -> an artifact compiled once per test run and shared by every
+    xdist worker (a lock file orders them). Its files are read-only: a test that edits an artifact
+    copies it first (tests/artifact_edits.copy_artifact). A recipe given as a file is keyed by its text."""
+    import fcntl
+    import hashlib
+    import shutil
+
+    import kiln
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-artifacts"
+    root.mkdir(exist_ok=True)
+
+    def get(model: str, recipe: str | Path | None = None, target: str | None = None) -> Path:
+        spec = Path(recipe).read_text() if recipe and Path(recipe).is_file() else recipe
+        key = hashlib.sha256(repr((model, spec, target)).encode()).hexdigest()[:12]
+        final = root / f"{model}-{key}"
+        with open(root / f"{final.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (final / "kiln.json").is_file():
+                shutil.rmtree(final, ignore_errors=True)  # what a failed build left
+                prepared(model)
+                kiln.compile(model, final, recipe=recipe, target=target or "cpu", progress=False)
+                for path in final.rglob("*"):
+                    if path.is_file():
+                        path.chmod(0o444)
+        return final
 
     return get
 

@@ -20,11 +20,8 @@ PROMPTS = ["Hello, world", "The quick brown fox jumps", "1 2 3 4", "a", "Once up
 @pytest.fixture(scope="module", params=["tiny-llama", *[pytest.param(n, marks=pytest.mark.slow) for n in
                                                         ["tiny-gpt2", "tiny-qwen2", "tiny-opt", "tiny-phi3", "tiny-gemma",
                                                          "tiny-neox"]]])
-def artifact(request, tmp_path_factory, prepared):
-    prepared(request.param)
-    path = tmp_path_factory.mktemp(request.param) / "a"
-    kiln.compile(request.param, path, recipe="fp32", progress=False)
-    return request.param, kiln.load(path)
+def artifact(request, compiled):
+    return request.param, kiln.load(compiled(request.param, "fp32"))
 
 
 def test_artifact_has_a_fused_cache(artifact):

@@ -30,8 +30,9 @@ def _agree(model, feeds):
     return compare(expected, {n: t.detach().numpy() for n, t in zip(names, got)})
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma", "tiny-phi3", "tiny-gpt2", "tiny-neox",
-                                  "tiny-opt", "tiny-bert"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert", *[pytest.param(n, marks=pytest.mark.slow) for n in
+                                                                ["tiny-qwen2", "tiny-gemma", "tiny-phi3", "tiny-gpt2",
+                                                                 "tiny-neox", "tiny-opt"]]])
 def test_matches_ort_on_exported_models(prepared, name):
     model, feeds = _fp32(prepared, name)
     assert _agree(model, feeds)["max_rel"] < 1e-4

@@ -15,22 +15,19 @@ import pytest
 from artifact_edits import copy_artifact, edit_manifest
 from conftest import assert_one_line_error, run_kiln
 
-import kiln
 from kiln.manifest import ManifestError, artifact_path, describe_files, read_manifest, sha256_file
 from kiln.runtime import ArtifactError, load, render_chat_template
 from kiln.runtime.generate import GenerationError
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory, prepared) -> Path:
-    prepared("tiny-llama")
-    return kiln.compile("tiny-llama", tmp_path_factory.mktemp("llm") / "a", recipe="fp32", progress=False).path
+def llm(compiled) -> Path:
+    return compiled("tiny-llama", "fp32")
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory, prepared) -> Path:
-    prepared("tiny-bert")
-    return kiln.compile("tiny-bert", tmp_path_factory.mktemp("bert") / "a", recipe="fp32", progress=False).path
+def bert(compiled) -> Path:
+    return compiled("tiny-bert", "fp32")
 
 
 def _manifest(artifact: Path) -> dict:

@@ -13,9 +13,8 @@ TEXT = ("The river rose through the night and by morning the town was cut off. V
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory, prepared):
-    prepared("tiny-llama")
-    return kiln.load(kiln.compile("tiny-llama", tmp_path_factory.mktemp("e") / "a", recipe="fp32", progress=False).path)
+def llama(compiled):
+    return kiln.load(compiled("tiny-llama", "fp32"))
 
 
 def test_windows_score_every_token_once():

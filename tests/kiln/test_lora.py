@@ -17,7 +17,10 @@ from kiln.models import tiny
 from conftest import assert_one_line_error, run_kiln
 from lora_adapters import LLAMA_TARGETS, save_adapter
 
-peft = pytest.importorskip("peft")
+
+
+def _peft():
+    return pytest.importorskip("peft")  # at first use: importing peft imports every transformers model
 
 IDS = np.array([[5, 72, 101, 32, 99, 97, 112, 105, 116, 97, 108, 32, 111, 102],
                 [84, 104, 101, 32, 109, 111, 111, 110, 32, 105, 115, 32, 97, 32]], dtype=np.int64)
@@ -31,7 +34,7 @@ def save_model(name: str, folder):
 
 
 def peft_logits(model_name: str, adapter, ids: np.ndarray) -> np.ndarray:
-    merged = peft.PeftModel.from_pretrained(tiny.build(model_name), str(adapter)).merge_and_unload().eval()
+    merged = _peft().PeftModel.from_pretrained(tiny.build(model_name), str(adapter)).merge_and_unload().eval()
     with torch.no_grad():
         return merged(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
 
@@ -208,7 +211,7 @@ def greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 def peft_model(adapter):
-    return peft.PeftModel.from_pretrained(tiny.build("tiny-llama"), str(adapter)).merge_and_unload().eval()
+    return _peft().PeftModel.from_pretrained(tiny.build("tiny-llama"), str(adapter)).merge_and_unload().eval()
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,14 @@ MATMUL_PARAMS = LAYERS * (HIDDEN * (HEADS + 2 * KV_HEADS) * HEAD + HEADS * HEAD 
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, prepared):
+def tiny(tmp_path_factory, compiled) -> dict[str, Path]:
     """tiny-llama compiled with the fp32 and int4 recipes (int4 by RTN, untuned: the same format and
     bytes as the preset, without its minute of GPTQ and scale tuning)."""
-    prepared("tiny-llama")
-    root = tmp_path_factory.mktemp("roofline")
     preset = (Path(kiln.__file__).parent / "recipes" / "int4.toml").read_text()
-    fast = root / "int4-rtn.toml"
+    fast = tmp_path_factory.mktemp("roofline") / "int4-rtn.toml"
     fast.write_text(preset.replace('method = "gptq"', 'method = "rtn"').replace("tune_steps = 100", "tune_steps = 0"))
     assert fast.read_text().count("tune_steps = 0") == 1 and 'method = "rtn"' in fast.read_text()
-    kiln.compile("tiny-llama", root / "fp32", recipe="fp32", progress=False)
-    kiln.compile("tiny-llama", root / "int4", recipe=str(fast), progress=False)
-    return root
+    return {"fp32": compiled("tiny-llama", "fp32"), "int4": compiled("tiny-llama", fast)}
 
 
 def _onnx_matmul_params(path) -> int:
@@ -48,14 +44,14 @@ def _onnx_matmul_params(path) -> int:
 
 
 def test_fp32_flops_are_twice_the_matmul_parameters(tiny):
-    a = roofline.from_artifact(tiny / "fp32")
-    assert a.matmul_params == MATMUL_PARAMS == _onnx_matmul_params(tiny / "fp32")
+    a = roofline.from_artifact(tiny["fp32"])
+    assert a.matmul_params == MATMUL_PARAMS == _onnx_matmul_params(tiny["fp32"])
     assert a.decode(0)["flops"] == 2 * MATMUL_PARAMS
     assert a.weight_flops_per_token == 2 * MATMUL_PARAMS
 
 
 def test_kv_bytes_and_attention_at_depth(tiny):
-    a = roofline.from_artifact(tiny / "fp32")
+    a = roofline.from_artifact(tiny["fp32"])
     assert a.kv_bytes_per_token == 2 * LAYERS * KV_HEADS * HEAD * 4
     depth = 100
     step = a.decode(depth)
@@ -68,7 +64,7 @@ def test_kv_bytes_and_attention_at_depth(tiny):
 
 
 def test_fp32_bytes_read_per_token(tiny):
-    a = roofline.from_artifact(tiny / "fp32")
+    a = roofline.from_artifact(tiny["fp32"])
     assert a.matmul_bytes == 4 * MATMUL_PARAMS  # every fp32 matmul weight, once
     assert a.gather_row_bytes == 4 * HIDDEN  # one embedding row, not the table
     assert a.gathers == 1
@@ -77,10 +73,10 @@ def test_fp32_bytes_read_per_token(tiny):
 
 
 def test_int4_reads_packed_bytes(tiny):
-    fp32, int4 = roofline.from_artifact(tiny / "fp32"), roofline.from_artifact(tiny / "int4")
+    fp32, int4 = roofline.from_artifact(tiny["fp32"]), roofline.from_artifact(tiny["int4"])
     assert int4.matmul_params == fp32.matmul_params  # the same logical matmuls, as MatMulNBits
     assert int4.decode(0)["flops"] == 2 * MATMUL_PARAMS
-    manifest = json.loads((tiny / "int4" / "kiln.json").read_text())
+    manifest = json.loads((tiny["int4"] / "kiln.json").read_text())
     block = next(p["params"]["block_size"] for p in manifest["recipe"]["passes"] if p["name"] == "quantize-weights")
     # 4 bits per weight plus an fp32 scale per block (and a packed zero point if stored: half a
     # byte, or a whole one where a column's blocks are odd in number and the last byte is padded).
@@ -113,7 +109,7 @@ def test_encoder_forward(tmp_path, prepared):
 
 
 def test_inspect_prints_the_arithmetic(tiny):
-    proc = run_kiln("inspect", str(tiny / "fp32"), "--bandwidth", "10", "--flops", "100", "--depth", "64", env={"COLUMNS": "200"})
+    proc = run_kiln("inspect", str(tiny["fp32"]), "--bandwidth", "10", "--flops", "100", "--depth", "64", env={"COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert "roofline arithmetic" in text
@@ -122,7 +118,7 @@ def test_inspect_prints_the_arithmetic(tiny):
     for case in ("decode @0", "decode @64", "prefill 512"):
         assert case in text
     assert "memory" in text and "compute" in text  # decode is memory bound, a 512-token prefill compute bound
-    proc = run_kiln("inspect", str(tiny / "int4"), "--json", "--bandwidth", "10", "--flops", "100")
+    proc = run_kiln("inspect", str(tiny["int4"]), "--json", "--bandwidth", "10", "--flops", "100")
     data = json.loads(proc.stdout)["arithmetic"]
     assert data["weight_flops_per_token"] == 2 * MATMUL_PARAMS
     assert data["kv_bytes_per_token"] == 512
@@ -133,7 +129,7 @@ def test_inspect_prints_the_arithmetic(tiny):
 
 
 def test_shared_timing_helper_decodes_greedily(tiny):
-    art = kiln.load(tiny / "fp32")
+    art = kiln.load(tiny["fp32"])
     ids = art.encode("hello there")
     timed = time_generation(ArtifactLM(art), ids, 5)
     assert timed["tokens"] == art.generate(ids, 6).token_ids
@@ -142,7 +138,7 @@ def test_shared_timing_helper_decodes_greedily(tiny):
 
 
 def test_bench_cli(tiny):
-    proc = run_kiln("bench", str(tiny / "int4"), "--prompt-tokens", "8", "--new-tokens", "3", "--repeats", "1", "--json")
+    proc = run_kiln("bench", str(tiny["int4"]), "--prompt-tokens", "8", "--new-tokens", "3", "--repeats", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert {"ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"} <= set(result)

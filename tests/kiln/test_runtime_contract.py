@@ -20,20 +20,18 @@ PROMPT = "Hello, world"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, prepared):
+def tiny(compiled):
     """tiny-llama, fp32, with its dynamic, shared-buffer KV cache."""
-    prepared("tiny-llama")
-    return kiln.compile("tiny-llama", tmp_path_factory.mktemp("rt") / "a", recipe="fp32", progress=False).path
+    return compiled("tiny-llama", "fp32")
 
 
 @pytest.fixture(scope="module")
-def tiny_static(tmp_path_factory, prepared):
-    prepared("tiny-llama")
+def tiny_static(tmp_path_factory, compiled):
     recipe = tmp_path_factory.mktemp("rt-static") / "static.toml"
     recipe.write_text("\n".join(f'[[passes]]\nname = "{n}"' for n in
                                 ["fold-constants", "simplify", "eliminate-common-subexpressions"])
                       + '\n[[passes]]\nname = "insert-kv-cache"\nstatic_length = 48\n')
-    return kiln.compile("tiny-llama", recipe.parent / "a", recipe=recipe, progress=False).path
+    return compiled("tiny-llama", recipe)
 
 
 # Modules only the compiler needs: none may be imported by the runtime (docs/runtime.md).

@@ -34,7 +34,11 @@ def _heads(value) -> int | None:
     return dims[1] if dims and isinstance(dims[1], int) else None
 
 
-@pytest.mark.parametrize("name", list(GQA_FAMILIES))
+FAST_FAMILIES = ("mistral-sw16", "falcon-mq", "bloom")  # a window, multi-query and a refusal: the fast tier
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_FAMILIES else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in GQA_FAMILIES])
 def test_decoder_families_fuse_gqa_or_say_why(name):
     from test_attention_forms import cleaned
 

@@ -50,7 +50,7 @@ def test_removing_heads_is_zeroing_their_output_rows(cleaned, name, unit):
 
 
 @pytest.mark.parametrize("name,unit,kv_heads", [("tiny-llama", "query", 2), ("tiny-llama", "group", 1),
-                                                ("tiny-qwen2", "query", 1)])
+                                                pytest.param("tiny-qwen2", "query", 1, marks=pytest.mark.slow)])
 def test_pruned_model_takes_the_kv_cache_and_fuses_gqa(cleaned, name, unit, kv_heads):
     _, model, _feeds, calib = cleaned(name)
     p = PruneHeadsPass(ratio=0.5, unit=unit)

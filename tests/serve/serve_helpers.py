@@ -119,15 +119,14 @@ class InProcess:
 
 
 @pytest.fixture(scope="session")
-def artifacts(tmp_path_factory, prepared) -> dict[str, Path]:
+def artifacts(tmp_path_factory, compiled) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve")
-    prepared("tiny-llama")
-    prepared("tiny-bert")
-    tl = kiln.compile("tiny-llama", root / "tl", recipe="fp32", progress=False).path
-    tb = kiln.compile("tiny-bert", root / "tb", progress=False).path
-    chat = kiln.compile("tiny-llama", root / "chat", recipe="fp32", progress=False).path
+    tl, tb = compiled("tiny-llama", "fp32"), compiled("tiny-bert")
+    chat = root / "chat"
+    shutil.copytree(tl, chat)
     manifest = json.loads((chat / "kiln.json").read_text())
     manifest["generation"]["chat_template"] = CHAT_TEMPLATE
+    (chat / "kiln.json").unlink()  # a read-only copy of the shared artifact's
     (chat / "kiln.json").write_text(json.dumps(manifest, indent=2))
     # tiny-llama whose end-of-sequence token is the 5th greedy token of "Hello, world" (the random
     # model never emits its own): requests stop early unless they ask to ignore it
@@ -135,6 +134,7 @@ def artifacts(tmp_path_factory, prepared) -> dict[str, Path]:
     shutil.copytree(tl, eos)
     manifest = json.loads((eos / "kiln.json").read_text())
     manifest["generation"]["eos_token_ids"] = [kiln.load(tl).generate("Hello, world", 5).token_ids[4]]
+    (eos / "kiln.json").unlink()
     (eos / "kiln.json").write_text(json.dumps(manifest, indent=2))
     return {"tl": tl, "tb": tb, "chat": chat, "eos": eos}
 
