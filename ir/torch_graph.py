@@ -42,9 +42,9 @@ def to_torch(tensor) -> torch.Tensor:
     array = np.asarray(tensor.numpy())
     if tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4):  # ml_dtypes 4-bit: widen to 8
         array = array.astype(np.int8 if tensor.dtype == ir.DataType.INT4 else np.uint8)
-    if not array.flags.writeable:  # torch wants writable memory (weights mapped read-only from disk)
-        array = array.copy()
-    return torch.from_numpy(np.ascontiguousarray(array))
+    if not array.flags.writeable or not array.flags.c_contiguous:  # torch wants writable memory
+        array = array.copy(order="C")  # (weights mapped read-only from disk); not ascontiguousarray: it makes scalars 1-D
+    return torch.from_numpy(array)
 
 
 def _attr(node: ir.Node, name: str, default=None):

@@ -32,7 +32,7 @@ def ort_session(model: ir.Model, opts: ort.SessionOptions | None = None) -> ort.
     if opts is None:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
+    values = [ort.OrtValue.ortvalue_from_numpy(np.require(a, requirements="C")) for a in weights.values()]
     if values:
         opts.add_external_initializers(list(weights), values)
     session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -179,7 +179,7 @@ def evaluate_subgraph(model: ir.Model, feeds: dict[ir.Value, np.ndarray], output
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()],
                                    ir_version=model.ir_version)
     opts = ort.SessionOptions()
-    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
+    values = [ort.OrtValue.ortvalue_from_numpy(np.require(a, requirements="C")) for a in weights.values()]
     if values:
         opts.add_external_initializers(list(weights), values)
     session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])

@@ -99,3 +99,29 @@ def test_recomputing_weights_in_the_backward_gives_the_same_gradients(prepared, 
     (loss0, grads0), (loss1, grads1) = results
     assert loss0 == loss1
     assert all(torch.equal(grads0[n], grads1[n]) for n in names)
+
+
+@pytest.mark.parametrize("as_constant_node", [True, False])
+def test_a_scalar_index_keeps_its_rank(as_constant_node):
+    """Gather by a 0-d index drops the axis (Bloom's fused QKV select): a scalar constant stays 0-d."""
+    import onnx_ir as ir
+
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape([2, 3, 4]))
+    index = ir.tensor(np.array(1, dtype=np.int64))
+    nodes, initializers = [], []
+    if as_constant_node:
+        const = ir.node("Constant", [], attributes={"value": index}, num_outputs=1)
+        idx, nodes = const.outputs[0], [const]
+    else:
+        idx = ir.val("idx", const_value=index)
+        initializers = [idx]
+    gather = ir.node("Gather", [x, idx], attributes={"axis": 1}, num_outputs=1)
+    gather.outputs[0].name = "y"
+    gather.outputs[0].dtype, gather.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([2, 4])
+    graph = ir.Graph([x], [gather.outputs[0]], nodes=[*nodes, gather], initializers=initializers,
+                     opset_imports={"": 21})
+    model = ir.Model(graph, ir_version=10)
+    feeds = {"x": np.arange(24, dtype=np.float32).reshape(2, 3, 4)}
+    (got,) = TorchGraph(model)(feeds)
+    assert tuple(got.shape) == (2, 4)
+    assert np.array_equal(got.numpy(), run_ort(model, feeds)["y"])
