@@ -367,7 +367,8 @@ def _calibration(passes, prepared: Prepared, signature, feeds, text, windows: in
     if prepared.tokenizer is None:
         return [feeds], {"text": None, "note": "no tokenizer: calibrated on the sample inputs only"}
     path = Path(text) if text else calibration_corpus()
-    calib = text_feeds(prepared.tokenizer, signature, path, samples=windows or CALIBRATION_WINDOWS)
+    calib = text_feeds(prepared.tokenizer, signature, path, samples=windows or CALIBRATION_WINDOWS,
+                       length=_window(prepared, 256))
     return calib, {"text": path.name, "windows": len(calib), "tokens": int(sum(f["input_ids"].size for f in calib))}
 
 
@@ -385,10 +386,16 @@ def _quality_budget(prepared: Prepared, signature, max_ppl_increase, min_cosine)
     if prepared.tokenizer is None:
         raise CompileError("a quality budget needs the model's tokenizer (kiln has none for this source)")
     if max_ppl_increase is not None:
-        return QualityBudget("ppl_increase", max_ppl_increase, text_feeds(prepared.tokenizer, signature,
-                                                                         default_corpus(), samples=4, length=256))
+        return QualityBudget("ppl_increase", max_ppl_increase, text_feeds(
+            prepared.tokenizer, signature, default_corpus(), samples=4, length=_window(prepared, 256)))
     return QualityBudget("cosine", min_cosine, text_feeds(prepared.tokenizer, signature, default_corpus(),
-                                                         samples=16, length=128))
+                                                         samples=16, length=_window(prepared, 128)))
+
+
+def _window(prepared: Prepared, tokens: int) -> int:
+    """`tokens`, or fewer where the model holds fewer positions: no window runs past its table."""
+    limits = [n for n in (prepared.meta.get("max_sequence_length"), prepared.meta.get("max_positions")) if n]
+    return min([tokens, *limits])
 
 
 # The kiln cache's own folders (exports, fetched wheels and sources, corpora, TVM tuning logs):

@@ -26,7 +26,8 @@ from kiln.errors import KilnError
 from kiln.models.cache import atomic_dir, cache_dir
 from kiln.models.sources import Loaded, Source, quiet_third_party
 
-EXPORT_VERSION = "2"  # 2: reference outputs for the parity gate, max_positions and attention windows in meta
+EXPORT_VERSION = "3"  # 2: reference outputs for the parity gate, max_positions and attention windows in meta;
+# 3: max_positions of RoBERTa-style position tables (padding_idx + 1 fewer)
 
 
 class ExportError(KilnError):

@@ -118,6 +118,18 @@ def max_positions(config) -> int | None:
     return limit
 
 
+def padded_positions_limit(model, limit: int | None) -> int | None:
+    """RoBERTa-style embeddings (XLM-R, CamemBERT, MPNet, ...) number positions from padding_idx + 1,
+    so their position table, which keeps a padding row, holds padding_idx + 1 positions fewer than
+    its size: found from the table itself, whatever the architecture is called."""
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding) \
+                and module.padding_idx is not None:
+            usable = module.num_embeddings - module.padding_idx - 1
+            limit = usable if limit is None else min(limit, usable)
+    return limit
+
+
 def attention_windows(config) -> list[int]:
     """Sliding windows the config declares and uses (shorter than its position limit)."""
     window = getattr(config, "sliding_window", None)
@@ -252,12 +264,13 @@ def build_loaded(model, task: str, tokenizer_json: str | None, tok, extra: dict,
                  chat_template: str | None = None) -> Loaded:
     """The Loaded for a transformers model of `task`, with everything the manifest needs."""
     cfg = model.config
-    meta = {"model_type": getattr(cfg, "model_type", None), "max_positions": max_positions(cfg),
+    limit = padded_positions_limit(model, max_positions(cfg))
+    meta = {"model_type": getattr(cfg, "model_type", None), "max_positions": limit,
             "attention_windows": attention_windows(cfg), **extra}
     if task == "causal-lm":
         return causal_lm_loaded(model, tokenizer_json, _generation(model, tok, chat_template), meta)
     st = st or {"pooling": "mean", "normalize": False}
-    limit = st.get("max_sequence_length") or meta["max_positions"]
+    limit = min((n for n in (st.get("max_sequence_length"), meta["max_positions"]) if n), default=None)
     if isinstance(getattr(tok, "model_max_length", None), int) and tok.model_max_length < 10**6:
         limit = min(limit or tok.model_max_length, tok.model_max_length)
     meta["max_sequence_length"] = limit

@@ -126,6 +126,18 @@ def test_task_inference():
     assert infer_task(["BertForMaskedLM"], False) is None
 
 
+def test_roberta_style_positions_hold_padding_idx_plus_one_fewer(tmp_path):
+    """XLM-R numbers positions from padding_idx + 1: a table of 40 holds 38 tokens. Calibration
+    windows as long as the table's size went past its end (ORT: 'indices element out of data
+    bounds'); the declared length is the usable one."""
+    config = dict(BERT, max_position_embeddings=40, pad_token_id=1)
+    folder = save(tmp_path / "xlmr", build("XLMRobertaModel", "XLMRobertaConfig", **config), bert_style=True)
+    result = kiln.compile(str(folder), tmp_path / "out", recipe="int8", progress=False)
+    assert result.manifest["embedding"]["max_sequence_length"] == 38
+    art = kiln.load(tmp_path / "out")
+    assert art.embed(["x" * 36]).shape == (1, 64)  # 36 bytes + [CLS] + [SEP]: the table's last row
+
+
 def test_max_positions_follow_rope_scaling():
     config = transformers.LlamaConfig(max_position_embeddings=2048,
                                       rope_scaling={"rope_type": "yarn", "factor": 4.0,
