@@ -42,8 +42,10 @@ def to_torch(tensor) -> torch.Tensor:
     array = np.asarray(tensor.numpy())
     if tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4):  # ml_dtypes 4-bit: widen to 8
         array = array.astype(np.int8 if tensor.dtype == ir.DataType.INT4 else np.uint8)
-    if not array.flags.writeable or not array.flags.c_contiguous:  # torch wants writable memory
-        array = array.copy(order="C")  # (weights mapped read-only from disk); not ascontiguousarray: it makes scalars 1-D
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        # torch wants writable memory (weights may be mapped read-only from disk); a copy, not
+        # np.ascontiguousarray, which turns a 0-d array into a 1-d one
+        array = array.copy(order="C")
     return torch.from_numpy(array)
 
 
