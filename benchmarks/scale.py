@@ -30,13 +30,14 @@ CHILD = """
 import json, sys, time
 import kiln
 from kiln.bench import peak_rss_mb
+from benchmarks.compression import size_mb
 folder, out, recipe = sys.argv[1:4]
 start = time.perf_counter()
 result = kiln.compile(folder, out, recipe=recipe, force=True, progress=False)
 seconds = time.perf_counter() - start
 passes = [{"name": r["name"], "seconds": r.get("seconds")} for r in result.manifest.get("passes", [])]
 print(json.dumps({"seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb(), 1), "passes": passes,
-                  "size_mb": round(sum(f.stat().st_size for f in result.path.iterdir() if f.is_file()) / 1e6, 1)}))
+                  "size_mb": size_mb(result.path)}))
 """
 
 
